@@ -1,0 +1,1 @@
+"""Subcommands of the equislide CLI, one module each."""

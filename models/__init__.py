@@ -1,0 +1,40 @@
+"""Backbones, SRE-Conv and checkpoints: plain PyTorch, usable from a notebook.
+
+Every backbone has ``features(x, layer)`` returning the stage-``layer`` map ``(N, C, H/s, W/s)``.
+"""
+
+from __future__ import annotations
+
+from equislide.models._errors import CheckpointError, ModelConfigError, OptionalDependencyError
+from equislide.models._registry import create_model, list_models, register_model
+from equislide.models.checkpoint import load_checkpoint, save_checkpoint
+from equislide.models.e2cnn_resnet import e2cnn_resnet18
+from equislide.models.equivariance import (
+    D4_ELEMENTS,
+    check_equivariance,
+    rotation_equivariance_error,
+)
+from equislide.models.resnet import resnet18
+from equislide.models.sre_conv import SREConv2d, num_rings, ring_basis, ring_index
+from equislide.models.srenet import srenet18
+
+__all__ = [
+    "D4_ELEMENTS",
+    "CheckpointError",
+    "ModelConfigError",
+    "OptionalDependencyError",
+    "SREConv2d",
+    "check_equivariance",
+    "create_model",
+    "e2cnn_resnet18",
+    "list_models",
+    "load_checkpoint",
+    "num_rings",
+    "register_model",
+    "resnet18",
+    "ring_basis",
+    "ring_index",
+    "rotation_equivariance_error",
+    "save_checkpoint",
+    "srenet18",
+]

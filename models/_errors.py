@@ -1,0 +1,24 @@
+"""Errors raised by ``equislide.models``; each message names the bad value and the fix."""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointError", "ModelConfigError", "OptionalDependencyError"]
+
+
+class ModelConfigError(ValueError):
+    """A model or layer was asked for with an argument it cannot honour."""
+
+
+class CheckpointError(ValueError):
+    """A weights file is missing, foreign, corrupt or does not match its config."""
+
+
+class OptionalDependencyError(ImportError):
+    """A feature needs an extra that is not installed (``pip install 'equislide[EXTRA]'``)."""
+
+    def __init__(self, feature: str, extra: str, module: str) -> None:
+        super().__init__(
+            f"{feature} needs the optional module {module!r}, which is not installed; "
+            f"install it with: pip install 'equislide[{extra}]'"
+        )
+        self.extra = extra

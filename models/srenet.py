@@ -1,0 +1,156 @@
+"""SRENet-18: a ResNet-18 built from SRE-Convs, exactly equivariant to the square's symmetries.
+
+Du et al., "SRE-Conv: Symmetric Rotation Equivariant Convolution for Biomedical Image
+Classification", ISBI 2025 (arXiv:2501.09753); topology of the reference ``sre_resnet18``:
+
+* SRE stem (stride 1, no max-pool), BatchNorm, ReLU;
+* four stages of two BasicBlocks; a stage that halves resolution does it as ``AvgPool2d(2)``
+  followed by a stride-1 SRE-Conv, and its shortcut is ``AvgPool2d(2) -> 1x1 conv -> BN``;
+* global average pool and a linear head.
+
+Every piece is equivariant to rotations by multiples of 90 degrees and to flips (SRE-Convs are
+radial; 1 x 1 convs, BatchNorm, ReLU and 2 x 2 average pooling on even sides commute with the
+grid's symmetries), so ``features(rot90(x)) == rot90(features(x))`` for inputs whose sides are
+multiples of 8. Feature strides are 1, 2, 4, 8 after stages 1-4.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from equislide.models._backbone import Backbone
+from equislide.models._errors import ModelConfigError
+from equislide.models._registry import register_model
+from equislide.models.sre_conv import Impl, Rings, SREConv2d
+
+__all__ = ["SREBasicBlock", "SRENet", "srenet18"]
+
+
+class SREBasicBlock(nn.Module):
+    """Two SRE-Convs with BatchNorm and a residual; ``downsample`` halves the resolution first."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        downsample: bool = False,
+        rings: Rings = "hard",
+        impl: Impl = "auto",
+    ) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(2) if downsample else nn.Identity()
+        self.conv1 = SREConv2d(in_channels, out_channels, kernel_size, rings=rings, impl=impl)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = SREConv2d(out_channels, out_channels, kernel_size, rings=rings, impl=impl)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        if downsample or in_channels != out_channels:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.AvgPool2d(2) if downsample else nn.Identity(),
+                nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(self.pool(x))))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class SRENet(Backbone):
+    """ResNet-18-shaped network of SRE-Convs.
+
+    Args:
+        num_classes: Classifier outputs (9 for NCT-CRC-HE-100K).
+        kernel_sizes: SRE kernel side of each of the four stages.
+        stem_kernel: SRE kernel side of the stem.
+        rings: ``"hard"`` or ``"soft"`` rings in every SRE-Conv.
+        width: Channels of stage 1 (doubled at each later stage).
+        impl: ``"auto"``, ``"dense"`` or ``"ring"`` for every SRE-Conv.
+        in_chans: Input channels.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 9,
+        kernel_sizes: tuple[int, int, int, int] = (9, 9, 5, 5),
+        stem_kernel: int = 7,
+        rings: Rings = "hard",
+        width: int = 64,
+        impl: Impl = "auto",
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        kernel_sizes = tuple(int(k) for k in kernel_sizes)  # type: ignore[assignment]
+        if len(kernel_sizes) != 4:
+            raise ModelConfigError(f"kernel_sizes={kernel_sizes!r} needs one odd size per stage (4 values)")
+        if width < 1:
+            raise ModelConfigError(f"width={width!r} must be a positive int")
+        self.config = {
+            "arch": "srenet18",
+            "num_classes": num_classes,
+            "kernel_sizes": list(kernel_sizes),
+            "stem_kernel": stem_kernel,
+            "rings": rings,
+            "width": width,
+            "impl": impl,
+            "in_chans": in_chans,
+        }
+        widths = (width, 2 * width, 4 * width, 8 * width)
+        self.feature_channels = widths
+        self.feature_strides = (1, 2, 4, 8)
+        self.stem = nn.Sequential(
+            SREConv2d(in_chans, width, stem_kernel, rings=rings, impl=impl),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
+        stages = []
+        in_ch = width
+        for i, (out_ch, k) in enumerate(zip(widths, kernel_sizes, strict=True)):
+            stages.append(
+                nn.Sequential(
+                    SREBasicBlock(in_ch, out_ch, k, downsample=i > 0, rings=rings, impl=impl),
+                    SREBasicBlock(out_ch, out_ch, k, rings=rings, impl=impl),
+                )
+            )
+            in_ch = out_ch
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.head = nn.Linear(widths[-1], num_classes)
+        for mod in self.modules():
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(mod, nn.BatchNorm2d):
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        # The ring path runs NHWC; converting once here saves a layout copy in every layer.
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+@register_model
+def srenet18(
+    num_classes: int = 9,
+    kernel_sizes: tuple[int, int, int, int] = (9, 9, 5, 5),
+    stem_kernel: int = 7,
+    rings: Rings = "hard",
+    width: int = 64,
+    impl: Impl = "auto",
+    in_chans: int = 3,
+) -> SRENet:
+    """SRENet-18 with the reference's defaults (about 4.0 M parameters for 9 classes)."""
+    return SRENet(
+        num_classes=num_classes,
+        kernel_sizes=kernel_sizes,
+        stem_kernel=stem_kernel,
+        rings=rings,
+        width=width,
+        impl=impl,
+        in_chans=in_chans,
+    )
