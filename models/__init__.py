@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from equislide.models._errors import CheckpointError, ModelConfigError, OptionalDependencyError
 from equislide.models._registry import create_model, list_models, register_model
+from equislide.models.calibration import recalibrate_batchnorm
 from equislide.models.checkpoint import load_checkpoint, save_checkpoint
 from equislide.models.e2cnn_resnet import e2cnn_resnet18
 from equislide.models.equivariance import (
@@ -30,6 +31,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "num_rings",
+    "recalibrate_batchnorm",
     "register_model",
     "resnet18",
     "ring_basis",

@@ -47,6 +47,19 @@ class Backbone(nn.Module):
             x = stage(x)
         return x
 
+    def forward_intermediates(self, x: Tensor, indices: tuple[int, ...] = (1, 2, 3, 4)) -> list[Tensor]:
+        """Feature maps after each stage in ``indices`` (1-4), from one pass through the network."""
+        bad = [i for i in indices if i not in (1, 2, 3, 4)]
+        if bad or not indices:
+            raise ModelConfigError(f"indices={indices!r} must be stages among 1, 2, 3, 4")
+        x = self.stem(self._prepare(x))
+        out = []
+        for i, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)[: max(indices)], 1):
+            x = stage(x)
+            if i in indices:
+                out.append(x)
+        return out
+
     def _prepare(self, x: Tensor) -> Tensor:
         return x
 

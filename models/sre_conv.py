@@ -198,17 +198,16 @@ class SREConv2d(nn.Module):
         self._ring_plan = self._plan_ring_sums(basis)
         self.reset_parameters()
 
-    def _plan_ring_sums(self, basis: Tensor) -> list[tuple[Tensor, int]]:
+    def _plan_ring_sums(self, basis: Tensor) -> list[tuple[Tensor, int, bool]]:
         # Each ring filter is cropped to its own support (ring r of a hard kernel spans only
-        # (2r+1)^2 pixels), and the padding shrinks by the same amount, so the result is unchanged.
+        # (2r+1)^2 pixels) and reads the padded input from an offset, so the result is unchanged.
         plan = []
         m = self.kernel_size // 2
         for r in range(self.num_rings):
             h = _support_halfwidth(basis[r].numpy())
-            pad = self.padding - (m - h) * self.dilation
-            if pad < 0:
-                h, pad = m, self.padding
-            plan.append((basis[r, m - h : m + h + 1, m - h : m + h + 1].clone(), pad))
+            plane = basis[r, m - h : m + h + 1, m - h : m + h + 1].clone()
+            identity = h == 0 and float(plane) == 1.0  # the hard centre ring: no sum to take
+            plan.append((plane, (m - h) * self.dilation, identity))
         return plan
 
     def reset_parameters(self) -> None:
@@ -261,7 +260,8 @@ class SREConv2d(nn.Module):
                 return self._dense_cache[1]
         kernel = torch.einsum("oir,rkl->oikl", self.weight, self.basis.to(self.weight.dtype))
         if cacheable:
-            self._dense_cache = (key, kernel.detach())
+            kernel = kernel.detach()
+            self._dense_cache = (key, kernel)
         return kernel
 
     def train(self, mode: bool = True) -> SREConv2d:
@@ -279,26 +279,62 @@ class SREConv2d(nn.Module):
         )
 
     def _forward_ring(self, x: Tensor) -> Tensor:
-        # channels_last lets the depthwise ring sums and the 1 x 1 mixing run as vectorised
-        # NHWC kernels (measured ~2x over NCHW); a no-op when the network already runs NHWC.
+        # channels_last lets the depthwise ring sums and the 1 x 1 mixing run as vectorised NHWC
+        # kernels (about 2x over NCHW); a no-op when the network already runs NHWC.
         x = x.contiguous(memory_format=torch.channels_last)
-        out = self._ring_term(x, 0)
-        for r in range(1, self.num_rings):
-            out = out + self._ring_term(x, r)
+        p = self.padding
+        xp = F.pad(x, (p, p, p, p)) if p else x
+        n, _, hp, wp = xp.shape
+        span = self.dilation * (self.kernel_size - 1)
+        h_out = (hp - span - 1) // self.stride + 1
+        w_out = (wp - span - 1) // self.stride + 1
+        if h_out < 1 or w_out < 1:
+            raise ValueError(f"input of size {tuple(x.shape[-2:])} is smaller than the kernel's reach {span + 1}")
+        rows = self._strip_rows(w_out) if not torch.is_grad_enabled() else h_out
+        if rows >= h_out:
+            out = self._ring_rows(xp, 0, h_out, w_out)
+        else:
+            # Without autograd the output is built in row strips small enough for the ring sums
+            # and their 1 x 1 mixing to stay in cache: each full-size pass over a large map is
+            # memory-bound, and a layer makes ~15 of them (measured 2.2x on 64 x 512 x 512).
+            out = torch.empty(
+                (n, self.out_channels, h_out, w_out),
+                dtype=x.dtype,
+                device=x.device,
+                memory_format=torch.channels_last,
+            )
+            for y0 in range(0, h_out, rows):
+                y1 = min(h_out, y0 + rows)
+                out[:, :, y0:y1] = self._ring_rows(xp, y0, y1, w_out)
         if self.bias is not None:
             out = out + self.bias[None, :, None, None]
         return out
 
-    def _ring_term(self, x: Tensor, r: int) -> Tensor:
-        plane, pad = self._ring_plan[r]
-        c = self.in_channels
-        dw = plane.to(device=x.device, dtype=x.dtype).expand(c, 1, -1, -1)
-        s = F.conv2d(x, dw, None, self.stride, pad, self.dilation, c)
-        return F.conv2d(s, self.weight[:, :, r, None, None], None, 1, 0, 1, self.groups)
+    def _strip_rows(self, w_out: int) -> int:
+        # ~2 MB of float32 ring sums per strip (the 1 MiB-per-core L2 plus L3 on the reference CPU).
+        per_row = max(1, w_out * max(self.in_channels, self.out_channels) * 4)
+        return max(4, (2 << 20) // per_row)
+
+    def _ring_rows(self, xp: Tensor, y0: int, y1: int, w_out: int) -> Tensor:
+        """Output rows ``[y0, y1)`` from the padded input ``xp``."""
+        s, d, c = self.stride, self.dilation, self.in_channels
+        out = None
+        for r, (plane, offset, identity) in enumerate(self._ring_plan):
+            k = plane.shape[-1]
+            reach = d * (k - 1) + 1
+            top = y0 * s + offset
+            xs = xp[:, :, top : (y1 - 1) * s + offset + reach, offset : (w_out - 1) * s + offset + reach]
+            if identity:
+                ring = xs[:, :, ::s, ::s] if s > 1 else xs
+            else:
+                ring = F.conv2d(xs, plane.to(xs.dtype).expand(c, 1, -1, -1), None, s, 0, d, c)
+            term = F.conv2d(ring, self.weight[:, :, r, None, None], None, 1, 0, 1, self.groups)
+            out = term if out is None else out.add_(term)
+        return out  # type: ignore[return-value]  # num_rings >= 1
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # Keep the cropped ring filters on the same device/dtype as the module's buffers.
         result = super()._apply(fn, recurse)
-        self._ring_plan = [(fn(plane), pad) for plane, pad in self._ring_plan]
+        self._ring_plan = [(fn(plane), offset, ident) for plane, offset, ident in self._ring_plan]
         self._dense_cache = None
         return result

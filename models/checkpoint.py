@@ -1,0 +1,329 @@
+"""Checkpoints: weights as safetensors plus a JSON config that rebuilds the model.
+
+A checkpoint ``model.safetensors`` has a sidecar ``model.json`` beside it::
+
+    {
+      "format": "equislide-checkpoint", "format_version": 1,
+      "model": {"arch": "srenet18", "width": 64, ...},   # create_model(arch, **rest)
+      "num_parameters": 4012345,
+      "tensors": {"stem.0.weight": {"dtype": "float32", "shape": [64, 3, 4]}, ...},
+      "versions": {"equislide": "0.1.0", "torch": "2.13.0", "safetensors": "0.8.0"},
+      "provenance": {...},                                 # whatever the caller passed
+      "weights": "model.safetensors", "sha256": "..."      # the sidecar only
+    }
+
+The same document, less ``weights`` and ``sha256`` (a file cannot hold its own hash), is stored in
+the safetensors metadata under ``equislide_config``, so a lone ``.safetensors`` file still loads.
+Nothing is ever unpickled: files are checked to be safetensors before a byte of them is parsed as
+anything else, and pickles renamed ``.safetensors`` are named as such and refused.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from equislide._version import __version__
+from equislide.models._errors import CheckpointError, ModelConfigError
+from equislide.models._registry import create_model, list_models
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY", "load_checkpoint", "save_checkpoint"]
+
+FORMAT_NAME = "equislide-checkpoint"
+FORMAT_VERSION = 1
+#: Key of the config document in the safetensors header's ``__metadata__``.
+METADATA_KEY = "equislide_config"
+
+_WEIGHTS_SUFFIX = ".safetensors"
+_CONFIG_SUFFIX = ".json"
+# safetensors caps its JSON header at 100 MB; anything claiming more is not a safetensors file.
+_MAX_HEADER_BYTES = 100_000_000
+_NAMES_SHOWN = 5
+
+
+def save_checkpoint(
+    model: nn.Module, path: str | os.PathLike[str], *, provenance: dict | None = None
+) -> Path:
+    """Write ``model``'s weights to ``path`` (safetensors) and its config beside it (``.json``).
+
+    Args:
+        model: A registered backbone: it must have a ``config`` dict whose ``"arch"`` names a
+            builder in the registry and whose other entries are that builder's keyword arguments.
+        path: Weights file; its suffix must be ``.safetensors``. The config goes to the same path
+            with the suffix ``.json``. Parent folders are created; existing files are replaced.
+        provenance: JSON-serialisable facts about the weights (data trained on, seed, date, ...);
+            dates and paths are written as ISO strings and plain strings.
+
+    Returns:
+        The weights path.
+
+    Raises:
+        CheckpointError: ``path`` has the wrong suffix, the model has no usable ``config``, or the
+            config or provenance cannot be written as JSON.
+    """
+    path = Path(path)
+    if path.suffix != _WEIGHTS_SUFFIX:
+        raise CheckpointError(f"{path}: a checkpoint path must end in {_WEIGHTS_SUFFIX!r}")
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict) or not isinstance(config.get("arch"), str):
+        raise CheckpointError(
+            f"{path}: {type(model).__name__} has no config dict with an 'arch'; only models built by "
+            "equislide.models.create_model can be saved"
+        )
+    if config["arch"] not in list_models():
+        raise CheckpointError(
+            f"{path}: model arch {config['arch']!r} is not registered, so it could not be rebuilt"
+        )
+
+    # Own, contiguous CPU copies: safetensors refuses views and tensors sharing storage.
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in model.state_dict().items()}
+    document: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": dict(config),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "tensors": {
+            name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            for name, t in tensors.items()
+        },
+        "versions": {
+            "equislide": __version__,
+            "torch": torch.__version__,
+            "safetensors": safetensors.__version__,
+        },
+        "provenance": dict(provenance or {}),
+    }
+    try:
+        embedded = json.dumps(document, default=_json_default, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: config or provenance is not JSON-serialisable: {err}") from None
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={METADATA_KEY: embedded})
+    os.replace(tmp, path)
+
+    sidecar = json.loads(embedded)
+    sidecar["weights"] = path.name
+    sidecar["sha256"] = _sha256(path)
+    config_path = path.with_suffix(_CONFIG_SUFFIX)
+    tmp = config_path.with_name(config_path.name + ".tmp")
+    tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, config_path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_checkpoint` and load its weights.
+
+    Args:
+        path: The ``.safetensors`` weights or the ``.json`` config beside them. Without the JSON
+            the config embedded in the weights' metadata is used (and no checksum is checked).
+        map_location: Device the returned model lives on.
+
+    Returns:
+        The model, in eval mode, with every tensor loaded exactly (strict: no missing, unexpected
+        or reshaped tensors).
+
+    Raises:
+        CheckpointError: the file is missing, a folder, empty, truncated, not safetensors (a
+            pickle, say), foreign (no equislide config), of an unknown arch or format version,
+            fails its checksum, or does not match the rebuilt model's tensors.
+        OptionalDependencyError: the arch needs an extra that is not installed.
+    """
+    path = Path(path)
+    if path.suffix == _CONFIG_SUFFIX:
+        config_path, weights_path = path, path.with_suffix(_WEIGHTS_SUFFIX)
+    elif path.suffix == _WEIGHTS_SUFFIX:
+        config_path, weights_path = path.with_suffix(_CONFIG_SUFFIX), path
+    else:
+        raise CheckpointError(
+            f"{path}: expected a {_WEIGHTS_SUFFIX} weights file or its {_CONFIG_SUFFIX} config"
+        )
+    _check_is_file(path)
+    _check_is_file(weights_path)
+    header = _read_safetensors_header(weights_path)
+
+    if config_path.is_file():
+        document = _read_sidecar(config_path)
+        digest = _sha256(weights_path)
+        if document.get("sha256") != digest:
+            raise CheckpointError(
+                f"{weights_path}: sha256 {digest} does not match {document.get('sha256')!r} recorded in "
+                f"{config_path.name}; the weights were changed or belong to another checkpoint"
+            )
+    else:
+        embedded = header.get("__metadata__", {}).get(METADATA_KEY) if isinstance(header, dict) else None
+        if embedded is None:
+            raise CheckpointError(
+                f"{weights_path}: a safetensors file without an equislide config (no {config_path.name} "
+                f"beside it and no {METADATA_KEY!r} metadata); it was not written by save_checkpoint"
+            )
+        try:
+            document = json.loads(embedded)
+        except ValueError as err:
+            raise CheckpointError(f"{weights_path}: embedded {METADATA_KEY!r} is not JSON: {err}") from None
+        _check_document(document, weights_path)
+
+    model = _build(document, path)
+    try:
+        tensors = load_file(weights_path, device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError and OSError subclasses
+        raise CheckpointError(f"{weights_path}: unreadable safetensors data: {_one_line(err)}") from None
+    _check_tensors(model, tensors, weights_path)
+    model.load_state_dict(tensors, strict=True)
+    return model.to(map_location).eval()
+
+
+def _check_is_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+
+
+def _read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Validate the safetensors framing of ``path`` and return its JSON header.
+
+    The layout is an 8-byte little-endian header length ``n``, ``n`` bytes of JSON, then the data
+    whose extent the header gives; a file that breaks any of this is refused before safetensors
+    (let alone anything else) parses it.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes)")
+    with path.open("rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated: {size} bytes is too short for a safetensors header")
+        (n,) = struct.unpack("<Q", prefix)
+        first = fh.read(1)
+        if n > _MAX_HEADER_BYTES or first != b"{":
+            raise CheckpointError(f"{path}: not a safetensors file ({_sniff(prefix)})")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated: header claims {n} bytes but the file has {size}")
+        raw = first + fh.read(n - 1)
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    try:
+        data_end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0
+        )
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise CheckpointError(f"{path}: not a safetensors file (malformed tensor entries)") from None
+    if 8 + n + data_end > size:
+        raise CheckpointError(
+            f"{path}: truncated: tensors need {8 + n + data_end} bytes but the file has {size}"
+        )
+    return header
+
+
+def _sniff(prefix: bytes) -> str:
+    if prefix.startswith(b"PK\x03\x04"):
+        return "it is a zip archive, as torch.save writes; equislide never unpickles such files"
+    if prefix[:1] == b"\x80" and prefix[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "it is a Python pickle (a legacy torch.save .pt?); equislide never unpickles it"
+    return f"unrecognised leading bytes {prefix!r}"
+
+
+def _read_sidecar(config_path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{config_path}: not a readable JSON config: {_one_line(err)}") from None
+    _check_document(document, config_path)
+    return document
+
+
+def _check_document(document: Any, source: Path) -> None:
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{source}: not an {FORMAT_NAME} config (no 'format': {FORMAT_NAME!r})")
+    version = document.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: format_version {version!r} is not supported (this equislide reads up to "
+            f"{FORMAT_VERSION}); upgrade equislide"
+        )
+    model = document.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("arch"), str):
+        raise CheckpointError(f"{source}: config has no 'model' entry with an 'arch'")
+
+
+def _build(document: dict[str, Any], source: Path) -> nn.Module:
+    kwargs = dict(document["model"])
+    arch = kwargs.pop("arch")
+    try:
+        return create_model(arch, **kwargs)
+    except ModelConfigError as err:
+        if arch not in list_models():
+            raise CheckpointError(
+                f"{source}: unknown arch {arch!r}; known: {', '.join(list_models())}"
+            ) from None
+        raise CheckpointError(f"{source}: cannot rebuild {arch!r}: {_one_line(err)}") from None
+    except TypeError as err:
+        raise CheckpointError(
+            f"{source}: cannot rebuild {arch!r} from its config: {_one_line(err)}"
+        ) from None
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    expected = model.state_dict()
+    problems = []
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    reshaped = [
+        f"{k} {list(tensors[k].shape)} vs model {list(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if reshaped:
+        problems.append(f"shape mismatch {_names(reshaped)}")
+    if problems:
+        arch = getattr(model, "config", {}).get("arch", type(model).__name__)
+        raise CheckpointError(f"{source}: tensors do not match {arch}: " + "; ".join(problems))
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    more = len(names) - _NAMES_SHOWN
+    return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (_dt.date, _dt.datetime, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (tuple, set, frozenset)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serialisable")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

@@ -1,0 +1,168 @@
+"""SRE-Conv: reference ring binning, impulse response, dense == ring, exact D4 equivariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from equislide.models import (
+    D4_ELEMENTS,
+    ModelConfigError,
+    SREConv2d,
+    check_equivariance,
+    num_rings,
+    ring_basis,
+    ring_index,
+)
+
+# (in, out, kernel, stride, padding, dilation, groups, bias)
+CONFIGS = [
+    (3, 8, 7, 1, None, 1, 1, False),
+    (8, 16, 9, 1, None, 1, 1, True),
+    (8, 16, 5, 2, None, 1, 2, True),
+    (6, 6, 7, 1, 1, 2, 3, False),
+    (4, 8, 3, 3, 0, 1, 1, True),
+    (16, 16, 1, 1, None, 1, 1, False),
+]
+
+
+@pytest.mark.parametrize(("k", "sizes"), [(9, [1, 8, 12, 16, 32]), (5, [1, 8, 12]), (7, [1, 8, 12, 16]), (3, [1, 8])])
+def test_hard_rings_match_reference_binning(k, sizes):
+    idx = ring_index(k)
+    assert num_rings(k) == len(sizes)
+    assert np.bincount(idx[idx >= 0]).tolist() == sizes
+    corners = int((idx < 0).sum())
+    assert corners == k * k - sum(sizes)
+    # Rings depend on distance only: the index map is invariant under the square's symmetries.
+    for g in (np.rot90, np.flipud, np.transpose):
+        assert np.array_equal(g(idx), idx)
+
+
+def test_k9_corners_are_outside_every_ring():
+    idx = ring_index(9)
+    assert idx[0, 0] == idx[0, 8] == idx[8, 0] == idx[8, 8] == -1
+    assert idx[4, 4] == 0 and idx[4, 0] == 4 and idx[0, 4] == 4
+
+
+def test_soft_basis_interpolates_between_ring_radii():
+    k = 9
+    basis = ring_basis(k, "soft")
+    yy, xx = np.mgrid[-4:5, -4:5]
+    d = np.hypot(yy, xx)
+    inside = d <= 4
+    # Partition of unity inside the outer radius, taper to zero by radius 5.
+    np.testing.assert_allclose(basis.sum(0)[inside], 1.0, atol=1e-12)
+    assert np.all(basis.sum(0)[d >= 5] == 0)
+    # Each pixel touches at most its two neighbouring rings, with weights from the distance.
+    assert ((basis > 0).sum(0) <= 2).all()
+    r = 2
+    np.testing.assert_allclose(basis[r][inside], np.clip(1 - np.abs(d[inside] - r), 0, None))
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ModelConfigError, match="odd"):
+        SREConv2d(3, 8, 4)
+    with pytest.raises(ModelConfigError, match="impl"):
+        SREConv2d(3, 8, 5, impl="fft")
+    with pytest.raises(ModelConfigError, match="rings"):
+        SREConv2d(3, 8, 5, rings="fuzzy")
+    with pytest.raises(ModelConfigError, match="groups"):
+        SREConv2d(3, 8, 5, groups=2)
+
+
+@pytest.mark.parametrize("impl", ["dense", "ring"])
+def test_impulse_response_is_constant_on_each_ring(impl):
+    conv = SREConv2d(1, 1, 9, impl=impl).eval()
+    ring_values = torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0])
+    with torch.no_grad():
+        conv.weight.copy_(ring_values.view(1, 1, 5))
+        x = torch.zeros(1, 1, 21, 21)
+        x[0, 0, 10, 10] = 1.0
+        y = conv(x)[0, 0, 6:15, 6:15].numpy()
+    idx = ring_index(9)
+    for r in range(5):
+        np.testing.assert_allclose(y[idx == r], ring_values[r].item(), rtol=1e-6)
+    assert np.all(y[idx == -1] == 0.0)
+    assert np.count_nonzero(conv(x).detach().numpy()) == 69
+
+
+@pytest.mark.parametrize("rings", ["hard", "soft"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_ring_equals_dense_forward_and_gradients(rings, cfg):
+    cin, cout, k, stride, padding, dilation, groups, bias = cfg
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias, rings=rings)
+    dense = SREConv2d(cin, cout, k, impl="dense", **kwargs)
+    ring = SREConv2d(cin, cout, k, impl="ring", **kwargs)
+    ring.load_state_dict(dense.state_dict())
+    if bias:
+        with torch.no_grad():
+            dense.bias.normal_()
+            ring.bias.copy_(dense.bias)
+    x = torch.randn(2, cin, 29, 34, dtype=torch.float64, requires_grad=True)
+    dense.double()
+    ring.double()
+    y_dense = dense(x)
+    gy = torch.randn_like(y_dense)
+    gx_dense, gw_dense = torch.autograd.grad(y_dense, (x, dense.weight), gy)
+    y_ring = ring(x)
+    gx_ring, gw_ring = torch.autograd.grad(y_ring, (x, ring.weight), gy)
+    torch.testing.assert_close(y_ring, y_dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx_ring, gx_dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gw_ring, gw_dense, rtol=1e-10, atol=1e-10)
+    # Without autograd the ring path works in row strips; force many small ones.
+    ring._strip_rows = lambda w_out: 4  # type: ignore[method-assign]
+    with torch.no_grad():
+        torch.testing.assert_close(ring(x), y_dense, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_agreement_on_a_large_map():
+    dense = SREConv2d(32, 32, 9, impl="dense").eval()
+    ring = SREConv2d(32, 32, 9, impl="ring").eval()
+    ring.load_state_dict(dense.state_dict())
+    x = torch.randn(1, 32, 96, 96)
+    with torch.no_grad():
+        a, b = dense(x), ring(x)
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-5
+
+
+def test_dense_kernel_cache_follows_weight_updates():
+    conv = SREConv2d(4, 4, 5, impl="dense").eval()
+    with torch.no_grad():
+        k1 = conv.dense_kernel()
+        assert conv.dense_kernel() is k1  # cached in eval mode
+        conv.weight.mul_(2.0)  # in-place update bumps the tensor version
+        k2 = conv.dense_kernel()
+    assert k2 is not k1
+    torch.testing.assert_close(k2, 2 * k1)
+    conv.train()
+    assert conv.dense_kernel().requires_grad
+
+
+def test_auto_picks_ring_for_wide_layers_and_dense_for_the_rgb_stem():
+    assert SREConv2d(3, 64, 7).resolved_impl == "dense"
+    assert SREConv2d(64, 64, 9).resolved_impl == "ring"
+    assert SREConv2d(64, 64, 9, impl="dense").resolved_impl == "dense"
+
+
+@pytest.mark.parametrize("rings", ["hard", "soft"])
+@pytest.mark.parametrize("impl", ["dense", "ring"])
+@pytest.mark.parametrize("k", [3, 5, 7, 9])
+def test_layer_is_d4_equivariant(k, impl, rings):
+    conv = SREConv2d(5, 7, k, rings=rings, impl=impl, bias=True).eval()
+    x = torch.randn(2, 5, 24, 24)
+    errors = check_equivariance(conv, x, atol=1e-5, rtol=1e-6)
+    assert set(errors) == set(D4_ELEMENTS)
+
+
+def test_strided_layer_is_equivariant_on_aligned_inputs():
+    # Stride 2 with padding k//2 samples a grid symmetric under the square's symmetries only when
+    # (side - 1) is a multiple of the stride.
+    conv = SREConv2d(4, 4, 5, stride=2).eval()
+    check_equivariance(conv, torch.randn(1, 4, 33, 33), atol=1e-5, rtol=1e-6)
+
+
+def test_plain_conv_is_not_equivariant():
+    conv = torch.nn.Conv2d(5, 7, 5, padding=2).eval()
+    with pytest.raises(AssertionError, match="not equivariant"):
+        check_equivariance(conv, torch.randn(2, 5, 24, 24), atol=1e-3, rtol=1e-4)
