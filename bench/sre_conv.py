@@ -56,22 +56,26 @@ def layer_shapes(size: int) -> list[tuple[str, int, int, int, int]]:
 
 def bench_layers(size: int, batch: int, repeats: int) -> None:
     print(f"\nper layer, batch {batch}, input {size} x {size} (times in ms, best of {repeats})")
-    print(f"{'layer':16s}{'shape':>22s}{'dense':>9s}{'ring':>9s}{'ring x':>8s}{'auto':>6s}"
-          f"{'GMAC dense':>12s}{'GMAC ring':>11s}{'max rel diff':>14s}")
+    print(
+        f"{'layer':16s}{'shape':>22s}{'dense':>9s}{'ring':>9s}{'ring x':>8s}{'auto':>6s}"
+        f"{'GMAC dense':>12s}{'GMAC ring':>11s}{'max rel diff':>14s}"
+    )
     for name, cin, cout, k, side in layer_shapes(size):
         dense = SREConv2d(cin, cout, k, impl="dense").eval()
         ring = SREConv2d(cin, cout, k, impl="ring").eval()
         ring.load_state_dict(dense.state_dict())
         x = torch.randn(batch, cin, side, side).contiguous(memory_format=torch.channels_last)
-        t_dense = best_of(lambda: dense(x), repeats)
-        t_ring = best_of(lambda: ring(x), repeats)
+        t_dense = best_of(lambda dense=dense, x=x: dense(x), repeats)
+        t_ring = best_of(lambda ring=ring, x=x: ring(x), repeats)
         a, b = dense(x), ring(x)
         diff = float((a - b).abs().max() / a.abs().max())
         m_dense, m_ring = macs(dense, side, side)
         auto = SREConv2d(cin, cout, k).resolved_impl
-        print(f"{name:16s}{f'{cin}->{cout} k{k} @{side}':>22s}{t_dense * 1e3:9.1f}{t_ring * 1e3:9.1f}"
-              f"{t_dense / t_ring:8.2f}{auto:>6s}{batch * m_dense / 1e9:12.2f}{batch * m_ring / 1e9:11.2f}"
-              f"{diff:14.1e}")
+        print(
+            f"{name:16s}{f'{cin}->{cout} k{k} @{side}':>22s}{t_dense * 1e3:9.1f}{t_ring * 1e3:9.1f}"
+            f"{t_dense / t_ring:8.2f}{auto:>6s}{batch * m_dense / 1e9:12.2f}{batch * m_ring / 1e9:11.2f}"
+            f"{diff:14.1e}"
+        )
 
 
 def bench_network(size: int, batch: int, repeats: int, layer: int) -> None:
@@ -87,8 +91,10 @@ def bench_network(size: int, batch: int, repeats: int, layer: int) -> None:
     print(f"\nwhole SRENet-18 features(x, {layer}), batch {batch}, input {size} x {size}, best of {repeats}")
     for impl in ("dense", "ring", "auto"):
         diff = float((outs[impl] - ref).abs().max() / ref.abs().max())
-        print(f"  {impl:6s}{times[impl]:9.2f} s   {times['dense'] / times[impl]:5.2f}x vs dense   "
-              f"{batch / times[impl]:6.2f} img/s   max rel diff {diff:.1e}")
+        print(
+            f"  {impl:6s}{times[impl]:9.2f} s   {times['dense'] / times[impl]:5.2f}x vs dense   "
+            f"{batch / times[impl]:6.2f} img/s   max rel diff {diff:.1e}"
+        )
 
 
 def main() -> None:
@@ -106,8 +112,10 @@ def main() -> None:
     if args.quick:
         args.batches, args.repeats = [1], 2
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{torch.backends.cpu.get_cpu_capability()}"
+    )
     with torch.no_grad():
         if not args.skip_layers:
             bench_layers(args.size, 1, args.repeats)

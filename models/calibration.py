@@ -18,7 +18,9 @@ __all__ = ["recalibrate_batchnorm"]
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], *, layer: int | None = None) -> nn.Module:
+def recalibrate_batchnorm(
+    model: nn.Module, batches: Iterable[Tensor], *, layer: int | None = None
+) -> nn.Module:
     """Replace every BatchNorm's running statistics by their average over ``batches``.
 
     Args:

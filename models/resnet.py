@@ -63,7 +63,9 @@ class ResNet(Backbone):
         stages = []
         in_ch = width
         for i, out_ch in enumerate(widths):
-            stages.append(nn.Sequential(BasicBlock(in_ch, out_ch, 1 if i == 0 else 2), BasicBlock(out_ch, out_ch)))
+            stages.append(
+                nn.Sequential(BasicBlock(in_ch, out_ch, 1 if i == 0 else 2), BasicBlock(out_ch, out_ch))
+            )
             in_ch = out_ch
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.head = nn.Linear(widths[-1], num_classes)

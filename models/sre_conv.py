@@ -289,7 +289,9 @@ class SREConv2d(nn.Module):
         h_out = (hp - span - 1) // self.stride + 1
         w_out = (wp - span - 1) // self.stride + 1
         if h_out < 1 or w_out < 1:
-            raise ValueError(f"input of size {tuple(x.shape[-2:])} is smaller than the kernel's reach {span + 1}")
+            raise ValueError(
+                f"input of size {tuple(x.shape[-2:])} is smaller than the kernel's reach {span + 1}"
+            )
         rows = self._strip_rows(w_out) if not torch.is_grad_enabled() else h_out
         if rows >= h_out:
             out = self._ring_rows(xp, 0, h_out, w_out)

@@ -38,7 +38,9 @@ def test_resnet18_parameter_count_matches_torchvision():
 
 
 @pytest.mark.parametrize(
-    ("builder", "strides"), [(srenet18, (1, 2, 4, 8)), (resnet18, (2, 4, 8, 16))], ids=["srenet18", "resnet18"]
+    ("builder", "strides"),
+    [(srenet18, (1, 2, 4, 8)), (resnet18, (2, 4, 8, 16))],
+    ids=["srenet18", "resnet18"],
 )
 def test_feature_shapes_and_strides(builder, strides):
     model = builder(width=8).eval()
@@ -47,7 +49,12 @@ def test_feature_shapes_and_strides(builder, strides):
     with torch.no_grad():
         for layer in (1, 2, 3, 4):
             f = model.features(x, layer)
-            assert f.shape == (2, model.feature_channels[layer - 1], 64 // strides[layer - 1], 64 // strides[layer - 1])
+            assert f.shape == (
+                2,
+                model.feature_channels[layer - 1],
+                64 // strides[layer - 1],
+                64 // strides[layer - 1],
+            )
         assert model(x).shape == (2, 9)
     with pytest.raises(ModelConfigError, match="layer=5"):
         model.features(x, 5)

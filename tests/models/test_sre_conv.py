@@ -27,7 +27,9 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize(("k", "sizes"), [(9, [1, 8, 12, 16, 32]), (5, [1, 8, 12]), (7, [1, 8, 12, 16]), (3, [1, 8])])
+@pytest.mark.parametrize(
+    ("k", "sizes"), [(9, [1, 8, 12, 16, 32]), (5, [1, 8, 12]), (7, [1, 8, 12, 16]), (3, [1, 8])]
+)
 def test_hard_rings_match_reference_binning(k, sizes):
     idx = ring_index(k)
     assert num_rings(k) == len(sizes)
