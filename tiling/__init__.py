@@ -1,1 +1,64 @@
-"""placeholder"""
+"""Slide readers, tissue masks, TMA dearraying and rotation of inputs.
+
+- :func:`open_slide` -> :class:`Slide` (:class:`OpenSlideSlide` or :class:`ImageSlide`): read RGB
+  at a level (:meth:`Slide.read_region`) or a resolution (:meth:`Slide.read_region_mpp`), and
+  thumbnails; every failure is a :class:`SlideError` subclass with a one-line message.
+- :func:`tissue_mask`, :func:`pen_mask`: boolean masks on thumbnails.
+- :func:`find_cores`, :func:`is_tma`, :class:`Core`: TMA dearraying with grid names ("B3").
+- :func:`rotate_image`, :func:`rotate_labels`, :func:`unrotate_labels`: rotation about the centre.
+
+Plain numpy / scikit-image / OpenSlide / tifffile code, usable from a notebook: nothing here imports
+``equislide.flows`` or Prefect.
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    CorruptSlideError,
+    NotASlideError,
+    NoTissueError,
+    PermissionDeniedError,
+    SlideError,
+    SlideNotFoundError,
+    SlideTooLargeError,
+    UnsupportedImageError,
+)
+from ._image_slide import MAX_PLAIN_PIXELS
+from .rotation import rotate_image, rotate_labels, unrotate_labels
+from .slide import ImageSlide, OpenSlideSlide, Slide, open_slide
+from .tissue import pen_mask, tissue_mask
+from .tma import Core, core_name, find_cores, is_tma
+
+__all__ = [
+    "MAX_PLAIN_PIXELS",
+    "Core",
+    "CorruptSlideError",
+    "ImageSlide",
+    "NoTissueError",
+    "NotASlideError",
+    "OpenSlideSlide",
+    "PermissionDeniedError",
+    "Slide",
+    "SlideError",
+    "SlideNotFoundError",
+    "SlideTooLargeError",
+    "UnsupportedImageError",
+    "core_name",
+    "find_cores",
+    "is_tma",
+    "open_slide",
+    "pen_mask",
+    "rotate_image",
+    "rotate_labels",
+    "tissue_mask",
+    "unrotate_labels",
+]
+
+# Synthetic H&E TMA phantom (tiling/phantom.py).
+from equislide.tiling.phantom import LABEL_NAMES as LABEL_NAMES  # noqa: E402
+from equislide.tiling.phantom import PhantomCore as PhantomCore  # noqa: E402
+from equislide.tiling.phantom import PhantomInfo as PhantomInfo  # noqa: E402
+from equislide.tiling.phantom import read_phantom_info as read_phantom_info  # noqa: E402
+from equislide.tiling.phantom import write_phantom as write_phantom  # noqa: E402
+
+__all__ += ["LABEL_NAMES", "PhantomCore", "PhantomInfo", "read_phantom_info", "write_phantom"]

@@ -1,0 +1,287 @@
+"""The :class:`Slide` contract shared by every reader.
+
+Coordinate planes (as in ``openslide/deepzoom.py``):
+
+- ``l0_``: pixel (x, y) in pyramid level 0, the full-resolution image; x to the right, y down.
+- ``l_``: pixel (x, y) in the chosen pyramid level.
+- output pixels: the (row, col) of the returned ``(H, W, 3)`` array.
+
+Sizes are always ``(width, height)``; arrays are always ``(height, width, 3)`` RGB uint8 with
+empty, transparent or out-of-image areas white.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from abc import ABC, abstractmethod
+from functools import cached_property
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["MAX_READ_PIXELS", "Slide", "plausible_mpp"]
+
+#: Largest single read (pixels) :meth:`Slide.read_region` accepts, ~0.8 GB of RGB.
+MAX_READ_PIXELS = 2**28
+#: A pyramid level within this relative tolerance of a requested downsample still counts as "not
+#: coarser than requested" (pyramids store 2.0003 for a nominal 2).
+_LEVEL_TOLERANCE = 0.01
+#: Thumbnails are read in strips of at most this many level pixels, bounding memory.
+_STRIP_PIXELS = 2**24
+#: Metadata resolutions outside this range (µm/px) are screen/print defaults (72 dpi = 353 µm/px),
+#: not a microscope's, and are ignored.
+_MPP_RANGE = (0.01, 50.0)
+
+
+def plausible_mpp(value: float | None) -> float | None:
+    """Return ``value`` (µm/px) if it looks like a microscope resolution, else ``None``."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value if _MPP_RANGE[0] <= value <= _MPP_RANGE[1] else None
+
+
+def _as_int_pair(value: tuple[int, int], name: str) -> tuple[int, int]:
+    try:
+        a, b = value
+        return operator.index(a), operator.index(b)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name}={value!r} must be a pair of integers") from err
+
+
+class Slide(ABC):
+    """A whole-slide image or a plain image, read as RGB uint8 at any pyramid level or resolution.
+
+    Use :func:`~equislide.tiling.open_slide` rather than a subclass: it picks the reader. Slides are
+    context managers; ``close()`` releases the file.
+
+    Attributes:
+        path: The file that was opened.
+    """
+
+    def __init__(self, path: Path, *, input_mpp: float | None = None) -> None:
+        if input_mpp is not None and not (math.isfinite(input_mpp) and input_mpp > 0):
+            raise ValueError(f"input_mpp={input_mpp!r} must be a positive number of µm per pixel")
+        self.path = path
+        self._input_mpp = None if input_mpp is None else float(input_mpp)
+
+    # --- implemented by each reader -------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) in pixels of each pyramid level, level 0 first."""
+
+    @property
+    @abstractmethod
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Level-0 pixels per level pixel of each level (1.0 for level 0)."""
+
+    @property
+    @abstractmethod
+    def properties(self) -> dict[str, str]:
+        """Format metadata as strings (OpenSlide property names where the reader is OpenSlide)."""
+
+    @property
+    @abstractmethod
+    def associated_images(self) -> dict[str, np.ndarray]:
+        """Other images in the file (thumbnail, label, macro) as (H, W, 3) uint8 RGB."""
+
+    @abstractmethod
+    def _metadata_mpp(self) -> tuple[float, float] | None:
+        """(x, y) µm per level-0 pixel from the file's metadata, or ``None``."""
+
+    @abstractmethod
+    def _read_image(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """Read an RGB PIL image; arguments already validated (see :meth:`read_region`)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the file; further reads are undefined."""
+
+    # --- shared ----------------------------------------------------------------------------------
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0 in pixels."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        """Number of pyramid levels (1 for plain images)."""
+        return len(self.level_dimensions)
+
+    @cached_property
+    def mpp(self) -> tuple[float, float] | None:
+        """(x, y) µm per level-0 pixel: ``input_mpp`` if given, else metadata, else ``None``."""
+        if self._input_mpp is not None:
+            return (self._input_mpp, self._input_mpp)
+        return self._metadata_mpp()
+
+    @property
+    def mpp_source(self) -> str | None:
+        """Where :attr:`mpp` came from: ``"override"`` (``input_mpp``), ``"metadata"`` or ``None``."""
+        if self._input_mpp is not None:
+            return "override"
+        return "metadata" if self.mpp is not None else None
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample`` (1 % tolerance).
+
+        Args:
+            downsample: Wanted level-0 pixels per output pixel.
+
+        Returns:
+            A level index; 0 when ``downsample`` <= 1.
+        """
+        best = 0
+        for level, level_ds in enumerate(self.level_downsamples):
+            if level_ds <= downsample * (1.0 + _LEVEL_TOLERANCE) and level_ds >= self.level_downsamples[best]:
+                best = level
+        return best
+
+    def read_region(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Read pixels of one pyramid level.
+
+        Args:
+            l0_xy: (x, y) of the top-left pixel in the level-0 plane (px). May lie outside.
+            level: Pyramid level, 0 to ``level_count - 1``.
+            size: (width, height) of the region in level-``level`` pixels.
+
+        Returns:
+            (height, width, 3) uint8 RGB; areas outside the image or transparent are white.
+
+        Raises:
+            IndexError: ``level`` out of range.
+            ValueError: A non-positive or oversized ``size``.
+            CorruptSlideError: The file fails to decode in this region.
+        """
+        l0_xy, size = self._check_read(l0_xy, level, size)
+        return np.array(self._read_image(l0_xy, level, size))
+
+    def read_region_mpp(self, l0_xy: tuple[int, int], size: tuple[int, int], mpp: float | None) -> np.ndarray:
+        """Read ``size`` pixels at resolution ``mpp`` whose top-left is ``l0_xy``.
+
+        Reads the coarsest pyramid level that is at least as fine as ``mpp`` and resamples it with
+        PIL: box (area-average) filtering when shrinking, which is alias-free for the integer
+        ratios of pyramids and fast; bilinear when enlarging. The output pixel (row, col) covers the
+        level-0 area ``[l0_x + col * s_x, l0_x + (col + 1) * s_x)`` by the same along y, with
+        ``s = mpp / slide.mpp``.
+
+        Args:
+            l0_xy: (x, y) of the top-left corner in level-0 pixels.
+            size: (width, height) of the output in pixels at ``mpp``.
+            mpp: Output resolution in µm per pixel. ``None`` means native level-0 pixels (the only
+                choice when :attr:`mpp` is ``None``: a slide without a resolution cannot be read at
+                a physical one; pass ``input_mpp`` to :func:`open_slide` instead).
+
+        Returns:
+            (height, width, 3) uint8 RGB, white outside the image.
+
+        Raises:
+            ValueError: ``mpp`` given but the slide has no resolution, or ``mpp`` <= 0.
+        """
+        if mpp is None:
+            return self.read_region(l0_xy, 0, size)
+        if not (math.isfinite(mpp) and mpp > 0):
+            raise ValueError(f"mpp={mpp!r} must be a positive number of µm per pixel")
+        if self.mpp is None:
+            raise ValueError(
+                f"{self.path.name}: no resolution in metadata, so mpp={mpp} cannot be honoured; "
+                "open it with input_mpp=... or read with mpp=None (level-0 pixels)"
+            )
+        width, height = _as_int_pair(size, "size")
+        ds_x, ds_y = mpp / self.mpp[0], mpp / self.mpp[1]
+        level = self.best_level_for_downsample(min(ds_x, ds_y))
+        level_ds = self.level_downsamples[level]
+        # Level pixels per output pixel along x and y.
+        f_x, f_y = ds_x / level_ds, ds_y / level_ds
+        if abs(f_x - 1.0) < 1e-3 and abs(f_y - 1.0) < 1e-3:
+            return self.read_region(l0_xy, level, (width, height))
+        l_size = (max(1, math.ceil(width * f_x - 1e-6)), max(1, math.ceil(height * f_y - 1e-6)))
+        l0_xy, l_size = self._check_read(l0_xy, level, l_size)
+        _, (width, height) = self._check_read(l0_xy, 0, (width, height))
+        img = self._read_image(l0_xy, level, l_size)
+        resample = Image.Resampling.BOX if min(f_x, f_y) >= 1.0 else Image.Resampling.BILINEAR
+        box = (0.0, 0.0, min(width * f_x, l_size[0]), min(height * f_y, l_size[1]))
+        return np.array(img.resize((width, height), resample, box=box))
+
+    def thumbnail(self, *, max_size: int = 2048) -> tuple[np.ndarray, float]:
+        """A downsampled view of the whole image, from the best pyramid level.
+
+        Args:
+            max_size: Longest side of the thumbnail in pixels; images smaller than this are
+                returned at level 0.
+
+        Returns:
+            ``(rgb, downsample)``: (H, W, 3) uint8 RGB and the level-0 pixels per thumbnail pixel
+            along x (y agrees up to the rounding of the thumbnail's height). A thumbnail pixel
+            (row, col) covers level-0 x in ``[col * downsample, (col + 1) * downsample)``.
+        """
+        if operator.index(max_size) < 1:
+            raise ValueError(f"max_size={max_size!r} must be a positive number of pixels")
+        l0_w, l0_h = self.dimensions
+        scale = max(1.0, max(l0_w, l0_h) / max_size)
+        # thumb_: pixel (x, y) in the thumbnail; l_: in the pyramid level read.
+        thumb_w, thumb_h = max(1, round(l0_w / scale)), max(1, round(l0_h / scale))
+        ds_x, ds_y = l0_w / thumb_w, l0_h / thumb_h
+        level = self.best_level_for_downsample(min(ds_x, ds_y))
+        level_ds = self.level_downsamples[level]
+        l_w, l_h = self.level_dimensions[level]
+        f_x, f_y = ds_x / level_ds, ds_y / level_ds  # level px per thumbnail px
+        out = np.empty((thumb_h, thumb_w, 3), dtype=np.uint8)
+        rows_per_strip = max(1, int(_STRIP_PIXELS / max(1.0, l_w * f_y)))
+        for thumb_y0 in range(0, thumb_h, rows_per_strip):
+            thumb_y1 = min(thumb_h, thumb_y0 + rows_per_strip)
+            l_y0, l_y1 = thumb_y0 * f_y, thumb_y1 * f_y
+            l_row0 = min(int(math.floor(l_y0)), l_h - 1)
+            l_row1 = max(l_row0 + 1, min(l_h, math.ceil(l_y1 - 1e-6)))
+            img = self._read_image((0, round(l_row0 * level_ds)), level, (l_w, l_row1 - l_row0))
+            strip_size = (thumb_w, thumb_y1 - thumb_y0)
+            if strip_size == img.size:
+                out[thumb_y0:thumb_y1] = np.asarray(img)
+                continue
+            box = (0.0, l_y0 - l_row0, min(thumb_w * f_x, l_w), min(l_y1 - l_row0, l_row1 - l_row0))
+            out[thumb_y0:thumb_y1] = np.asarray(img.resize(strip_size, Image.Resampling.BOX, box=box))
+        return out, ds_x
+
+    def _check_read(
+        self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        l0_xy = _as_int_pair(l0_xy, "l0_xy")
+        size = _as_int_pair(size, "size")
+        if not 0 <= operator.index(level) < self.level_count:
+            raise IndexError(f"level={level} out of range (slide has {self.level_count} levels)")
+        if size[0] < 1 or size[1] < 1:
+            raise ValueError(f"size={size} must be positive (width, height)")
+        if size[0] * size[1] > MAX_READ_PIXELS:
+            raise ValueError(f"size={size} reads more than {MAX_READ_PIXELS} pixels at once; read tiles")
+        return l0_xy, size
+
+    def _reopen_kwargs(self) -> dict[str, object]:
+        """Keyword arguments that reopen this slide (see :meth:`__reduce__`)."""
+        return {"input_mpp": self._input_mpp}
+
+    def __reduce__(self):
+        """Pickle by path: the copy reopens the file (a Dask worker gets its own file handle)."""
+        return (_reopen, (type(self), self.path, self._reopen_kwargs()))
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+
+def _reopen(cls: type[Slide], path: Path, kwargs: dict[str, object]) -> Slide:
+    return cls(path, **kwargs)
