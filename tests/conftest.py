@@ -7,9 +7,17 @@ Real slides and tiles come from ``../shared/data`` beside the repository (or
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Prefect reads its settings at import: set them before any test module imports it. One temporary
+# PREFECT_HOME per test session keeps the developer's own Prefect database out of the tests.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="equislide-prefect-home-"))
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EQUISLIDE_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -21,6 +29,24 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "slides").is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA} (set EQUISLIDE_TEST_DATA to its folder)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One real (ephemeral, SQLite) Prefect server for the whole session: starting one takes ~20 s."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """One real ``distributed.LocalCluster`` (2 single-threaded worker processes) per session."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        yield cluster
 
 
 @pytest.fixture(autouse=True)
