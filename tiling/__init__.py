@@ -5,6 +5,8 @@
   thumbnails; every failure is a :class:`SlideError` subclass with a one-line message.
 - :func:`tissue_mask`, :func:`pen_mask`: boolean masks on thumbnails.
 - :func:`find_cores`, :func:`is_tma`, :class:`Core`: TMA dearraying with grid names ("B3").
+- :func:`tissue_grid`, :func:`core_grids`, :class:`TileGrid`: tile grids at the analysis resolution.
+- :func:`tile_slide` -> [:class:`SampleResult`]: one input file to per-sample zarr tile stores.
 - :func:`rotate_image`, :func:`rotate_labels`, :func:`unrotate_labels`: rotation about the centre.
 
 Plain numpy / scikit-image / OpenSlide / tifffile code, usable from a notebook: nothing here imports
@@ -62,3 +64,24 @@ from equislide.tiling.phantom import read_phantom_info as read_phantom_info  # n
 from equislide.tiling.phantom import write_phantom as write_phantom  # noqa: E402
 
 __all__ += ["LABEL_NAMES", "PhantomCore", "PhantomInfo", "read_phantom_info", "write_phantom"]
+
+# Tile grids (tiling/grid.py) and the slide -> tile stores pipeline (tiling/pipeline.py).
+from equislide.tiling.grid import TileGrid as TileGrid  # noqa: E402
+from equislide.tiling.grid import analysis_scale as analysis_scale  # noqa: E402
+from equislide.tiling.grid import core_grids as core_grids  # noqa: E402
+from equislide.tiling.grid import core_tile_side as core_tile_side  # noqa: E402
+from equislide.tiling.grid import tissue_grid as tissue_grid  # noqa: E402
+from equislide.tiling.pipeline import SampleResult as SampleResult  # noqa: E402
+from equislide.tiling.pipeline import tile_slide as tile_slide  # noqa: E402
+from equislide.tiling.pipeline import tiling_params as tiling_params  # noqa: E402
+
+__all__ += [
+    "SampleResult",
+    "TileGrid",
+    "analysis_scale",
+    "core_grids",
+    "core_tile_side",
+    "tile_slide",
+    "tiling_params",
+    "tissue_grid",
+]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,3 +32,26 @@ def plain_tiff(tmp_path_factory: pytest.TempPathFactory, gradient_rgb: np.ndarra
         path, gradient_rgb, photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER"
     )
     return path
+
+
+def patch_tiff_size(path: Path, width: int, height: int) -> None:
+    """Rewrite ImageWidth / ImageLength of the first page as LONG values (header-only bomb)."""
+    with tifffile.TiffFile(path) as tif:
+        assert not tif.is_bigtiff and tif.byteorder == "<"
+        offsets = {name: tif.pages.first.tags[name].offset for name in ("ImageWidth", "ImageLength")}
+    with open(path, "r+b") as fh:
+        for name, value in (("ImageWidth", width), ("ImageLength", height)):
+            fh.seek(offsets[name] + 2)
+            fh.write(struct.pack("<HII", 4, 1, value))  # type LONG, count 1, value
+
+
+@pytest.fixture(scope="session")
+def tiff_bomb() -> Callable[[Path, int, int], Path]:
+    """``tiff_bomb(path, width, height)``: an 8x8 RGB TIFF whose header declares width x height."""
+
+    def make(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
+        tifffile.imwrite(path, np.zeros((8, 8, 3), dtype=np.uint8), photometric="rgb")
+        patch_tiff_size(path, width, height)
+        return path
+
+    return make

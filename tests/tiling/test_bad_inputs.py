@@ -174,21 +174,8 @@ def test_one_pixel_image(tmp_path: Path) -> None:
         assert thumb.shape == (1, 1, 3) and ds == 1.0
 
 
-def _patch_tiff_size(path: Path, width: int, height: int) -> None:
-    """Rewrite ImageWidth / ImageLength of the first page as LONG values (header-only bomb)."""
-    with tifffile.TiffFile(path) as tif:
-        assert not tif.is_bigtiff and tif.byteorder == "<"
-        offsets = {name: tif.pages.first.tags[name].offset for name in ("ImageWidth", "ImageLength")}
-    with open(path, "r+b") as fh:
-        for name, value in (("ImageWidth", width), ("ImageLength", height)):
-            fh.seek(offsets[name] + 2)
-            fh.write(struct.pack("<HII", 4, 1, value))  # type LONG, count 1, value
-
-
-def test_tiff_decompression_bomb(tmp_path: Path) -> None:
-    path = tmp_path / "bomb.tif"
-    tifffile.imwrite(path, np.zeros((8, 8, 3), dtype=np.uint8), photometric="rgb")
-    _patch_tiff_size(path, 100_000, 100_000)
+def test_tiff_decompression_bomb(tmp_path: Path, tiff_bomb) -> None:
+    path = tiff_bomb(tmp_path / "bomb.tif", 100_000, 100_000)
     err = _expect(SlideTooLargeError, path)
     assert "100000x100000" in str(err)
 
