@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ModelConfigError", "OptionalDependencyError"]
+__all__ = ["CheckpointError", "KMeansError", "ModelConfigError", "OptionalDependencyError"]
 
 
 class ModelConfigError(ValueError):
@@ -11,6 +11,10 @@ class ModelConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A weights file is missing, foreign, corrupt or does not match its config."""
+
+
+class KMeansError(ValueError):
+    """K-means was given parameters or vectors it cannot cluster (bad shape, non-finite, too few)."""
 
 
 class OptionalDependencyError(ImportError):

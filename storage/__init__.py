@@ -9,6 +9,16 @@ from __future__ import annotations
 from equislide.storage._errors import IncompleteSampleError as IncompleteSampleError
 from equislide.storage._errors import SampleIdError as SampleIdError
 from equislide.storage._errors import StoreLayoutError as StoreLayoutError
+from equislide.storage.features import FEATURES_DONE_MARKER as FEATURES_DONE_MARKER
+from equislide.storage.features import FEATURES_FORMAT as FEATURES_FORMAT
+from equislide.storage.features import FeatureWriter as FeatureWriter
+from equislide.storage.features import features_path as features_path
+from equislide.storage.features import is_features_done as is_features_done
+from equislide.storage.features import open_features as open_features
+from equislide.storage.features import open_features_for_write as open_features_for_write
+from equislide.storage.features import read_features_meta as read_features_meta
+from equislide.storage.geojson import labels_to_geojson as labels_to_geojson
+from equislide.storage.geojson import write_geojson as write_geojson
 from equislide.storage.hashing import canonical_json as canonical_json
 from equislide.storage.hashing import params_hash as params_hash
 from equislide.storage.hashing import sha256_file as sha256_file
@@ -17,6 +27,22 @@ from equislide.storage.ids import safe_sample_id as safe_sample_id
 from equislide.storage.ids import sample_store_path as sample_store_path
 from equislide.storage.ids import split_sample_id as split_sample_id
 from equislide.storage.ids import unique_sample_ids as unique_sample_ids
+from equislide.storage.labels import NO_TISSUE as NO_TISSUE
+from equislide.storage.labels import PALETTE as PALETTE
+from equislide.storage.labels import label_color as label_color
+from equislide.storage.labels import stitch_image as stitch_image
+from equislide.storage.labels import stitch_labels as stitch_labels
+from equislide.storage.labels import stitch_store as stitch_store
+from equislide.storage.manifest import RunManifest as RunManifest
+from equislide.storage.manifest import collect_versions as collect_versions
+from equislide.storage.manifest import describe_inputs as describe_inputs
+from equislide.storage.manifest import read_manifest as read_manifest
+from equislide.storage.manifest import write_manifest as write_manifest
+from equislide.storage.ome import validate_image_attrs as validate_image_attrs
+from equislide.storage.ome import validate_label_attrs as validate_label_attrs
+from equislide.storage.ome import write_ome_zarr as write_ome_zarr
+from equislide.storage.overlay import render_overlay as render_overlay
+from equislide.storage.overlay import write_overlay_png as write_overlay_png
 from equislide.storage.tile_store import DONE_MARKER as DONE_MARKER
 from equislide.storage.tile_store import STORE_FORMAT as STORE_FORMAT
 from equislide.storage.tile_store import SampleWriter as SampleWriter
@@ -27,6 +53,32 @@ from equislide.storage.tile_store import open_tiles as open_tiles
 from equislide.storage.tile_store import read_sample_meta as read_sample_meta
 
 __all__ = [
+    "FEATURES_DONE_MARKER",
+    "FEATURES_FORMAT",
+    "FeatureWriter",
+    "features_path",
+    "is_features_done",
+    "open_features",
+    "open_features_for_write",
+    "read_features_meta",
+    "labels_to_geojson",
+    "write_geojson",
+    "NO_TISSUE",
+    "PALETTE",
+    "label_color",
+    "stitch_image",
+    "stitch_labels",
+    "stitch_store",
+    "RunManifest",
+    "collect_versions",
+    "describe_inputs",
+    "read_manifest",
+    "write_manifest",
+    "validate_image_attrs",
+    "validate_label_attrs",
+    "write_ome_zarr",
+    "render_overlay",
+    "write_overlay_png",
     "DONE_MARKER",
     "STORE_FORMAT",
     "STORE_SUFFIX",

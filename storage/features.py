@@ -1,0 +1,369 @@
+"""Feature arrays beside the tiles in a finished per-sample store, written atomically in place.
+
+Layout inside ``<root>/<sample_id>.zarr`` (see :mod:`equislide.storage.tile_store`)::
+
+    features/                       zarr v3 group
+      layer{L}/                     float16 (n_tiles, C, f_h, f_w): the features of tile i's interior
+                                    (halo cropped), f_h = f_w = tile / stride; chunk = 1 tile,
+                                    shard = up to 32 tiles, zstd level 3;
+                                    dimension names ("tile", "c", "y", "x")
+        zarr.json                   attrs["equislide_features"]: see below
+        _equislide_features_done.json   done-marker (format, sample_id, layer, params_sha256,
+                                    the tile store's input/params hashes, n_tiles)
+
+``attrs["equislide_features"]``: ``format`` (``equislide-features/1``), ``backbone``, ``layer``,
+``stride`` (analysis px per feature px), ``halo_cropped`` (analysis px cut from each side),
+``f_tile`` (feature px per tile side), ``channels``, ``normalisation``, ``weights``
+(``"sha256:<hex>"`` or ``"random(seed=S)"``), ``params`` (the parameter dict that produced them) and
+``params_sha256``.
+
+The tile store is finished (renamed) before features are computed, so features are written *in place*:
+the array is filled under ``features/layer{L}.partial-<random>`` with its done-marker inside, then renamed
+to ``features/layer{L}`` (an older array of that layer is moved aside first and removed). A crash
+leaves only the partial folder, which readers ignore and the next writer of that layer removes. A store
+whose tiles are done but whose features are not is simply resumable: :func:`is_features_done` is false.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from equislide.storage._errors import IncompleteSampleError, StoreLayoutError
+from equislide.storage.hashing import canonical_json, params_hash
+from equislide.storage.tile_store import (
+    _OLD,
+    _PARTIAL,
+    DONE_MARKER,
+    _compressors,
+    _fsync_tree,
+    _open_finished,
+)
+
+if TYPE_CHECKING:
+    import dask.array
+
+__all__ = [
+    "FEATURES_DONE_MARKER",
+    "FEATURES_FORMAT",
+    "FeatureWriter",
+    "features_path",
+    "is_features_done",
+    "open_features",
+    "open_features_for_write",
+    "read_features_meta",
+]
+
+#: Format tag of a feature array (attrs and done-marker).
+FEATURES_FORMAT = "equislide-features/1"
+#: Done-marker file inside a finished ``features/layer{L}`` folder.
+FEATURES_DONE_MARKER = "_equislide_features_done.json"
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+_SHARD_TILES = 32
+_REQUIRED_ATTRS = ("backbone", "stride", "halo_cropped", "normalisation", "weights")
+
+
+def _array_name(layer: int) -> str:
+    if layer not in (1, 2, 3, 4):
+        raise ValueError(f"layer={layer!r} must be 1, 2, 3 or 4")
+    return f"layer{layer}"
+
+
+def features_path(store_path: str | Path, layer: int) -> Path:
+    """Folder of the finished feature array ``<store>/features/layer{layer}``."""
+    return Path(store_path) / "features" / _array_name(layer)
+
+
+def _stale(folder: Path, name: str) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    prefixes = (name + _PARTIAL, name + _OLD)
+    return sorted(p for p in folder.iterdir() if p.name.startswith(prefixes))
+
+
+class FeatureWriter:
+    """Fills one ``features/layer{L}`` array under a partial name and publishes it in :meth:`finalize`.
+
+    Make one with :func:`open_features_for_write`; use it as a context manager (a clean exit finalizes,
+    an exception aborts).
+    """
+
+    def __init__(
+        self,
+        store_path: Path,
+        layer: int,
+        partial_path: Path,
+        array: Any,
+        marker: dict[str, Any],
+    ) -> None:
+        self.store_path = store_path  #: the finished tile store
+        self.layer = layer
+        self.path = features_path(store_path, layer)  #: the published array folder
+        self.partial_path = partial_path  #: the folder written into until :meth:`finalize`
+        self._array = array
+        self._marker = marker
+        self.n_tiles, self.channels, self.f_tile = (
+            int(array.shape[0]),
+            int(array.shape[1]),
+            int(array.shape[2]),
+        )
+        self._written = np.zeros(self.n_tiles, bool)
+        self._state = "open"
+
+    def __repr__(self) -> str:
+        return f"FeatureWriter({str(self.path)!r}, n_tiles={self.n_tiles}, state={self._state!r})"
+
+    def __enter__(self) -> FeatureWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._state != "open":
+            return
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+    def write(self, start: int, features: np.ndarray) -> None:
+        """Write features of tiles ``[start, start + k)``.
+
+        Args:
+            start: Index of the first tile (a multiple of 32 writes whole shards, fastest).
+            features: float ``(k, C, f_tile, f_tile)``; float32 is cast to float16 here after checking
+                that every value is finite and within float16's range.
+
+        Raises:
+            ValueError: Wrong shape/dtype, out of range, or values float16 cannot hold (NaN, inf,
+                ``|x| > 65504``): recalibrate the backbone's BatchNorm rather than store them.
+        """
+        if self._state != "open":
+            raise RuntimeError(f"{self!r} is {self._state}; open a new writer with open_features_for_write()")
+        arr = np.asarray(features)
+        want = (self.channels, self.f_tile, self.f_tile)
+        if arr.ndim != 4 or arr.shape[1:] != want or not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(
+                f"features must be float (k, {', '.join(map(str, want))}), got {arr.dtype} {arr.shape}"
+            )
+        stop = start + arr.shape[0]
+        if not 0 <= start <= stop <= self.n_tiles:
+            raise ValueError(f"features [{start}, {stop}) out of range for n_tiles={self.n_tiles}")
+        if not np.isfinite(arr).all():
+            raise ValueError(
+                f"features of tiles [{start}, {stop}) contain NaN or inf; refusing to store them"
+            )
+        peak = float(np.abs(arr).max()) if arr.size else 0.0
+        if peak > _FLOAT16_MAX:
+            raise ValueError(
+                f"features of tiles [{start}, {stop}) reach {peak:.3g} > {_FLOAT16_MAX:g} (float16 max); "
+                "recalibrate BatchNorm (equislide.models.prepare_backbone(..., calibration_tiles=...))"
+            )
+        self._array[start:stop] = arr.astype(np.float16)
+        self._written[start:stop] = True
+
+    def finalize(self) -> Path:
+        """Write the done-marker into the partial array and rename it to :attr:`path`; returns it.
+
+        Raises:
+            IncompleteSampleError: Some tiles' features were never written.
+        """
+        if self._state != "open":
+            raise RuntimeError(f"{self!r} is {self._state}")
+        missing = np.flatnonzero(~self._written)
+        if missing.size:
+            raise IncompleteSampleError(
+                f"{self.store_path}: features of {missing.size} of {self.n_tiles} tiles not written "
+                f"(first: {missing[0]}); write them all before finalize(), or abort()"
+            )
+        (self.partial_path / FEATURES_DONE_MARKER).write_text(
+            json.dumps(self._marker, sort_keys=True, indent=1) + "\n"
+        )
+        _fsync_tree(self.partial_path)
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(self.path.name + _OLD + uuid.uuid4().hex[:12])
+            os.replace(self.path, old)
+        os.replace(self.partial_path, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._state = "finalized"
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the partial array; a published one (older result) is left untouched."""
+        if self._state == "open":
+            shutil.rmtree(self.partial_path, ignore_errors=True)
+            self._state = "aborted"
+
+
+def open_features_for_write(
+    store_path: str | Path,
+    layer: int,
+    *,
+    channels: int,
+    f_tile: int,
+    attrs: Mapping[str, Any],
+    params: Mapping[str, Any] | None = None,
+    shard_tiles: int = _SHARD_TILES,
+) -> FeatureWriter:
+    """Start writing ``features/layer{layer}`` of a finished tile store (see the module docstring).
+
+    Args:
+        store_path: ``<root>/<sample_id>.zarr``, finished (it has its done-marker).
+        layer: Backbone stage 1-4.
+        channels: Feature channels C.
+        f_tile: Feature pixels per tile side (``tile / stride``).
+        attrs: Must hold ``backbone``, ``stride``, ``halo_cropped``, ``normalisation`` and ``weights``
+            (the ``info`` of ``equislide.models.prepare_backbone`` has them, ``halo_cropped`` = the store's
+            halo); anything else JSON-able is kept.
+        params: Parameters that produced the features; their hash keys the done-marker.
+        shard_tiles: Tiles per shard file.
+
+    Returns:
+        An open :class:`FeatureWriter`.
+
+    Raises:
+        StoreLayoutError: ``store_path`` is not a finished tile store.
+        ValueError: A size or metadata field is invalid (the message names it).
+    """
+    group, meta = _open_finished(store_path)
+    store_path = Path(store_path)
+    name = _array_name(layer)
+    if channels <= 0 or f_tile <= 0 or shard_tiles <= 0:
+        raise ValueError(f"need channels, f_tile, shard_tiles > 0; got {channels}, {f_tile}, {shard_tiles}")
+    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise ValueError(f"feature attrs {missing} are missing; pass the info of prepare_backbone()")
+    stride = attrs["stride"]
+    if not isinstance(stride, int) or stride <= 0:
+        raise ValueError(f"attrs['stride']={stride!r} must be a positive int")
+    if int(meta["tile"]) != f_tile * stride:
+        raise ValueError(f"f_tile={f_tile} x stride={stride} != the store's tile={meta['tile']} px")
+    if attrs["halo_cropped"] != meta["halo"]:
+        raise ValueError(
+            f"attrs['halo_cropped']={attrs['halo_cropped']!r} != the store's halo={meta['halo']}"
+        )
+    params = dict(params or {})
+    p_hash = params_hash(params)
+    done = json.loads((store_path / DONE_MARKER).read_text())
+    n_tiles = int(group["tiles"].shape[0])
+    info = dict(attrs)
+    info.update(
+        format=FEATURES_FORMAT,
+        layer=int(layer),
+        channels=int(channels),
+        f_tile=int(f_tile),
+        params=params,
+        params_sha256=p_hash,
+    )
+    plain = json.loads(canonical_json(info))
+    marker = {
+        "format": FEATURES_FORMAT,
+        "sample_id": meta["sample_id"],
+        "layer": int(layer),
+        "params_sha256": p_hash,
+        "tiles_input_sha256": done.get("input_sha256"),
+        "tiles_params_sha256": done.get("params_sha256"),
+        "n_tiles": n_tiles,
+    }
+
+    import zarr
+
+    folder = store_path / "features"
+    for stale in _stale(folder, name):
+        shutil.rmtree(stale, ignore_errors=True)
+    root = zarr.open_group(zarr.storage.LocalStore(store_path), mode="r+")
+    feats = root.require_group("features")
+    partial_name = name + _PARTIAL + uuid.uuid4().hex[:12]
+    array = feats.create_array(
+        partial_name,
+        shape=(n_tiles, channels, f_tile, f_tile),
+        chunks=(1, channels, f_tile, f_tile),
+        shards=(min(shard_tiles, max(n_tiles, 1)), channels, f_tile, f_tile),
+        dtype="float16",
+        compressors=_compressors(),
+        fill_value=0,
+        dimension_names=("tile", "c", "y", "x"),
+        attributes={"equislide_features": plain},
+    )
+    return FeatureWriter(store_path, int(layer), folder / partial_name, array, marker)
+
+
+def _done_marker(store_path: Path, layer: int) -> dict[str, Any] | None:
+    try:
+        return json.loads((features_path(store_path, layer) / FEATURES_DONE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_features_done(store_path: str | Path, layer: int, *, params: Mapping[str, Any] | None) -> bool:
+    """True when ``features/layer{layer}`` is finished, from these parameters, for the current tiles.
+
+    False for a store without features (tiles done, features not: resume), for a partial array, for
+    features made with other parameters, and for features of an older tiling of the sample.
+    """
+    store_path = Path(store_path)
+    marker = _done_marker(store_path, layer)
+    if marker is None:
+        return False
+    try:
+        done = json.loads((store_path / DONE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        marker.get("format") == FEATURES_FORMAT
+        and marker.get("layer") == layer
+        and marker.get("params_sha256") == params_hash(dict(params or {}))
+        and marker.get("tiles_input_sha256") == done.get("input_sha256")
+        and marker.get("tiles_params_sha256") == done.get("params_sha256")
+        and marker.get("sample_id") == done.get("sample_id")
+    )
+
+
+def _open_feature_array(store_path: str | Path, layer: int):
+    group, _ = _open_finished(store_path)
+    if _done_marker(Path(store_path), layer) is None:
+        raise StoreLayoutError(
+            f"{store_path}: features/{_array_name(layer)} is missing or unfinished; run feature extraction"
+        )
+    arr = group["features"][_array_name(layer)]
+    meta = arr.attrs.get("equislide_features")
+    if not isinstance(meta, Mapping) or meta.get("format") != FEATURES_FORMAT:
+        raise StoreLayoutError(f"{store_path}: features/{_array_name(layer)} is not {FEATURES_FORMAT!r}")
+    return arr, dict(meta)
+
+
+def read_features_meta(store_path: str | Path, layer: int) -> dict[str, Any]:
+    """``attrs["equislide_features"]`` of a finished feature array, plus ``shape``.
+
+    Raises:
+        StoreLayoutError: No finished features of that layer in a finished tile store.
+    """
+    arr, meta = _open_feature_array(store_path, layer)
+    meta["shape"] = tuple(arr.shape)
+    return meta
+
+
+def open_features(store_path: str | Path, layer: int, *, tiles_per_chunk: int = 1) -> dask.array.Array:
+    """The features of a finished store as a lazy dask array ``(n_tiles, C, f_h, f_w)`` float16.
+
+    Args:
+        store_path: ``<root>/<sample_id>.zarr``.
+        layer: Backbone stage 1-4.
+        tiles_per_chunk: Tiles per dask chunk (32 = one shard per chunk, fastest to stream).
+
+    Raises:
+        StoreLayoutError: No finished features of that layer.
+    """
+    import dask.array as da
+
+    if tiles_per_chunk <= 0:
+        raise ValueError(f"tiles_per_chunk={tiles_per_chunk} must be > 0")
+    arr, _ = _open_feature_array(store_path, layer)
+    return da.from_zarr(arr, chunks=(tiles_per_chunk, *arr.shape[1:]))

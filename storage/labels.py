@@ -1,0 +1,313 @@
+"""Label maps: stitching per-tile cluster maps into one sample map, the label codes and the palette.
+
+Label values (the same in the stitched map, the OME-Zarr ``labels/clusters``, the overlay PNG and
+the GeoJSON):
+
+* ``0`` (:data:`NO_TISSUE`): no tile, or outside the tissue mask;
+* ``k + 1`` for cluster index ``k`` (0-based, as K-means returns it): ``"cluster 1"`` is cluster 0.
+
+Coordinates: a stitched map is at *feature resolution* (``f_`` px), one pixel per ``stride`` analysis
+pixels (``l_`` px); its pixel ``(f_row, f_col)`` covers analysis pixels
+``[f_col * stride, (f_col + 1) * stride) x [f_row * stride, (f_row + 1) * stride)`` in (x, y), with
+the sample's analysis origin at ``(0, 0)``.
+
+:data:`PALETTE` is the one colour table shared by the overlay, the GeoJSON and the OME-Zarr label
+colours: ``PALETTE[v]`` is the RGB colour of label value ``v``.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "NO_TISSUE",
+    "PALETTE",
+    "label_color",
+    "label_dtype",
+    "stitch_image",
+    "stitch_labels",
+    "stitch_store",
+]
+
+#: Label value of "no tissue" (no tile there, or outside the tissue mask).
+NO_TISSUE = 0
+
+_BASE = (
+    (0, 0, 0),  # 0: no tissue (drawn transparent)
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+    (174, 199, 232),
+    (255, 187, 120),
+    (152, 223, 138),
+    (255, 152, 150),
+    (197, 176, 213),
+    (196, 156, 148),
+    (247, 182, 210),
+    (199, 199, 199),
+    (219, 219, 141),
+    (158, 218, 229),
+)
+
+
+def _extend(n: int) -> tuple[tuple[int, int, int], ...]:
+    out = list(_BASE)
+    i = 0
+    while len(out) < n:
+        h = (i * 0.618033988749895) % 1.0  # golden-ratio hues: distinct, deterministic
+        r, g, b = colorsys.hsv_to_rgb(h, 0.65 if i % 2 else 0.9, 0.95 if i % 3 else 0.75)
+        out.append((round(r * 255), round(g * 255), round(b * 255)))
+        i += 1
+    return tuple(out)
+
+
+#: RGB colour of each label value (index = label value; 0 = no tissue). 256 entries: enough for uint8.
+PALETTE: tuple[tuple[int, int, int], ...] = _extend(256)
+
+
+def label_color(value: int) -> tuple[int, int, int]:
+    """RGB colour of label value ``value`` (cycles past the end of :data:`PALETTE`, skipping 0)."""
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"label value {value} must be >= 0")
+    if value < len(PALETTE):
+        return PALETTE[value]
+    return PALETTE[1 + (value - 1) % (len(PALETTE) - 1)]
+
+
+def label_dtype(max_value: int) -> np.dtype:
+    """Smallest unsigned dtype (uint8, uint16) holding label values up to ``max_value``."""
+    if max_value <= np.iinfo(np.uint8).max:
+        return np.dtype(np.uint8)
+    if max_value <= np.iinfo(np.uint16).max:
+        return np.dtype(np.uint16)
+    raise ValueError(f"{max_value} label values do not fit uint16; use fewer clusters")
+
+
+def _check_coords(coords: np.ndarray, n: int, stride: int, name: str) -> np.ndarray:
+    coords = np.asarray(coords)
+    if coords.shape != (n, 2) or not np.issubdtype(coords.dtype, np.integer):
+        raise ValueError(
+            f"coords must be an integer ({n}, 2) array of (l_x, l_y), got {coords.dtype} {coords.shape}"
+        )
+    if (coords < 0).any():
+        raise ValueError("coords - l_origin must be >= 0 (analysis px from the output's origin)")
+    if stride <= 0 or (coords % stride).any():
+        raise ValueError(
+            f"every coordinate must be a multiple of {name}={stride} (tiles on the feature grid)"
+        )
+    return coords.astype(np.int64)
+
+
+def stitch_labels(
+    tile_labels: np.ndarray,
+    coords: np.ndarray,
+    *,
+    stride: int,
+    shape: tuple[int, int] | None = None,
+    tissue_mask: np.ndarray | None = None,
+    mask_downsample: float | None = None,
+    mask_origin: tuple[float, float] = (0.0, 0.0),
+    l_origin: tuple[int, int] = (0, 0),
+) -> np.ndarray:
+    """Stitch per-tile cluster maps into one label map at feature resolution.
+
+    Args:
+        tile_labels: int ``(n_tiles, f_h, f_w)`` cluster indices (0-based) of each tile's interior,
+            halo already cropped; negative values mean "no tissue" there.
+        coords: int ``(n_tiles, 2)`` interior top-left ``(l_x, l_y)`` of each tile in analysis px (as in
+            the tile store); ``coords - l_origin`` must be >= 0 and multiples of ``stride``.
+        stride: Analysis px per feature px.
+        shape: ``(f_rows, f_cols)`` of the output; default: just large enough for every tile.
+        tissue_mask: Optional ``(H, W)`` mask (nonzero = tissue); label pixels whose centre falls on a
+            zero mask pixel (nearest sampling) become :data:`NO_TISSUE`.
+        mask_downsample: Analysis px per mask px (the store's ``tissue_mask.attrs["downsample"]``).
+        mask_origin: ``(l_x, l_y)`` of the mask's pixel ``(0, 0)`` corner in analysis px (the store's
+            ``attrs["equislide"]["tissue_mask_l_origin"]``, ``(0, 0)`` for a whole slide).
+        l_origin: ``(l_x, l_y)`` of the output's pixel ``(0, 0)`` corner (e.g. a TMA core's first tile).
+
+    Returns:
+        ``(f_rows, f_cols)`` uint8 (uint16 past 254 clusters): ``k + 1`` for cluster ``k``, 0 elsewhere.
+        Where tiles overlap, the later tile wins.
+    """
+    tile_labels = np.asarray(tile_labels)
+    if tile_labels.ndim != 3 or not np.issubdtype(tile_labels.dtype, np.integer):
+        raise ValueError(
+            f"tile_labels must be integer (n_tiles, h, w), got {tile_labels.dtype} {tile_labels.shape}"
+        )
+    n, fh, fw = tile_labels.shape
+    coords = _check_coords(np.asarray(coords) - np.asarray(l_origin, dtype=np.int64), n, stride, "stride")
+    f_xy = coords // stride
+    if shape is None:
+        shape = (int((f_xy[:, 1].max() + fh) if n else 0), int((f_xy[:, 0].max() + fw) if n else 0))
+    top = int(tile_labels.max()) + 1 if n else 0
+    out = np.full(shape, NO_TISSUE, dtype=label_dtype(max(top, 1)))
+    for i in range(n):
+        fx, fy = int(f_xy[i, 0]), int(f_xy[i, 1])
+        y1, x1 = min(fy + fh, shape[0]), min(fx + fw, shape[1])
+        if fy >= shape[0] or fx >= shape[1]:
+            continue
+        block = tile_labels[i, : y1 - fy, : x1 - fx]
+        out[fy:y1, fx:x1] = np.where(block >= 0, block + 1, NO_TISSUE)
+    if tissue_mask is not None:
+        if mask_downsample is None or not float(mask_downsample) > 0:
+            raise ValueError(f"mask_downsample={mask_downsample!r} must be > 0 when a tissue_mask is given")
+        rel = (float(mask_origin[0]) - l_origin[0], float(mask_origin[1]) - l_origin[1])
+        out[~_sample_mask(np.asarray(tissue_mask) != 0, shape, stride, float(mask_downsample), rel)] = (
+            NO_TISSUE
+        )
+    return out
+
+
+def _sample_mask(
+    mask: np.ndarray, shape: tuple[int, int], stride: int, downsample: float, origin: tuple[float, float]
+) -> np.ndarray:
+    """Nearest sample of ``mask`` at the centre of every feature pixel; outside the mask is False."""
+    centres_y = (np.arange(shape[0]) + 0.5) * stride - origin[1]
+    centres_x = (np.arange(shape[1]) + 0.5) * stride - origin[0]
+    my = np.floor(centres_y / downsample).astype(np.int64)
+    mx = np.floor(centres_x / downsample).astype(np.int64)
+    ok_y = (my >= 0) & (my < mask.shape[0])
+    ok_x = (mx >= 0) & (mx < mask.shape[1])
+    out = mask[np.clip(my, 0, mask.shape[0] - 1)][:, np.clip(mx, 0, mask.shape[1] - 1)]
+    return out & ok_y[:, None] & ok_x[None, :]
+
+
+def stitch_image(
+    tiles: np.ndarray,
+    coords: np.ndarray,
+    *,
+    halo: int,
+    downsample: int = 1,
+    shape: tuple[int, int] | None = None,
+    background: int = 255,
+    l_origin: tuple[int, int] = (0, 0),
+) -> np.ndarray:
+    """Stitch RGB tile interiors into one image, optionally downsampled by block means.
+
+    Used for OME-Zarr images and overlay thumbnails; with ``downsample`` equal to the feature stride the
+    image lies on the same grid as :func:`stitch_labels`' output.
+
+    Args:
+        tiles: uint8 ``(n_tiles, T, T, 3)`` with halo (as stored); numpy or zarr.
+        coords: int ``(n_tiles, 2)`` interior top-left ``(l_x, l_y)``; ``coords - l_origin`` must be
+            >= 0 and multiples of ``downsample``.
+        halo: Halo of the stored tiles (cropped here).
+        downsample: Analysis px per output px; the tile interior must be a multiple of it.
+        shape: ``(rows, cols)`` of the output; default: just large enough for every tile.
+        background: Grey level where there is no tile (255: white, like glass).
+        l_origin: ``(l_x, l_y)`` of the output's pixel ``(0, 0)`` corner.
+
+    Returns:
+        uint8 ``(rows, cols, 3)``.
+    """
+    n = int(tiles.shape[0])
+    coords = _check_coords(
+        np.asarray(coords) - np.asarray(l_origin, dtype=np.int64), n, downsample, "downsample"
+    )
+    side = int(tiles[0].shape[0]) - 2 * halo if n else 0
+    if n and (side <= 0 or side % downsample):
+        raise ValueError(f"tile interior {side} px must be a positive multiple of downsample={downsample}")
+    o = side // downsample
+    xy = coords // downsample
+    if shape is None:
+        shape = (int(xy[:, 1].max() + o) if n else 0, int(xy[:, 0].max() + o) if n else 0)
+    out = np.full((*shape, 3), background, np.uint8)
+    for i in range(n):
+        x, y = int(xy[i, 0]), int(xy[i, 1])
+        if y >= shape[0] or x >= shape[1]:
+            continue
+        inner = np.asarray(tiles[i])[halo : halo + side, halo : halo + side].astype(np.float32)
+        if downsample > 1:
+            inner = inner.reshape(o, downsample, o, downsample, 3).mean(axis=(1, 3))
+        y1, x1 = min(y + o, shape[0]), min(x + o, shape[1])
+        out[y:y1, x:x1] = np.rint(inner[: y1 - y, : x1 - x]).astype(np.uint8)
+    return out
+
+
+def stitch_store(
+    store_path: str | Path,
+    tile_labels: np.ndarray,
+    *,
+    stride: int,
+    image: bool = True,
+) -> dict[str, Any]:
+    """Stitch a finished tile store's cluster maps (and its image on the same grid) in one call.
+
+    Reads ``coords``, the tissue mask (with its ``downsample`` and ``tissue_mask_l_origin``), ``halo`` and
+    ``l0_per_l`` from the store; the output's origin is the first tile's corner (``coords.min(0)``), so a
+    TMA core's map is no larger than the core.
+
+    Args:
+        store_path: ``<root>/<sample_id>.zarr`` (finished).
+        tile_labels: int ``(n_tiles, f_h, f_w)`` cluster indices per tile, in the store's tile order.
+        stride: Analysis px per feature px.
+        image: Also stitch the RGB image at ``stride`` (same shape as the label map).
+
+    Returns:
+        ``{"labels", "tissue", "image" (or None), "l_origin" (l_x, l_y), "l0_origin" (l0_x, l0_y),
+        "l0_per_l" (x, y), "pixel_size_um" (µm per label px)}``; ``tissue`` is the mask (uint8 0/1) on the
+        label grid. Feed ``labels`` / ``image`` / ``tissue`` to ``write_ome_zarr`` and
+        ``labels_to_geojson(labels, stride=stride, l0_per_l=..., l0_offset=l0_origin)``.
+    """
+    import zarr
+
+    from equislide.storage.tile_store import _open_finished
+
+    group, meta = _open_finished(store_path)
+    coords = np.asarray(group["coords"][:])
+    n = len(coords)
+    l_origin = (int(coords[:, 0].min()), int(coords[:, 1].min())) if n else (0, 0)
+    mask = down = None
+    if "tissue_mask" in group:
+        mask = np.asarray(group["tissue_mask"][:])
+        down = float(group["tissue_mask"].attrs["downsample"])
+    mask_origin = tuple(meta.get("tissue_mask_l_origin") or (0.0, 0.0))
+    tile_labels = np.asarray(tile_labels)
+    kwargs = {"stride": stride, "l_origin": l_origin}
+    labels = stitch_labels(
+        tile_labels, coords, tissue_mask=mask, mask_downsample=down, mask_origin=mask_origin, **kwargs
+    )
+    ones = np.zeros_like(tile_labels, dtype=np.int64)
+    tissue = stitch_labels(
+        ones,
+        coords,
+        shape=labels.shape,
+        tissue_mask=mask,
+        mask_downsample=down,
+        mask_origin=mask_origin,
+        **kwargs,
+    )
+    rgb = None
+    if image:
+        tiles = zarr.open_group(zarr.storage.LocalStore(store_path, read_only=True), mode="r")["tiles"]
+        rgb = stitch_image(
+            tiles, coords, halo=int(meta["halo"]), downsample=stride, shape=labels.shape, l_origin=l_origin
+        )
+    l0_per_l = meta.get("l0_per_l")
+    if l0_per_l is None:
+        mpp, src = meta.get("mpp"), meta.get("source_mpp")
+        ratio = float(mpp) / float(src) if mpp and src else 1.0
+        l0_per_l = [ratio, ratio]
+    l0_per_l = (float(l0_per_l[0]), float(l0_per_l[1]))
+    mpp = meta.get("mpp")
+    return {
+        "labels": labels,
+        "tissue": tissue,
+        "image": rgb,
+        "l_origin": l_origin,
+        "l0_origin": (l_origin[0] * l0_per_l[0], l_origin[1] * l0_per_l[1]),
+        "l0_per_l": l0_per_l,
+        "pixel_size_um": float(mpp) * stride if mpp else None,
+    }

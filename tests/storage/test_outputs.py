@@ -1,0 +1,415 @@
+"""Sample outputs: stitched label maps, OME-Zarr (NGFF 0.4), QuPath GeoJSON, overlay PNG, run.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from equislide.storage import (
+    NO_TISSUE,
+    PALETTE,
+    RunManifest,
+    describe_inputs,
+    label_color,
+    labels_to_geojson,
+    read_manifest,
+    render_overlay,
+    sha256_file,
+    stitch_image,
+    stitch_labels,
+    stitch_store,
+    validate_image_attrs,
+    validate_label_attrs,
+    write_geojson,
+    write_manifest,
+    write_ome_zarr,
+    write_overlay_png,
+)
+from equislide.storage.geojson import ring_area
+
+# ---------------------------------------------------------------- stitching
+
+
+def test_stitch_labels_places_tiles_fills_gaps_and_masks():
+    stride, f = 4, 3  # tiles of 12 analysis px -> 3 x 3 label px
+    tiles = np.stack([np.full((f, f), k) for k in (0, 1, 2)])
+    tiles[2, 0, 0] = -1  # "no tissue" inside a tile
+    coords = np.array([[0, 0], [12, 0], [12, 12]])  # (l_x, l_y); tile (0, 12) is missing
+    out = stitch_labels(tiles, coords, stride=stride)
+    assert out.shape == (6, 6) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:3, :3], 1)
+    np.testing.assert_array_equal(out[:3, 3:], 2)
+    np.testing.assert_array_equal(out[3:, :3], NO_TISSUE)  # no tile there
+    assert out[3, 3] == NO_TISSUE and (out[3:, 3:].ravel()[1:] == 3).all()
+
+    mask = np.ones((3, 3), np.uint8)  # 8 analysis px per mask px over 24 x 24 px
+    mask[0, 2] = 0  # analysis x in [16, 24), y in [0, 8): label cols 4, 5 (centres 18, 22), rows 0, 1
+    masked = stitch_labels(tiles, coords, stride=stride, tissue_mask=mask, mask_downsample=8)
+    np.testing.assert_array_equal(masked[:2, 4:], NO_TISSUE)
+    np.testing.assert_array_equal(masked[:2, 3], 2)
+    np.testing.assert_array_equal(masked[2:, 4:], out[2:, 4:])
+
+    big = stitch_labels(np.full((1, 2, 2), 300), np.array([[0, 0]]), stride=1, shape=(3, 3))
+    assert big.dtype == np.uint16 and big[0, 0] == 301 and big[2, 2] == 0
+    with pytest.raises(ValueError, match="multiple of stride=4"):
+        stitch_labels(tiles, coords + 1, stride=stride)
+
+
+def test_stitch_image_crops_halo_and_downsamples():
+    halo, tile = 2, 8
+    tiles = np.zeros((2, tile + 2 * halo, tile + 2 * halo, 3), np.uint8)
+    tiles[:, :halo] = 255  # halo rows must not show up
+    tiles[0, halo:-halo, halo:-halo] = 100
+    tiles[1, halo:-halo, halo:-halo] = 50
+    tiles[1, halo : halo + 2, halo : halo + 2] = 250  # one 2 x 2 block of the second tile
+    img = stitch_image(tiles, np.array([[0, 0], [8, 0]]), halo=halo, downsample=2)
+    assert img.shape == (4, 8, 3) and img.dtype == np.uint8
+    assert (img[:, :4] == 100).all()
+    assert (img[0, 4] == 250).all() and (img[1:, 5:] == 50).all()
+
+
+# ---------------------------------------------------------------- OME-Zarr
+
+
+def _sample(h: int = 40, w: int = 60):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    clusters = np.zeros((h, w), np.uint8)
+    clusters[5:20, 5:30] = 1
+    clusters[20:35, 30:55] = 3
+    tissue = (clusters > 0).astype(np.uint8)
+    return image, clusters, tissue
+
+
+def test_ome_zarr_layout_matches_ngff_04(tmp_path):
+    image, clusters, tissue = _sample()
+    path = write_ome_zarr(
+        tmp_path / "B3.ome.zarr",
+        image,
+        pixel_size_um=8.0,
+        labels={"clusters": clusters, "tissue": tissue},
+        name="tma01/B3",
+        min_side=16,
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["B3.ome.zarr"]  # no partial left
+    assert (path / ".zgroup").is_file() and (path / ".zattrs").is_file()
+    root = zarr.open_group(path, mode="r", zarr_format=2)
+    ms = root.attrs["multiscales"]
+    assert len(ms) == 1 and ms[0]["version"] == "0.4" and ms[0]["name"] == "tma01/B3"
+    assert [(a["name"], a["type"]) for a in ms[0]["axes"]] == [
+        ("c", "channel"),
+        ("y", "space"),
+        ("x", "space"),
+    ]
+    assert all(a["unit"] == "micrometer" for a in ms[0]["axes"][1:])
+    shapes = [(3, 40, 60), (3, 20, 30), (3, 10, 15)]  # halved until the largest side <= 16
+    assert [d["path"] for d in ms[0]["datasets"]] == ["0", "1", "2"]
+    for i, d in enumerate(ms[0]["datasets"]):
+        assert d["coordinateTransformations"] == [{"type": "scale", "scale": [1.0, 8.0 * 2**i, 8.0 * 2**i]}]
+        assert root[d["path"]].shape == shapes[i] and root[d["path"]].dtype == np.uint8
+    np.testing.assert_array_equal(root["0"][:], image.transpose(2, 0, 1))
+    np.testing.assert_allclose(root["1"][:, 0, 0], image[:2, :2].reshape(-1, 3).mean(0), atol=0.51)
+    zarray = json.loads((path / "0" / ".zarray").read_text())
+    assert zarray["dimension_separator"] == "/" and zarray["compressor"]["id"] == "blosc"
+    assert [c["color"] for c in root.attrs["omero"]["channels"]] == ["FF0000", "00FF00", "0000FF"]
+
+    assert root["labels"].attrs["labels"] == ["clusters", "tissue"]
+    lab = root["labels/clusters"]
+    lms = lab.attrs["multiscales"][0]
+    assert [a["name"] for a in lms["axes"]] == ["y", "x"] and len(lms["datasets"]) == 3
+    for i, d in enumerate(lms["datasets"]):
+        assert d["coordinateTransformations"][0]["scale"] == [8.0 * 2**i, 8.0 * 2**i]
+        assert lab[d["path"]].shape == shapes[i][1:]
+    np.testing.assert_array_equal(lab["0"][:], clusters)
+    np.testing.assert_array_equal(lab["1"][:], clusters[::2, ::2])  # nearest: labels stay labels
+    il = lab.attrs["image-label"]
+    assert il["version"] == "0.4" and il["source"] == {"image": "../../"}
+    colors = {c["label-value"]: c["rgba"] for c in il["colors"]}
+    assert colors == {0: [0, 0, 0, 0], 1: [*PALETTE[1], 255], 3: [*PALETTE[3], 255]}
+    names = {p["label-value"]: p["name"] for p in il["properties"]}
+    assert names[0] == "no tissue"
+    tcolors = {c["label-value"]: c["rgba"] for c in root["labels/tissue"].attrs["image-label"]["colors"]}
+    assert tcolors[0][3] == 0 and tcolors[1][3] == 255
+
+    # Writing again replaces the store in place.
+    write_ome_zarr(path, image[:20, :20], pixel_size_um=8.0, min_side=16)
+    again = zarr.open_group(path, mode="r", zarr_format=2)
+    assert again["0"].shape == (3, 20, 20) and "labels" not in again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["B3.ome.zarr"]
+
+
+def test_ome_zarr_validation_names_the_field(tmp_path):
+    image, clusters, _ = _sample()
+    write_ome_zarr(
+        tmp_path / "a.ome.zarr", image, pixel_size_um=1.0, labels={"clusters": clusters}, min_side=16
+    )
+    root = zarr.open_group(tmp_path / "a.ome.zarr", mode="r", zarr_format=2)
+    good = dict(root.attrs)
+    validate_image_attrs(good)
+    bad = json.loads(json.dumps(good))
+    del bad["multiscales"][0]["axes"][1]["unit"]
+    with pytest.raises(ValueError, match=r"multiscales\[0\]\.axes\[1\]\.unit"):
+        validate_image_attrs(bad)
+    bad = json.loads(json.dumps(good))
+    bad["multiscales"][0]["datasets"][1]["coordinateTransformations"][0]["scale"] = [1.0, 2.0]
+    with pytest.raises(ValueError, match=r"datasets\[1\]\.coordinateTransformations\[0\]\.scale"):
+        validate_image_attrs(bad)
+    bad = json.loads(json.dumps(good))
+    bad["multiscales"][0]["version"] = "0.5"
+    with pytest.raises(ValueError, match=r"multiscales\[0\]\.version"):
+        validate_image_attrs(bad)
+
+    label = json.loads(json.dumps(dict(root["labels/clusters"].attrs)))
+    validate_label_attrs(label, n_levels=len(good["multiscales"][0]["datasets"]))
+    with pytest.raises(ValueError, match="must have 9 levels"):
+        validate_label_attrs(label, n_levels=9)
+    label["image-label"]["colors"][1]["rgba"] = [1, 2, 3]
+    with pytest.raises(ValueError, match=r"image-label\.colors\[1\]\.rgba"):
+        validate_label_attrs(label)
+
+    with pytest.raises(ValueError, match="labels\\['clusters'\\] must be"):
+        write_ome_zarr(tmp_path / "b.ome.zarr", image, pixel_size_um=1.0, labels={"clusters": clusters[:-1]})
+    with pytest.raises(ValueError, match="uint8"):
+        write_ome_zarr(tmp_path / "b.ome.zarr", image.astype(np.float32), pixel_size_um=1.0)
+    assert not (tmp_path / "b.ome.zarr").exists()
+
+
+def test_ome_zarr_opens_with_ome_zarr_py_if_installed(tmp_path):
+    pytest.importorskip("ome_zarr.reader", reason="ome-zarr-py is optional (not a dependency)")
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    image, clusters, tissue = _sample()
+    path = write_ome_zarr(
+        tmp_path / "s.ome.zarr", image, pixel_size_um=2.0, labels={"clusters": clusters, "tissue": tissue}
+    )
+    nodes = {str(n.zarr).split(" ")[0].rsplit("/", 1)[-1]: n for n in Reader(parse_url(str(path)))()}
+    assert nodes["s.ome.zarr"].data[0].shape == (3, 40, 60)
+    for name in ("clusters", "tissue"):
+        assert "Label" in {type(s).__name__ for s in nodes[name].specs}
+        assert nodes[name].data[0].shape == (40, 60)
+
+
+def test_ome_zarr_metadata_passes_ome_zarr_models_if_installed(tmp_path):
+    pytest.importorskip("ome_zarr_models", reason="ome-zarr-models is optional (not a dependency)")
+    from ome_zarr_models.v04.image import ImageAttrs
+    from ome_zarr_models.v04.image_label import ImageLabelAttrs
+
+    image, clusters, _ = _sample()
+    path = write_ome_zarr(tmp_path / "s.ome.zarr", image, pixel_size_um=2.0, labels={"clusters": clusters})
+    root = zarr.open_group(path, mode="r", zarr_format=2)
+    ImageAttrs.model_validate(dict(root.attrs))
+    attrs = ImageLabelAttrs.model_validate(dict(root["labels/clusters"].attrs))
+    assert {c.label_value for c in attrs.image_label.colors} == {0, 1, 3}
+
+
+# ---------------------------------------------------------------- GeoJSON
+
+
+def _shapes() -> np.ndarray:
+    lab = np.zeros((80, 80), np.uint8)
+    lab[10:30, 10:30] = 1  # square, 400 px
+    yy, xx = np.mgrid[:80, :80]
+    lab[(yy - 55) ** 2 + (xx - 25) ** 2 <= 12**2] = 2  # disc, radius 12
+    lab[40:70, 45:75] = 3  # square with a hole
+    lab[50:60, 55:65] = 0
+    return lab
+
+
+def test_geojson_polygons_areas_scale_offset_and_orientation(tmp_path):
+    lab = _shapes()
+    stride, l0_per_l, off = 4, 2.0, (1000.0, 500.0)
+    fc = labels_to_geojson(lab, stride=stride, l0_per_l=l0_per_l, l0_offset=off, simplify=0.0)
+    path = write_geojson(tmp_path / "out" / "B3.geojson", fc)
+    loaded = json.loads(path.read_text())
+    assert loaded["type"] == "FeatureCollection" and len(loaded["features"]) == 3
+    px_area = (stride * l0_per_l) ** 2
+    for feat in loaded["features"]:
+        v = feat["properties"]["label_value"]
+        assert feat["properties"]["objectType"] == "annotation"
+        assert feat["properties"]["classification"] == {"name": f"cluster {v}", "color": list(PALETTE[v])}
+        assert feat["geometry"]["type"] == "MultiPolygon"
+        polys = feat["geometry"]["coordinates"]
+        assert len(polys) == 1
+        area = 0.0
+        for k, ring in enumerate(polys[0]):
+            assert ring[0] == ring[-1] and len(ring) >= 4  # closed
+            a = ring_area(ring)
+            assert (a > 0) if k == 0 else (a < 0)  # exterior CCW, holes CW
+            area += a
+        want = float((lab == v).sum()) * px_area
+        assert area == pytest.approx(want, rel=1e-9), (v, area, want)  # rings follow pixel edges exactly
+    light = labels_to_geojson(lab, stride=stride, l0_per_l=l0_per_l, l0_offset=off)  # default simplify
+    for feat in light["features"]:
+        want = float((lab == feat["properties"]["label_value"]).sum()) * px_area
+        area = sum(ring_area(r) for r in feat["geometry"]["coordinates"][0])
+        assert abs(area - want) / want < 0.02
+    square = loaded["features"][0]["geometry"]["coordinates"][0][0]
+    xs, ys = [p[0] for p in square], [p[1] for p in square]
+    assert (min(xs), max(xs)) == (1000 + 10 * 8, 1000 + 30 * 8)
+    assert (min(ys), max(ys)) == (500 + 10 * 8, 500 + 30 * 8)
+    holed = loaded["features"][2]["geometry"]["coordinates"][0]
+    assert len(holed) == 2
+    hx = [p[0] for p in holed[1]]
+    assert (min(hx), max(hx)) == (1000 + 55 * 8, 1000 + 65 * 8)
+
+
+def test_geojson_simplification_and_separate_components():
+    lab = np.zeros((30, 30), np.int16)
+    yy, xx = np.mgrid[:30, :30]
+    lab[(yy - 14) ** 2 + (xx - 14) ** 2 <= 10**2] = 1
+    lab[0:3, 25:29] = 1  # a second component of the same cluster
+    raw = labels_to_geojson(lab, stride=1, l0_per_l=1.0, simplify=0.0)
+    simple = labels_to_geojson(lab, stride=1, l0_per_l=1.0, simplify=0.5)
+    polys_raw = raw["features"][0]["geometry"]["coordinates"]
+    polys_simple = simple["features"][0]["geometry"]["coordinates"]
+    assert len(polys_raw) == len(polys_simple) == 2
+    assert len(polys_simple[0][0]) < len(polys_raw[0][0])
+    a_raw = sum(ring_area(p[0]) for p in polys_raw)
+    a_simple = sum(ring_area(p[0]) for p in polys_simple)
+    assert abs(a_simple - a_raw) / a_raw < 0.03
+    assert labels_to_geojson(np.zeros((4, 4), np.uint8), stride=1, l0_per_l=1.0)["features"] == []
+    with pytest.raises(ValueError, match="must be > 0"):
+        labels_to_geojson(lab, stride=0, l0_per_l=1.0)
+
+
+# ---------------------------------------------------------------- overlay
+
+
+def test_overlay_blends_palette_colours_and_adds_a_legend(tmp_path):
+    image = np.full((40, 60, 3), 200, np.uint8)
+    lab = np.zeros((10, 15), np.uint8)
+    lab[:5, :5] = 1
+    lab[5:, 10:] = 2
+    pic = render_overlay(image, lab, alpha=0.5, title="tma01/B3")
+    assert pic.mode == "RGB" and pic.size[0] > 60 and pic.size[1] >= 40
+    arr = np.asarray(pic)
+    np.testing.assert_array_equal(arr[2, 2], np.rint(0.5 * 200 + 0.5 * np.array(PALETTE[1])).astype(np.uint8))
+    np.testing.assert_array_equal(
+        arr[38, 58], np.rint(0.5 * 200 + 0.5 * np.array(PALETTE[2])).astype(np.uint8)
+    )
+    np.testing.assert_array_equal(arr[30, 10], [200, 200, 200])  # no tissue: unpainted
+    legend = arr[:, 60:].reshape(-1, 3)
+    for v in (1, 2):  # swatches in the legend
+        assert (legend == np.array(PALETTE[v])).all(axis=1).any()
+    path = write_overlay_png(tmp_path / "B3.png", image, lab, legend=False)
+    with Image.open(path) as back:
+        assert back.format == "PNG" and back.size == (60, 40)
+    assert label_color(300) == PALETTE[1 + (299 % 255)]
+    with pytest.raises(ValueError, match="alpha"):
+        render_overlay(image, lab, alpha=2.0)
+
+
+# ---------------------------------------------------------------- run.json
+
+
+def test_manifest_round_trip_atomic_and_schema_checked(tmp_path):
+    slide = tmp_path / "slide.tiff"
+    slide.write_bytes(b"not really a slide")
+    man = RunManifest(parameters={"layer": 4, "k": 8}, inputs=describe_inputs([slide]), command=["equislide"])
+    man.device = {"kind": "cpu", "workers": 1}
+    man.set_sample("slide", "running")
+    man.set_sample("slide", "done", timings={"features_s": 1.5}, outputs={"ome": "slide.ome.zarr"})
+    man.set_sample("other", "failed", error="CorruptSlideError: bad tile")
+    path = write_manifest(tmp_path, man)
+    assert path == tmp_path / "run.json" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "run.json",
+        "slide.tiff",
+    ]
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "equislide-run" and doc["schema_version"] == 1
+    assert list(doc)[:2] == ["schema", "schema_version"]
+    assert doc["inputs"] == [{"path": str(slide), "sha256": sha256_file(slide), "size": 18}]
+    assert {"python", "numpy", "zarr", "dask", "equislide"} <= doc["versions"].keys()
+    assert list(doc["samples"]) == ["other", "slide"]
+    assert doc["samples"]["slide"] == {
+        "status": "done",
+        "error": None,
+        "timings": {"features_s": 1.5},
+        "outputs": {"ome": "slide.ome.zarr"},
+    }
+    back = read_manifest(path)
+    assert back.to_dict()["samples"] == doc["samples"] and back.run_id == man.run_id
+
+    with pytest.raises(ValueError, match="status='weird'"):
+        man.set_sample("x", "weird")
+    with pytest.raises(ValueError, match="not finite"):
+        write_manifest(tmp_path / "bad.json", RunManifest(parameters={"x": float("nan")}))
+    newer = dict(doc, schema_version=99)
+    (tmp_path / "newer.json").write_text(json.dumps(newer))
+    with pytest.raises(ValueError, match="schema_version=99"):
+        read_manifest(tmp_path / "newer.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="not JSON"):
+        read_manifest(tmp_path / "broken.json")
+
+
+def test_manifest_versions_do_not_import_prefect():
+    code = (
+        "import sys; from equislide.storage import collect_versions; v = collect_versions(); "
+        "assert 'prefect' in v, v; assert 'prefect' not in sys.modules; "
+        "assert 'torch' not in sys.modules; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_palette_is_fixed_and_distinct():
+    assert len(PALETTE) == 256 and PALETTE[0] == (0, 0, 0)
+    assert len(set(PALETTE[1:21])) == 20
+    assert all(all(0 <= c <= 255 for c in rgb) for rgb in PALETTE)
+
+
+def test_stitch_store_chains_into_ome_geojson_and_overlay(tmp_path):
+    from equislide.storage import open_sample_for_write
+
+    tile, halo, stride = 16, 4, 4
+    origin = np.array([100, 36])  # a TMA core's first tile, slide-wide analysis px
+    coords = origin + np.array([[0, 0], [16, 0], [0, 16], [16, 16]])
+    tiles = np.zeros((4, tile + 2 * halo, tile + 2 * halo, 3), np.uint8)
+    for i in range(4):
+        tiles[i] = 40 * (i + 1)
+    mask = np.ones((4, 4), np.uint8)  # 8 analysis px per mask px, mask origin at (100, 36)
+    mask[3, 3] = 0  # l_x in [124, 132), l_y in [60, 68): label pixels (6..7, 6..7)
+    attrs = {
+        "mpp": 2.0,
+        "source_mpp": 0.5,
+        "grid_shape": [2, 2],
+        "l0_per_l": [4.0, 4.0],
+        "tissue_mask_l_origin": [100.0, 36.0],
+    }
+    with open_sample_for_write(tmp_path, "tma01/A1", n_tiles=4, tile=tile, halo=halo, attrs=attrs) as w:
+        w.write_tiles(0, tiles, coords)
+        w.write_tissue_mask(mask, downsample=8)
+    store = tmp_path / "tma01" / "A1.zarr"
+    tile_labels = np.stack([np.full((4, 4), k) for k in (0, 1, 1, 2)])
+    out = stitch_store(store, tile_labels, stride=stride)
+    labels, image, tissue = out["labels"], out["image"], out["tissue"]
+    assert labels.shape == (8, 8) and image.shape == (8, 8, 3) and tissue.shape == (8, 8)
+    assert out["l_origin"] == (100, 36) and out["l0_origin"] == (400.0, 144.0)
+    assert out["pixel_size_um"] == 8.0 and out["l0_per_l"] == (4.0, 4.0)
+    np.testing.assert_array_equal(labels[:4, :4], 1)
+    np.testing.assert_array_equal(labels[4:6, 4:6], 3)
+    np.testing.assert_array_equal(labels[6:, 6:], NO_TISSUE)
+    assert (image[:4, 4:] == 80).all() and (image[4:, 4:] == 160).all()
+    assert tissue.sum() == 64 - 4 and tissue[7, 7] == 0
+
+    ome = write_ome_zarr(
+        tmp_path / "A1.ome.zarr",
+        image,
+        pixel_size_um=out["pixel_size_um"],
+        labels={"clusters": labels, "tissue": tissue},
+        min_side=4,
+    )
+    assert zarr.open_group(ome, mode="r", zarr_format=2)["labels/clusters/0"].shape == (8, 8)
+    fc = labels_to_geojson(labels, stride=stride, l0_per_l=out["l0_per_l"], l0_offset=out["l0_origin"])
+    first = fc["features"][0]["geometry"]["coordinates"][0][0]
+    assert min(p[0] for p in first) == 400.0 and max(p[0] for p in first) == 400.0 + 16 * 4
+    assert min(p[1] for p in first) == 144.0
+    write_overlay_png(tmp_path / "A1.png", image, labels)
