@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "KMeansError", "ModelConfigError", "OptionalDependencyError"]
+__all__ = [
+    "FeatureRangeError",
+    "CheckpointError",
+    "KMeansError",
+    "ModelConfigError",
+    "OptionalDependencyError",
+]
 
 
 class ModelConfigError(ValueError):
@@ -26,3 +32,7 @@ class OptionalDependencyError(ImportError):
             f"install it with: pip install 'equislide[{extra}]'"
         )
         self.extra = extra
+
+
+class FeatureRangeError(ValueError):
+    """Features are not finite or too large for float16 (an uncalibrated network, usually)."""

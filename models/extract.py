@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from equislide.models._errors import ModelConfigError
+from equislide.models._errors import FeatureRangeError, ModelConfigError
 from equislide.models._registry import create_model
 from equislide.models.calibration import recalibrate_batchnorm
 from equislide.models.checkpoint import _sha256, load_checkpoint
@@ -55,10 +55,6 @@ NORMALISATION: dict[str, Any] = {
 #: Largest magnitude :func:`to_float16` accepts (float16's max is 65504; keep headroom for rounding).
 FLOAT16_SAFE_MAX = 60000.0
 _CALIBRATION_BATCH = 8
-
-
-class FeatureRangeError(ValueError):
-    """Features are not finite or too large for float16 (an uncalibrated network, usually)."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
