@@ -1,8 +1,9 @@
 """Slide readers, tissue masks, TMA dearraying and rotation of inputs.
 
-- :func:`open_slide` -> :class:`Slide` (:class:`OpenSlideSlide` or :class:`ImageSlide`): read RGB
-  at a level (:meth:`Slide.read_region`) or a resolution (:meth:`Slide.read_region_mpp`), and
-  thumbnails; every failure is a :class:`SlideError` subclass with a one-line message.
+- :func:`open_slide` -> :class:`Slide` (:class:`OpenSlideSlide`, :class:`ImageSlide` or, optional,
+  :class:`CuCIMSlide`): read RGB at a level (:meth:`Slide.read_region`) or a resolution
+  (:meth:`Slide.read_region_mpp`), and thumbnails; every failure is a :class:`SlideError` subclass
+  with a one-line message.
 - :func:`tissue_mask`, :func:`pen_mask`: boolean masks on thumbnails.
 - :func:`find_cores`, :func:`is_tma`, :class:`Core`: TMA dearraying with grid names ("B3").
 - :func:`tissue_grid`, :func:`core_grids`, :class:`TileGrid`: tile grids at the analysis resolution.
@@ -27,7 +28,7 @@ from ._errors import (
 )
 from ._image_slide import MAX_PLAIN_PIXELS
 from .rotation import rotate_image, rotate_labels, unrotate_labels
-from .slide import ImageSlide, OpenSlideSlide, Slide, open_slide
+from .slide import CuCIMSlide, ImageSlide, OpenSlideSlide, Slide, open_slide
 from .tissue import pen_mask, tissue_mask
 from .tma import Core, core_name, find_cores, is_tma
 
@@ -35,6 +36,7 @@ __all__ = [
     "MAX_PLAIN_PIXELS",
     "Core",
     "CorruptSlideError",
+    "CuCIMSlide",
     "ImageSlide",
     "NoTissueError",
     "NotASlideError",

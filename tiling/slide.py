@@ -1,4 +1,5 @@
-"""Open any slide or image as a :class:`Slide`: OpenSlide first, then the plain-image reader.
+"""Open any slide or image as a :class:`Slide`: OpenSlide first, then the plain-image reader
+(cuCIM only when asked for).
 
 ``open_slide`` is the only entry point callers need; it never makes them branch on format and
 turns every failure into one :class:`~equislide.tiling.SlideError` subclass with a one-line
@@ -15,6 +16,7 @@ from typing import Literal
 import openslide
 
 from ._base import Slide
+from ._cucim_slide import CuCIMSlide, import_cucim
 from ._errors import (
     CorruptSlideError,
     NotASlideError,
@@ -25,9 +27,9 @@ from ._errors import (
 from ._image_slide import MAX_PLAIN_PIXELS, ImageSlide, sniff_format
 from ._openslide_slide import OpenSlideSlide
 
-__all__ = ["ImageSlide", "OpenSlideSlide", "Slide", "open_slide"]
+__all__ = ["CuCIMSlide", "ImageSlide", "OpenSlideSlide", "Slide", "open_slide"]
 
-Backend = Literal["auto", "openslide", "image"]
+Backend = Literal["auto", "openslide", "image", "cucim"]
 
 
 def _check_file(path: Path) -> bytes:
@@ -74,7 +76,9 @@ def open_slide(
         path: The file.
         input_mpp: µm per level-0 pixel; overrides the metadata (``mpp_source == "override"``) or
             fills it in where the file has none.
-        backend: ``"auto"`` (OpenSlide, then plain image), ``"openslide"`` or ``"image"`` only.
+        backend: ``"auto"`` (OpenSlide, then plain image), ``"openslide"`` or ``"image"`` only,
+            or ``"cucim"`` (NVIDIA cuCIM, optional: ``pip install cucim-cu12``; TIFF family only,
+            never chosen by ``"auto"``).
         max_pixels: Plain images declaring more pixels are refused before decoding.
 
     Returns:
@@ -85,13 +89,17 @@ def open_slide(
         NotASlideError: A directory, special file, empty file or unknown format.
         CorruptSlideError: Truncated or undecodable.
         SlideTooLargeError: A plain image above ``max_pixels`` (decompression bomb).
-        UnsupportedImageError: Pixels that cannot become RGB.
+        UnsupportedImageError: Pixels that cannot become RGB, or a format cuCIM does not read.
         PermissionDeniedError: Not readable by this process.
-        ValueError: A bad ``input_mpp`` or ``backend``.
+        ValueError: A bad ``input_mpp`` or ``backend``, or ``backend="cucim"`` without cuCIM.
     """
-    if backend not in ("auto", "openslide", "image"):
-        raise ValueError(f"backend={backend!r}; use 'auto', 'openslide' or 'image'")
+    if backend not in ("auto", "openslide", "image", "cucim"):
+        raise ValueError(f"backend={backend!r}; use 'auto', 'openslide', 'image' or 'cucim'")
     path = Path(path)
+    if backend == "cucim":
+        import_cucim(path)  # a missing optional dependency outranks anything about the file
+        _check_file(path)
+        return CuCIMSlide(path, input_mpp=input_mpp)
     head = _check_file(path)
     fmt = sniff_format(head)
     openslide_err: Exception | None = None
