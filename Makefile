@@ -21,7 +21,7 @@ $(BIN)/equislide: pyproject.toml
 install: $(BIN)/equislide
 
 demo: install
-	$(BIN)/equislide selfcheck
+	$(BIN)/equislide demo
 
 test: install
 	$(BIN)/ruff check .

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from equislide._version import __version__
 
 # Order is the order shown by --help.
-COMMANDS = ("selfcheck", "phantom", "tile")
+COMMANDS = ("demo", "selfcheck", "phantom", "tile", "segment")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,44 +135,15 @@ def tile_one(path: str, out: str, sample_id: str, options: dict[str, Any], progr
 
 def _sample_ids(paths: list[str]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     """Unique sample IDs per input; inputs whose name gives no usable ID fail here."""
-    from equislide.storage import SampleIdError, safe_sample_id, unique_sample_ids
+    from equislide.flows._inputs import assign_sample_ids
 
-    good, failed = [], {}
-    for p in paths:
-        path = Path(p)
-        try:
-            safe_sample_id(path.stem if path.suffix else path.name)
-            good.append(p)
-        except SampleIdError:
-            failed[p] = {
-                "path": p,
-                "sample_id": None,
-                "sha256": None,
-                "status": "failed",
-                "reason": f"no usable sample ID in the file name {path.name!r}; rename the file",
-                "error": "SampleIdError",
-                "samples": [],
-                "tiles": 0,
-                "tiles_written": 0,
-                "warnings": [],
-                "seconds": 0.0,
-            }
-    ids = unique_sample_ids(good)
-    return {p: ids[Path(p)] for p in good}, failed
+    return assign_sample_ids(paths)
 
 
 def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from equislide.commands._common import progress_bar
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    )
+    return progress_bar()
 
 
 def _run_local(jobs: list[tuple[str, str]], out: str, options: dict[str, Any]) -> dict[str, dict]:

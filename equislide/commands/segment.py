@@ -1,0 +1,144 @@
+"""``equislide segment SLIDE... --out DIR``: the cohort flow (tile, features, K-means, outputs, report).
+
+Runs :func:`equislide.flows.cohort.cohort_flow` on a Dask cluster (a local one sized to the machine, or
+``--scheduler`` / ``EQUISLIDE_SCHEDULER``) under Prefect (the ephemeral local server, or the one
+``PREFECT_API_URL`` names). Exit status 0 when every input succeeded, 1 when some failed (one line each
+on stderr), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+_PREFIX = "equislide segment"
+SCHEDULER_ENV = "EQUISLIDE_SCHEDULER"
+_BACKBONES = {"srenet": "srenet18", "resnet18": "resnet18", "e2cnn": "e2cnn_resnet18"}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``segment`` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "segment",
+        help="segment slides and TMA cores into tissue clusters (Prefect flow on Dask)",
+        description=(
+            "Tile every input, extract rotation-equivariant features on Dask workers, fit K-means "
+            "(one model for the cohort, or one per sample), and write per sample an OME-Zarr with "
+            "labels/clusters and labels/tissue, an overlay PNG and a QuPath GeoJSON, plus DIR/run.json. "
+            "Rerunning over the same DIR resumes. Exit status 0 when every input succeeded, 1 when "
+            "some failed, 2 on a usage error."
+        ),
+    )
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide or image files")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="backbone checkpoint (.safetensors); default: a seeded random initialisation with "
+        "BatchNorm recalibrated on the cohort's tiles (no trained weights ship yet)",
+    )
+    p.add_argument("--backbone", choices=sorted(_BACKBONES), default="srenet", help="default srenet")
+    p.add_argument("--layer", type=int, choices=(1, 2, 3, 4), default=4, help="feature stage (default 4)")
+    p.add_argument("--clusters", type=int, default=3, help="K-means k (default 3)")
+    p.add_argument(
+        "--fit",
+        choices=("cohort", "per-sample"),
+        default="cohort",
+        help="one K-means for all samples (default), or one per sample on 2000 vectors (the paper)",
+    )
+    p.add_argument("--kmeans", choices=("auto", "cuml", "torch", "sklearn"), default="auto")
+    p.add_argument("--mpp", type=float, default=2.5, help="analysis resolution, µm/px (default 2.5)")
+    p.add_argument("--tile", type=int, default=512, help="tile interior side, analysis px (default 512)")
+    p.add_argument("--halo", type=int, default=32, help="context per side, analysis px (default 32)")
+    p.add_argument("--input-mpp", type=float, default=None, metavar="X", help="µm per level-0 px, all inputs")
+    p.add_argument("--tma", choices=("auto", "yes", "no"), default="auto", help="split TMAs into cores")
+    p.add_argument("--width", type=int, default=None, help="stage-1 channels of random weights (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, vector draws and K-means")
+    p.add_argument(
+        "--scheduler",
+        default=os.environ.get(SCHEDULER_ENV),
+        metavar="ADDR",
+        help=f"existing Dask scheduler, e.g. tcp://host:8786 (default: ${SCHEDULER_ENV})",
+    )
+    p.add_argument("--workers", type=int, default=None, help="local Dask workers (default: CPU cores)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the options, in words; None when they are usable."""
+    if not 0 < args.mpp < 1e6:
+        return f"--mpp {args.mpp} must be a positive number of µm per pixel"
+    if args.input_mpp is not None and not args.input_mpp > 0:
+        return f"--input-mpp {args.input_mpp} must be positive"
+    if args.tile < 8 or args.halo < 0:
+        return f"--tile {args.tile} must be >= 8 and --halo {args.halo} >= 0"
+    if args.clusters < 2:
+        return f"--clusters {args.clusters} must be >= 2"
+    if args.workers is not None and args.workers < 1:
+        return f"--workers {args.workers} must be >= 1"
+    if args.weights is not None and not Path(args.weights).is_file():
+        return f"--weights {args.weights}: no such file"
+    if args.width is not None and args.width < 1:
+        return f"--width {args.width} must be >= 1"
+    return None
+
+
+def run_flow(args: argparse.Namespace, *, command: list[str], prefix: str = _PREFIX) -> dict[str, Any]:
+    """Run the cohort flow with a rich progress display; returns the report."""
+    import logging
+
+    from equislide.commands._common import progress_bar
+    from equislide.flows.cohort import run_cohort, set_progress_callback
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    options: dict[str, Any] = {
+        "backbone": _BACKBONES[args.backbone],
+        "weights": args.weights,
+        "layer": args.layer,
+        "clusters": args.clusters,
+        "fit": args.fit,
+        "kmeans": args.kmeans,
+        "mpp": args.mpp,
+        "tile": args.tile,
+        "halo": args.halo,
+        "input_mpp": args.input_mpp,
+        "tma": args.tma,
+        "seed": args.seed,
+        "model_kwargs": {"width": args.width} if args.width else None,
+        "command": command,
+    }
+    with progress_bar() as bar:
+        rows = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in rows:
+                rows[stage] = bar.add_task(stage, total=total)
+            bar.update(rows[stage], completed=done, total=total)
+
+        set_progress_callback(on_progress)
+        try:
+            return run_cohort(
+                args.slides, args.out, scheduler=args.scheduler, workers=args.workers, **options
+            )
+        finally:
+            set_progress_callback(None)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segment every input; print the summary and one line per failed input; return the exit status."""
+    from equislide.commands._common import check_out_dir, usage_error
+    from equislide.flows.cohort import summary_text
+
+    problem = check_args(args) or check_out_dir(Path(args.out))
+    if problem:
+        return usage_error(_PREFIX, problem)
+    report = run_flow(args, command=["equislide", "segment", *sys.argv[2:]])
+    print(summary_text(report))
+    failed = [i for i in report["inputs"] if i["status"] == "failed"]
+    for i in failed:
+        print(f"{_PREFIX}: FAILED {i['path']}: {i['reason']}", file=sys.stderr)
+    return 1 if failed else 0

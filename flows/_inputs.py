@@ -1,0 +1,64 @@
+"""Input bookkeeping shared by the flows and the CLI: sample IDs per input and one-line failure reasons.
+
+No Prefect and no Dask here: ``equislide tile`` uses these without starting an orchestrator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["assign_sample_ids", "failed_record", "one_line", "reason_of"]
+
+
+def one_line(text: object) -> str:
+    """Collapse whitespace (newlines included) to single spaces."""
+    return " ".join(str(text).split())
+
+
+def reason_of(err: BaseException) -> str:
+    """A one-line reason for a failed input: a slide error's own reason, else the class and message."""
+    from equislide.tiling import SlideError
+
+    if isinstance(err, SlideError):
+        return err.reason + (f" ({err.detail})" if err.detail else "")
+    return f"unexpected {type(err).__name__}: {one_line(err)}"
+
+
+def failed_record(path: str, reason: str, error: str, *, sample_id: str | None = None) -> dict[str, Any]:
+    """The report record of an input that produced nothing."""
+    return {
+        "path": path,
+        "sample_id": sample_id,
+        "sha256": None,
+        "status": "failed",
+        "reason": reason,
+        "error": error,
+        "samples": [],
+        "tiles": 0,
+        "tiles_written": 0,
+        "warnings": [],
+        "seconds": 0.0,
+    }
+
+
+def assign_sample_ids(paths: list[str]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Unique sample IDs per input (file stem made safe); inputs whose name gives none fail here.
+
+    Returns:
+        ``({path: sample_id}, {path: failed record})``.
+    """
+    from equislide.storage import SampleIdError, safe_sample_id, unique_sample_ids
+
+    good, failed = [], {}
+    for p in paths:
+        path = Path(p)
+        try:
+            safe_sample_id(path.stem if path.suffix else path.name)
+            good.append(p)
+        except SampleIdError:
+            failed[p] = failed_record(
+                p, f"no usable sample ID in the file name {path.name!r}; rename the file", "SampleIdError"
+            )
+    ids = unique_sample_ids(good)
+    return {p: ids[Path(p)] for p in good}, failed

@@ -1,0 +1,182 @@
+"""The cohort flow end to end: a real Prefect server, a real Dask LocalCluster, real files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Small but real: 6 grid positions (5 cores of 800 µm), 5 µm/px, SRENet-18 of width 16 at layer 3.
+OPTIONS = {"mpp": 5.0, "tile": 128, "halo": 16, "layer": 3, "model_kwargs": {"width": 16}}
+CLI_OPTIONS = ["--mpp", "5", "--tile", "128", "--halo", "16", "--layer", "3", "--width", "16"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    from equislide.tiling import write_phantom
+
+    folder = tmp_path_factory.mktemp("inputs")
+    info = write_phantom(folder / "tma.tiff", cores=6, core_diameter_um=800.0, seed=3)
+    bad = folder / "broken.svs"
+    bad.write_bytes(b"this is not a slide\n")
+    return {"phantom": info.image_path, "bad": bad, "json": info.json_path}
+
+
+def _run(inputs, out, dask_cluster, **options):
+    from prefect_dask import DaskTaskRunner
+
+    from equislide.flows.cohort import cohort_flow
+
+    runner = DaskTaskRunner(address=dask_cluster.scheduler_address)
+    return cohort_flow.with_options(task_runner=runner)([str(p) for p in inputs], str(out), **options)
+
+
+@pytest.fixture(scope="module")
+def cohort_run(inputs, prefect_harness, dask_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    t0 = time.perf_counter()
+    report = _run([inputs["phantom"], inputs["bad"]], out, dask_cluster, **OPTIONS)
+    return {"out": out, "report": report, "seconds": time.perf_counter() - t0}
+
+
+def test_outputs_open_with_plain_tools(cohort_run, inputs):
+    import zarr
+    from PIL import Image
+
+    from equislide.tiling import read_phantom_info
+
+    out, report = cohort_run["out"], cohort_run["report"]
+    present = [c.name for c in read_phantom_info(inputs["json"]).cores if c.present]
+    ok = {sid: s for sid, s in report["samples"].items() if s["status"] == "done"}
+    assert sorted(ok) == sorted(f"tma/{name}" for name in present)
+
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["schema"] == "equislide-run"
+    for key in ("inputs", "parameters", "versions", "device", "samples", "timings"):
+        assert manifest[key], key
+    assert manifest["parameters"]["weights_note"].startswith("no trained weights: random(seed=0)")
+    assert manifest["timings"]["total_s"] > 0
+    assert {i["path"] for i in manifest["inputs"]} == {str(inputs["phantom"]), str(inputs["bad"])}
+    assert manifest["device"]["workers"] == 2
+
+    for sid, s in ok.items():
+        assert set(s["timings"]) >= {"tile_s", "features_s", "segment_s"}
+        labels = zarr.open_array(str(Path(s["outputs"]["ome_zarr"]) / "labels/clusters/0"))[:]
+        tissue = zarr.open_array(str(Path(s["outputs"]["ome_zarr"]) / "labels/tissue/0"))[:]
+        image = zarr.open_array(str(Path(s["outputs"]["ome_zarr"]) / "0"))[:]
+        assert labels.shape == tissue.shape == image.shape[-2:]
+        assert labels.min() >= 0 and labels.max() <= 3, sid
+        assert (labels > 0).sum() > 0.2 * labels.size, sid  # a core fills most of its crop
+        assert ((labels > 0) <= (tissue > 0)).all(), "a cluster outside the tissue"
+        gj = json.loads(Path(s["outputs"]["geojson"]).read_text())
+        assert gj["type"] == "FeatureCollection" and gj["features"]
+        for feat in gj["features"]:
+            assert feat["geometry"]["type"] == "MultiPolygon"
+            assert 1 <= feat["properties"]["label_value"] <= 3
+            ring = np.asarray(feat["geometry"]["coordinates"][0][0])
+            assert (ring[0] == ring[-1]).all() and len(ring) >= 4
+        with Image.open(s["outputs"]["overlay_png"]) as png:
+            assert png.mode == "RGB" and png.width > labels.shape[1]
+        feats = zarr.open_array(str(Path(s["outputs"]["tiles"]) / "features/layer3"))
+        assert feats.dtype == np.float16 and np.isfinite(feats[:]).all()
+
+
+def test_bad_input_is_named_and_the_others_finish(cohort_run, inputs):
+    report = cohort_run["report"]
+    bad = [i for i in report["inputs"] if i["status"] == "failed"]
+    assert [i["path"] for i in bad] == [str(inputs["bad"])]
+    assert "not a slide or image" in bad[0]["reason"] and "\n" not in bad[0]["reason"]
+    assert report["samples"]["broken"]["status"] == "failed"
+    good = [s for sid, s in report["samples"].items() if sid != "broken"]
+    assert good and all(s["status"] == "done" for s in good)
+
+
+def _digests(out: Path) -> dict[str, str]:
+    skip = {"run.json"}
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
+
+
+def test_killed_run_resumes_bit_identical(cohort_run, inputs, tmp_path):
+    out = tmp_path / "resumed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "equislide", "segment", str(inputs["phantom"]), str(inputs["bad"])]
+    cmd += ["--out", str(out), "--workers", "2", *CLI_OPTIONS]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while not list(out.glob("samples/tma/*.segment.json")):
+            assert proc.poll() is None, "the run ended before any sample was written"
+            assert time.monotonic() < deadline, "no sample finished in 300 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its Dask worker processes
+        proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("samples/tma/*.segment.json")}
+    assert finished
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 1, rerun.stderr[-2000:]  # the broken input still fails
+    assert f"FAILED {inputs['bad']}" in rerun.stderr
+    for marker, mtime in finished.items():  # finished samples were not recomputed
+        assert marker.stat().st_mtime_ns == mtime
+    report = json.loads((out / "run.json").read_text())
+    for marker in finished:
+        sid = "tma/" + marker.name.removesuffix(".segment.json")
+        assert report["samples"][sid]["status"] in ("skipped", "done")
+    assert _digests(out) == _digests(cohort_run["out"])
+
+
+def test_rotated_sample_gives_rotated_labels(inputs, prefect_harness, dask_cluster, tmp_path):
+    import tifffile
+    import zarr
+    from PIL import Image
+
+    from equislide.tiling import read_phantom_info
+
+    info = read_phantom_info(inputs["json"])
+    core = next(c for c in info.cores if c.present)
+    with tifffile.TiffFile(info.image_path) as tif:
+        level = tif.pages[2].asarray()  # downsample 4: 2 µm/px
+    cx, cy, half = int(core.l0_x / 4), int(core.l0_y / 4), 96
+    crop = np.ascontiguousarray(level[cy - half : cy + half, cx - half : cx + half, :3])
+    Image.fromarray(crop).save(tmp_path / "core.png")
+    Image.fromarray(np.ascontiguousarray(np.rot90(crop, 1))).save(tmp_path / "core_rot90.png")
+    report = _run(
+        [tmp_path / "core.png", tmp_path / "core_rot90.png"],
+        tmp_path / "run",
+        dask_cluster,
+        mpp=2.0,
+        input_mpp=2.0,
+        tile=2 * half,
+        halo=0,
+        tma="no",
+        layer=3,
+        model_kwargs={"width": 16},
+    )
+    maps = {}
+    for sid in ("core", "core_rot90"):
+        s = report["samples"][sid]
+        assert s["status"] == "done", s
+        maps[sid] = zarr.open_array(str(Path(s["outputs"]["ome_zarr"]) / "labels/clusters/0"))[:]
+    back = np.rot90(maps["core_rot90"], -1)
+    assert back.shape == maps["core"].shape
+    both = (back > 0) & (maps["core"] > 0)
+    assert both.sum() > 0.5 * both.size
+    agree = float((back[both] == maps["core"][both]).mean())
+    assert agree >= 0.999, agree
