@@ -420,6 +420,29 @@ def fit_cohort_stores(
     }
 
 
+def _clip_to_slide(geojson: dict[str, Any], l0_size: Sequence[int] | None) -> dict[str, Any]:
+    """Clamp every vertex into the slide's level-0 rectangle ``[0, width] x [0, height]``.
+
+    The label map covers whole feature pixels, so the last row and column reach up to one feature
+    pixel past the slide's edge; QuPath rejects (or misplaces) annotations outside the image. The
+    vertices lie on the feature-pixel grid and the overhang is under one pixel, so clamping moves only
+    the outermost grid line onto the edge and keeps every polygon's shape valid.
+    """
+    if not l0_size:
+        return geojson
+    upper = np.asarray([float(l0_size[0]), float(l0_size[1])])
+
+    def clamp(node: Any) -> Any:
+        if isinstance(node, list) and node and isinstance(node[0], (int, float)):
+            return [float(min(max(v, 0.0), hi)) for v, hi in zip(node, upper, strict=False)]
+        return [clamp(n) for n in node] if isinstance(node, list) else node
+
+    for feature in geojson.get("features", []):
+        geometry = feature["geometry"]
+        geometry["coordinates"] = clamp(geometry["coordinates"])
+    return geojson
+
+
 def segment_store(
     store: str | Path,
     out_dir: str | Path,
@@ -521,16 +544,14 @@ def segment_store(
         name=sample_id,
     )
     write_overlay_png(outputs["overlay_png"], image, labels, names=names, title=sample_id)
-    write_geojson(
-        outputs["geojson"],
-        labels_to_geojson(
-            labels,
-            stride=stride,
-            l0_per_l=stitched["l0_per_l"],
-            l0_offset=stitched["l0_origin"],
-            names=names,
-        ),
+    geojson = labels_to_geojson(
+        labels,
+        stride=stride,
+        l0_per_l=stitched["l0_per_l"],
+        l0_offset=stitched["l0_origin"],
+        names=names,
     )
+    write_geojson(outputs["geojson"], _clip_to_slide(geojson, meta.get("source_dimensions")))
     values, counts = np.unique(labels, return_counts=True)
     result = {
         "sample_id": sample_id,

@@ -323,3 +323,37 @@ def test_auto_resolves_to_torch_without_gpu() -> None:
     if importlib.util.find_spec("cuml") is None:
         with pytest.raises(OptionalDependencyError, match="pip install 'equislide\\[cuml\\]'"):
             fit_kmeans(np.zeros((4, 2)), params=KMeansParams(k=2, backend="cuml"))
+
+
+def test_nan_and_inf_are_refused_but_large_finite_values_are_not() -> None:
+    # The finiteness check sums in float32; a sum that overflows on finite values must not be refused.
+    huge = np.full((6, 3), 3e38, dtype=np.float32)  # finite; their float32 sum is inf
+    from equislide.models.kmeans import _prepare
+
+    assert torch.equal(_prepare(huge, KMeansParams(k=2), []), torch.from_numpy(huge))
+    for bad in (np.nan, -np.inf):
+        x = huge.copy()
+        x[3, 1] = bad
+        with pytest.raises(KMeansError, match="NaN or inf"):
+            _prepare(x, KMeansParams(k=2), [])
+
+
+def test_cpu_sub_blocks_do_not_change_the_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    from equislide.models import _kmeans_torch as engine
+
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.normal(size=(5000, 16)).astype(np.float32))
+    centroids = x[:5].clone()
+
+    def one_pass(step: int = 1500):
+        return (x[i : i + step] for i in range(0, x.shape[0], step))
+
+    whole = engine._assign_pass(one_pass(), centroids)
+    monkeypatch.setattr(engine, "_CPU_BLOCK_BYTES", 128 * 4 * 16)  # 128-row sub-blocks
+    blocks = engine._assign_pass(one_pass(), centroids)
+    again = engine._assign_pass(one_pass(), centroids)
+    assert torch.equal(whole[1], blocks[1]) and whole[3] == blocks[3] == 5000
+    torch.testing.assert_close(whole[0], blocks[0], rtol=1e-6, atol=1e-4)
+    assert abs(whole[2] - blocks[2]) <= 1e-6 * whole[2]
+    assert torch.equal(whole[4], blocks[4])  # the farthest rows
+    assert torch.equal(blocks[0], again[0]) and blocks[2] == again[2]  # deterministic
