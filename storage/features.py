@@ -27,7 +27,6 @@ whose tiles are done but whose features are not is simply resumable: :func:`is_f
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -43,8 +42,8 @@ from equislide.storage.tile_store import (
     _PARTIAL,
     DONE_MARKER,
     _compressors,
-    _fsync_tree,
     _open_finished,
+    _publish,
 )
 
 if TYPE_CHECKING:
@@ -181,17 +180,7 @@ class FeatureWriter:
                 f"{self.store_path}: features of {missing.size} of {self.n_tiles} tiles not written "
                 f"(first: {missing[0]}); write them all before finalize(), or abort()"
             )
-        (self.partial_path / FEATURES_DONE_MARKER).write_text(
-            json.dumps(self._marker, sort_keys=True, indent=1) + "\n"
-        )
-        _fsync_tree(self.partial_path)
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(self.path.name + _OLD + uuid.uuid4().hex[:12])
-            os.replace(self.path, old)
-        os.replace(self.partial_path, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(self.partial_path, self.path, FEATURES_DONE_MARKER, self._marker)
         self._state = "finalized"
         return self.path
 

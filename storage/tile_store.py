@@ -265,15 +265,7 @@ class SampleWriter:
             "params_sha256": self._params_sha256,
             "n_tiles": self.n_tiles,
         }
-        (self.partial_path / DONE_MARKER).write_text(json.dumps(marker, sort_keys=True, indent=1) + "\n")
-        _fsync_tree(self.partial_path)
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(self.path.name + _OLD + uuid.uuid4().hex[:12])
-            os.replace(self.path, old)
-        os.replace(self.partial_path, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(self.partial_path, self.path, DONE_MARKER, marker)
         self._state = "finalized"
         return self.path
 
@@ -282,6 +274,23 @@ class SampleWriter:
         if self._state == "open":
             shutil.rmtree(self.partial_path, ignore_errors=True)
             self._state = "aborted"
+
+
+def _publish(partial: Path, path: Path, marker_name: str, marker: dict) -> None:
+    """Write the done-marker into ``partial``, flush it, and rename it to ``path`` atomically.
+
+    An older ``path`` is moved aside first and removed only after the new one is in place, so a
+    crash at any point leaves either the old result or the new one, never a mixture.
+    """
+    (partial / marker_name).write_text(json.dumps(marker, sort_keys=True, indent=1) + "\n")
+    _fsync_tree(partial)
+    old = None
+    if path.exists():
+        old = path.with_name(path.name + _OLD + uuid.uuid4().hex[:12])
+        os.replace(path, old)
+    os.replace(partial, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_tree(path: Path) -> None:
