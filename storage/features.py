@@ -43,6 +43,7 @@ from equislide.storage.tile_store import (
     DONE_MARKER,
     _compressors,
     _open_finished,
+    _PartialWriter,
     _publish,
 )
 
@@ -87,7 +88,7 @@ def _stale(folder: Path, name: str) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith(prefixes))
 
 
-class FeatureWriter:
+class FeatureWriter(_PartialWriter):
     """Fills one ``features/layer{L}`` array under a partial name and publishes it in :meth:`finalize`.
 
     Make one with :func:`open_features_for_write`; use it as a context manager (a clean exit finalizes,
@@ -118,17 +119,6 @@ class FeatureWriter:
 
     def __repr__(self) -> str:
         return f"FeatureWriter({str(self.path)!r}, n_tiles={self.n_tiles}, state={self._state!r})"
-
-    def __enter__(self) -> FeatureWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._state != "open":
-            return
-        if exc_type is None:
-            self.finalize()
-        else:
-            self.abort()
 
     def write(self, start: int, features: np.ndarray) -> None:
         """Write features of tiles ``[start, start + k)``.
@@ -183,12 +173,6 @@ class FeatureWriter:
         _publish(self.partial_path, self.path, FEATURES_DONE_MARKER, self._marker)
         self._state = "finalized"
         return self.path
-
-    def abort(self) -> None:
-        """Remove the partial array; a published one (older result) is left untouched."""
-        if self._state == "open":
-            shutil.rmtree(self.partial_path, ignore_errors=True)
-            self._state = "aborted"
 
 
 def open_features_for_write(

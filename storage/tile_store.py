@@ -120,7 +120,38 @@ def clean_partials(root: str | Path) -> list[Path]:
     return found
 
 
-class SampleWriter:
+class _PartialWriter:
+    """Lifecycle shared by the writers that fill ``partial_path`` and publish it with :func:`_publish`.
+
+    A clean ``with`` exit finalizes, an exception aborts; abort removes the partial folder and
+    leaves any older published result untouched.
+    """
+
+    partial_path: Path
+    _state: str
+
+    def finalize(self) -> Path:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._state != "open":
+            return
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Remove the partial folder; a published (older) result is left untouched."""
+        if self._state == "open":
+            shutil.rmtree(self.partial_path, ignore_errors=True)
+            self._state = "aborted"
+
+
+class SampleWriter(_PartialWriter):
     """Writes one sample's store into a partial folder and publishes it atomically in :meth:`finalize`.
 
     Make one with :func:`open_sample_for_write`. Use it as a context manager: a clean exit finalizes, an
@@ -154,17 +185,6 @@ class SampleWriter:
 
     def __repr__(self) -> str:
         return f"SampleWriter({str(self.path)!r}, n_tiles={self.n_tiles}, state={self._state!r})"
-
-    def __enter__(self) -> SampleWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._state != "open":
-            return
-        if exc_type is None:
-            self.finalize()
-        else:
-            self.abort()
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -268,12 +288,6 @@ class SampleWriter:
         _publish(self.partial_path, self.path, DONE_MARKER, marker)
         self._state = "finalized"
         return self.path
-
-    def abort(self) -> None:
-        """Remove the partial folder; the finished store (if an older one exists) is left untouched."""
-        if self._state == "open":
-            shutil.rmtree(self.partial_path, ignore_errors=True)
-            self._state = "aborted"
 
 
 def _publish(partial: Path, path: Path, marker_name: str, marker: dict) -> None:
