@@ -103,15 +103,7 @@ def save_checkpoint(
         },
         "provenance": dict(provenance or {}),
     }
-    try:
-        embedded = json.dumps(document, default=_json_default, sort_keys=True)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: config or provenance is not JSON-serialisable: {err}") from None
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={METADATA_KEY: embedded})
-    os.replace(tmp, path)
+    embedded = _write_safetensors(path, tensors, METADATA_KEY, document, what="config or provenance")
 
     sidecar = json.loads(embedded)
     sidecar["weights"] = path.name
@@ -313,6 +305,25 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], key: str, document: dict, *, what: str
+) -> str:
+    """Write ``tensors`` with ``document`` as JSON under metadata ``key``, atomically; return the JSON.
+
+    Raises:
+        CheckpointError: ``document`` cannot be written as JSON (``what`` names the offending part).
+    """
+    try:
+        embedded = json.dumps(document, default=_json_default, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {what} is not JSON-serialisable: {err}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={key: embedded})
+    os.replace(tmp, path)
+    return embedded
 
 
 def _json_default(value: Any) -> Any:

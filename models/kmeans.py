@@ -55,7 +55,7 @@ from typing import Any, TypeVar
 import numpy as np
 import safetensors
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from equislide._version import __version__
 from equislide.models._errors import CheckpointError, KMeansError, OptionalDependencyError
@@ -68,10 +68,10 @@ from equislide.models._kmeans_sampling import (
 from equislide.models._kmeans_torch import as_numpy, fit_torch
 from equislide.models.checkpoint import (
     _check_is_file,
-    _json_default,
     _one_line,
     _read_safetensors_header,
     _sha256,
+    _write_safetensors,
 )
 
 __all__ = [
@@ -294,15 +294,8 @@ class KMeansModel:
             "versions": dict(self.versions),
             "provenance": dict(provenance or {}),
         }
-        try:
-            embedded = json.dumps(document, default=_json_default, sort_keys=True)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: provenance is not JSON-serialisable: {err}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         tensors = {_TENSOR: torch.from_numpy(np.ascontiguousarray(self.centroids, dtype=np.float32))}
-        save_file(tensors, tmp, metadata={_METADATA_KEY: embedded})
-        os.replace(tmp, path)
+        embedded = _write_safetensors(path, tensors, _METADATA_KEY, document, what="provenance")
         sidecar = json.loads(embedded)
         sidecar["weights"] = path.name
         sidecar["sha256"] = _sha256(path)
