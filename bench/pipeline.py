@@ -4,26 +4,35 @@ Run by hand::
 
     python bench/pipeline.py                    # phantoms of 4, 16, 64 cores + real slides, 1 and 2 workers
     python bench/pipeline.py --quick            # phantoms of 4 and 16 cores, 1 and 2 workers
-    python bench/pipeline.py --cores 4 16 64 --workers 1 2 --slides /path/to/slides
+    python bench/pipeline.py --cores 64 --workers 1 2 --modes weights --slides /path/to/slides
 
 Configurations:
 
 - Phantom TMAs of 4, 16, 64 cores with no empty position (``missing=0``), cores of 600 µm at 0.5 µm/px,
-  so every core is dearrayed into its own sample and stored as one 280 x 280 tile at 2.5 µm/px (core +
-  16 px margin): samples equal cores, and a second worker has samples to take.
+  so every core is dearrayed into its own sample (stored whole: 240 px + 32 px margin a side at
+  2.5 µm/px): samples equal cores, and a second worker has samples to take.
 - The real slides: every ``*.svs`` in ``--slides`` (default ``$EQUISLIDE_BENCH_SLIDES`` or
-  ``/work/shared/data/slides``) as one cohort, tiles of 256 + 16 px halo at 2.5 µm/px.
+  ``/work/shared/data/slides``) as one cohort.
+
+The flow runs with ``equislide segment``'s defaults (SRENet-18 at full width, layer 4, 512 px tiles +
+32 px halo at 2.5 µm/px, cohort K-means k = 3) in two modes:
+
+- ``random``: no weights; the run calibrates BatchNorm of a seeded random initialisation on 16 of the
+  cohort's tiles, a serial stage (one task; the other workers wait);
+- ``weights``: a given checkpoint (the one the ``random`` run of the same configuration wrote), as in
+  production with pre-trained weights: no calibration stage.
 
 Every run is a fresh process (its own ``LocalCluster`` of single-threaded worker processes and its own
-ephemeral Prefect server) with SRENet-18 width 16, layer 3, random weights, cohort K-means k = 3.
-Baseline: 1 worker on the same configuration, measured in the same run; ``speed-up`` is the flow time
-of 1 worker over that of N workers (goal: >= 1.7 with 2). ``flow s`` is the flow's own ``total_s`` from
-``run.json``; ``wall s`` adds cluster and Prefect start-up. Stage shares are of the summed stage times.
+temporary Prefect server). Baseline: 1 worker on the same configuration and mode, measured in the same
+run; ``speed-up`` is the flow time of 1 worker over that of N workers (goal: >= 1.7 with 2), and
+``w/o start`` the same without the local cluster's start-up (``cluster`` stage; a long-lived cluster
+given with ``--scheduler`` has none). ``flow s`` is the flow's own ``total_s`` from ``run.json``;
+``wall s`` adds Prefect's start-up. Stage shares are of the summed stage times.
 
 Peak memory: a thread in the run's process samples (every 0.1 s) the resident set of that process and of
-all its descendants (Dask nanny and worker processes, the Prefect server if it runs apart) and keeps the
-peak of the sum (``tree MB``), of the client process (``client MB``) and of the largest single descendant
-(``max child MB``, i.e. the worst worker). Goal: the per-process peaks do not grow with the number of
+all its descendants (Dask nanny and worker processes, the Prefect server) and keeps the peak of the sum
+(``tree MB``), of the client process (``client MB``) and of the largest single descendant (``max child
+MB``; the Prefect server or the worst worker). Goal: the per-process peaks do not grow with the number of
 samples (compare 4 vs 16 vs 64 cores). Sampling can miss a spike shorter than 0.1 s.
 """
 
@@ -66,11 +75,10 @@ def sample_rss():
 
 from equislide.flows.cohort import run_cohort
 if __name__ == "__main__":
-    out, workers, slides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    out, workers, weights, slides = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None, sys.argv[4:]
     threading.Thread(target=sample_rss, daemon=True).start()
     t0 = time.perf_counter()
-    rep = run_cohort(slides, out, workers=workers, mpp=2.5, tile=256, halo=16, layer=3, clusters=3,
-                     model_kwargs={"width": 16})
+    rep = run_cohort(slides, out, workers=workers, weights=weights)
     wall = time.perf_counter() - t0
     stop.set()
     failed = [s for s, v in rep["samples"].items() if v["status"] == "failed"]
@@ -79,9 +87,9 @@ if __name__ == "__main__":
 """
 
 
-def _run(slides: list[Path], workers: int, out: Path) -> dict:
+def _run(slides: list[Path], workers: int, out: Path, weights: str | None) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(out), str(workers), *map(str, slides)],
+        [sys.executable, "-c", _CHILD, str(out), str(workers), weights or "", *map(str, slides)],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
@@ -104,6 +112,7 @@ def main() -> None:
     )
     parser.add_argument("--cores", type=int, nargs="+", default=[4, 16, 64], help="phantom TMA sizes")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--modes", nargs="+", choices=["random", "weights"], default=["random", "weights"])
     parser.add_argument(
         "--slides",
         type=Path,
@@ -123,8 +132,9 @@ def main() -> None:
     real = [] if args.quick else sorted(args.slides.glob("*.svs")) if args.slides.is_dir() else []
     print(f"{os.cpu_count()} CPUs; load average before the runs {os.getloadavg()[0]:.2f}")
     header = (
-        f"{'configuration':18s}{'samples':>8s}{'workers':>8s}{'wall s':>8s}{'flow s':>8s}{'speed-up':>9s}"
-        f"{'tree MB':>8s}{'client MB':>10s}{'max child MB':>13s}{'load':>6s}  stage shares"
+        f"{'configuration':17s}{'mode':>8s}{'samples':>8s}{'workers':>8s}{'wall s':>8s}{'flow s':>8s}"
+        f"{'speed-up':>9s}{'w/o start':>10s}{'tree MB':>8s}{'client MB':>10s}{'max child MB':>13s}"
+        f"{'load':>6s}  stage shares"
     )
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -136,19 +146,30 @@ def main() -> None:
             configs.append((f"{len(real)} real slides", real))
         print(header)
         for name, slides in configs:
-            base = None
-            for w in workers:
-                load = os.getloadavg()[0]
-                r = _run(slides, w, tmp / f"run-{name.replace(' ', '_')}-{w}")
-                flow = r["timings"]["total_s"]
-                base = base or flow
-                print(
-                    f"{name:18s}{r['samples']:>8d}{w:>8d}{r['wall_s']:>8.1f}{flow:>8.1f}{base / flow:>9.2f}"
-                    f"{r['tree_mb']:>8.0f}{r['client_mb']:>10.0f}{r['child_mb']:>13.0f}{load:>6.2f}  "
-                    f"{_shares(r['timings'])}" + (f"  FAILED {r['failed']}" if r["failed"] else ""),
-                    flush=True,
-                )
-
+            weights = None  # the checkpoint the first random-weights run of this configuration writes
+            for mode in ("random", "weights"):
+                timed = mode in args.modes
+                if not timed and not (mode == "random" and "weights" in args.modes):
+                    continue
+                base = None
+                for w in workers if timed else workers[:1]:  # untimed: only to make the checkpoint
+                    out = tmp / f"run-{name.replace(' ', '_')}-{mode}-{w}"
+                    load = os.getloadavg()[0]
+                    r = _run(slides, w, out, weights if mode == "weights" else None)
+                    if weights is None:
+                        weights = str(sorted((out / "models").glob("backbone-*.safetensors"))[0])
+                    if not timed:
+                        continue
+                    t = r["timings"]
+                    flow, work = t["total_s"], t["total_s"] - t.get("cluster_s", 0.0)
+                    base = base or (flow, work)
+                    print(
+                        f"{name:17s}{mode:>8s}{r['samples']:>8d}{w:>8d}{r['wall_s']:>8.1f}{flow:>8.1f}"
+                        f"{base[0] / flow:>9.2f}{base[1] / work:>10.2f}{r['tree_mb']:>8.0f}"
+                        f"{r['client_mb']:>10.0f}{r['child_mb']:>13.0f}{load:>6.2f}  {_shares(t)}"
+                        + (f"  FAILED {r['failed']}" if r["failed"] else ""),
+                        flush=True,
+                    )
 
 if __name__ == "__main__":
     main()

@@ -42,19 +42,33 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 
-from equislide.flows._inputs import assign_sample_ids, failed_record, reason_of
+from equislide.flows._inputs import assign_sample_ids, failed_record, one_line, reason_of
+from equislide.flows.cluster import (
+    SCHEDULER_ENV,
+    all_cores,
+    api_reachable_from,
+    cluster_description,
+    gpu_workers,
+    make_task_runner,
+    shared_prefect_api,
+    worker_environment,
+    worker_warnings,
+)
 from equislide.models import pipeline as seg
-from equislide.storage import RunManifest, clean_partials, write_manifest
-from equislide.tiling import SlideError, tile_slide
+from equislide.storage import (
+    RunManifest,
+    clean_partials,
+    sample_store_path,
+    thumbnail_data_uri,
+    write_manifest,
+)
+from equislide.tiling import SamplePlan, SampleResult, SlideError, SlidePlan, plan_slide, write_samples
 
 __all__ = ["SCHEDULER_ENV", "cohort_flow", "make_task_runner", "run_cohort", "set_progress_callback"]
 
-#: Environment variable naming an existing Dask scheduler (``tcp://host:8786``).
-SCHEDULER_ENV = "EQUISLIDE_SCHEDULER"
 #: ``callback(stage, done, total)``: called in the flow's process as stages progress (the CLI's bar).
 ProgressCallback = Callable[[str, int, int], None]
 _PROGRESS: list[ProgressCallback] = []
@@ -78,77 +92,140 @@ def _transient(task_, task_run, state) -> bool:
         err = state.result(raise_on_failure=False)
     except Exception:  # the exception itself could not be read back: do not retry blindly
         return False
-    return isinstance(err, (OSError, TimeoutError)) and not isinstance(err, SlideError)
+    return _is_transient(err)
 
 
 _TASK = {"cache_policy": NO_CACHE, "persist_result": False}
+#: Overlay thumbnails embedded in the run's markdown artifact (~8 kB each, stored in Prefect's database).
+_MAX_THUMBNAILS = 48
 
 
-@task(name="tile", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient, **_TASK)
-def tile_task(path: str, tiles_root: str, sample_id: str, options: dict[str, Any]) -> list:
-    """Tile one input into per-sample stores."""
-    get_run_logger().info("tiling %s as %s", path, sample_id)
-    return tile_slide(path, tiles_root, sample_id=sample_id, **options)
+def _is_transient(err: BaseException) -> bool:
+    return isinstance(err, (OSError, TimeoutError)) and not isinstance(err, SlideError)
+
+
+def _each_sample(
+    items: list[tuple[str, str]], verb: str, fn: Callable[[str], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``fn(store)`` for each ``(sample_id, store)`` of a group task; a sample's own error is its result.
+
+    A transient error (I/O, a timeout) is raised instead, so Prefect retries the group; samples already
+    finished are skipped on the retry (every stage resumes), so a retry redoes only what failed.
+    """
+    logger = get_run_logger()
+    out = []
+    for sample_id, store in items:
+        logger.info("%s %s", verb, sample_id)
+        try:
+            out.append({"sample_id": sample_id, "result": fn(store)})
+        except Exception as err:
+            if _is_transient(err):
+                raise
+            out.append({"sample_id": sample_id, "reason": reason_of(err)})
+    return out
+
+
+def _groups(items: list[Any], workers: int) -> list[list[Any]]:
+    """Contiguous groups, about two per worker: few enough that Prefect's per-task cost (API calls,
+    state changes; ~0.2 s of server CPU each, measured) stays small beside the work, enough to balance."""
+    size = -(-len(items) // (2 * max(1, workers))) if items else 1
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _label(sample_ids: list[str]) -> str:
+    return sample_ids[0] + (f" .. {sample_ids[-1]} ({len(sample_ids)})" if len(sample_ids) > 1 else "")
+
+
+@task(
+    name="plan",
+    task_run_name="plan {sample_id}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient,
+    **_TASK,
+)
+def plan_task(path: str, tiles_root: str, sample_id: str, options: dict[str, Any]) -> SlidePlan:
+    """Hash, mask and dearray one input; lay out its samples' tiles."""
+    get_run_logger().info("planning %s as %s", path, sample_id)
+    return plan_slide(path, tiles_root, sample_id=sample_id, **options)
+
+
+@task(
+    name="tile",
+    task_run_name="tile {label}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient,
+    **_TASK,
+)
+def tile_task(samples: list[SamplePlan], tiles_root: str, label: str) -> list[SampleResult]:
+    """Read and store the tiles of some samples of one input."""
+    get_run_logger().info("tiling %d samples: %s", len(samples), ", ".join(s.sample_id for s in samples))
+    return write_samples(samples, tiles_root)
 
 
 @task(name="backbone", retries=1, retry_delay_seconds=5, retry_condition_fn=_transient, **_TASK)
 def backbone_task(stores: list[str], models_dir: str, options: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint every feature task loads (random weights: BatchNorm recalibrated on the cohort)."""
     get_run_logger().info("preparing %s for %d samples", options.get("backbone"), len(stores))
-    return seg.calibrated_backbone(stores, models_dir, **options)
+    with all_cores():  # a barrier: every other worker waits for this task
+        return seg.calibrated_backbone(stores, models_dir, **options)
 
 
-@task(name="features", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient, **_TASK)
-def features_task(store: str, backbone: dict[str, Any], device: str = "auto") -> dict[str, Any]:
-    """Float16 features of every tile of one sample, beside its tiles."""
-    get_run_logger().info("features of %s", store)
-    return seg.extract_store_features(store, backbone, device=device)
+@task(
+    name="features",
+    task_run_name="features {label}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient,
+    **_TASK,
+)
+def features_task(
+    items: list[tuple[str, str]],
+    backbone: dict[str, Any],
+    device: str,
+    draw: dict[str, Any] | None,
+    label: str,
+) -> list[dict[str, Any]]:
+    """Float16 features of every tile of some samples (``(sample_id, store)``), beside their tiles;
+    then, with ``draw``, each sample's share of the cohort K-means' vectors (so the fit only stacks)."""
+
+    def one(store: str) -> dict[str, Any]:
+        res = seg.extract_store_features(store, backbone, device=device)
+        if draw is not None:
+            seg.draw_store_vectors(store, **draw)
+        return res
+
+    return _each_sample(items, "features", one)
 
 
 @task(name="kmeans", retries=1, retry_delay_seconds=5, retry_condition_fn=_transient, **_TASK)
 def kmeans_task(stores: list[str], models_dir: str, options: dict[str, Any]) -> dict[str, Any]:
     """One K-means model for the cohort, from a stratified sample of every store's tissue vectors."""
     get_run_logger().info("fitting K-means (k=%s) on %d samples", options.get("k"), len(stores))
-    return seg.fit_cohort_stores(stores, models_dir, **options)
+    with all_cores():  # a barrier: every other worker waits for this task
+        return seg.fit_cohort_stores(stores, models_dir, **options)
 
 
-@task(name="segment", retries=1, retry_delay_seconds=5, retry_condition_fn=_transient, **_TASK)
-def segment_task(store: str, samples_dir: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Label map and outputs (OME-Zarr, overlay PNG, GeoJSON) of one sample."""
-    get_run_logger().info("segmenting %s", store)
-    return seg.segment_store(store, samples_dir, **options)
+@task(
+    name="segment",
+    task_run_name="segment {label}",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_transient,
+    **_TASK,
+)
+def segment_task(
+    items: list[tuple[str, str]], samples_dir: str, options: dict[str, Any], label: str
+) -> list[dict[str, Any]]:
+    """Label maps and outputs (OME-Zarr, overlay PNG, GeoJSON) of some samples (``(sample_id, store)``)."""
+    return _each_sample(items, "segmenting", lambda store: seg.segment_store(store, samples_dir, **options))
 
 
 @task(name="report", retries=2, retry_delay_seconds=2, **_TASK)
 def report_task(out: str, manifest: dict[str, Any]) -> str:
     """Write ``run.json`` atomically."""
     return str(write_manifest(out, manifest))
-
-
-def _gpu_workers() -> int:
-    """Workers of the flow's Dask cluster advertising a ``GPU`` resource (0 off Dask)."""
-    ctx = FlowRunContext.get()
-    runner = getattr(ctx, "task_runner", None) if ctx else None
-    if not isinstance(runner, DaskTaskRunner):
-        return 0
-    workers = runner.client.scheduler_info(n_workers=-1)["workers"].values()
-    return sum(1 for w in workers if (w.get("resources") or {}).get("GPU", 0) >= 1)
-
-
-def _cluster_description() -> dict[str, Any]:
-    ctx = FlowRunContext.get()
-    runner = getattr(ctx, "task_runner", None) if ctx else None
-    if not isinstance(runner, DaskTaskRunner):
-        return {"task_runner": type(runner).__name__ if runner else None}
-    info = runner.client.scheduler_info(n_workers=-1)
-    workers = info["workers"].values()
-    return {
-        "task_runner": "DaskTaskRunner",
-        "scheduler": info.get("address"),
-        "workers": len(workers),
-        "threads": sum(int(w.get("nthreads", 0)) for w in workers),
-        "gpu_workers": sum(1 for w in workers if (w.get("resources") or {}).get("GPU", 0) >= 1),
-    }
 
 
 def _failure(future) -> str | None:
@@ -220,50 +297,45 @@ def cohort_flow(
     paths = list(dict.fromkeys(str(p) for p in inputs))
     ids, records = assign_sample_ids(paths)
     tiling = {"mpp": mpp, "tile": tile, "halo": halo, "input_mpp": input_mpp, "tma": tma}
-    cluster = _cluster_description()
+    t0 = time.perf_counter()
+    cluster = cluster_description()  # the first use of the cluster: a local one starts here
+    cluster_s = time.perf_counter() - t0
     logger.info("cohort of %d inputs on %s -> %s", len(paths), cluster, root)
+    for warning in worker_warnings():
+        logger.warning(warning)
     progress_id = create_progress_artifact(0.0, key="equislide-progress", description="samples done / total")
 
-    # 1. tile every input
+    # 1. tile every input: plan each (thumbnail, mask, cores), then write its samples in groups
     timings: dict[str, dict[str, float]] = {}
     samples: dict[str, dict[str, Any]] = {}  # sample_id -> {"store", "input", ...}
     errors: dict[str, str] = {}  # sample_id -> reason
     t0 = time.perf_counter()
-    futures = {tile_task.submit(p, str(tiles_root), ids[p], tiling): p for p in ids}
-    for i, fut in enumerate(as_completed(list(futures)), 1):
-        path = futures[fut]
-        reason = _failure(fut)
-        if reason is not None:
-            err = fut.result(raise_on_failure=False)
-            records[path] = failed_record(path, reason, type(err).__name__, sample_id=ids[path])
-            logger.warning("FAILED %s: %s", path, reason)
-        else:
-            results = fut.result()
-            records[path] = {
-                "path": path,
-                "sample_id": ids[path],
-                "sha256": results[0].input_sha256 if results else None,
-                "status": "ok",
-                "reason": None,
-                "samples": [r.sample_id for r in results],
-                "tiles": sum(r.n_tiles for r in results),
-                "warnings": sorted({w for r in results for w in r.warnings}),
-            }
-            for r in results:
-                samples[r.sample_id] = {"store": str(r.store), "input": path, "tiles": r.status}
-                timings[r.sample_id] = {"tile_s": round(r.seconds, 3)}
-        _notify("tile", i, len(futures))
-    stage_s = {"tile_s": time.perf_counter() - t0}
-    logger.info("tiled %d inputs into %d samples (%d failed)", len(futures), len(samples), len(errors))
+    workers = max(1, int(cluster.get("workers") or 1))
+    _tile_stage(
+        ids,
+        str(tiles_root),
+        tiling,
+        workers,
+        records,
+        samples,
+        errors,
+        timings,
+    )
+    stage_s = {"cluster_s": cluster_s, "tile_s": time.perf_counter() - t0}
+    logger.info("tiled %d inputs into %d samples (%d failed)", len(ids), len(samples), len(errors))
 
     def fail(sample_id: str, reason: str) -> None:
         errors[sample_id] = reason
         logger.warning("FAILED %s: %s", sample_id, reason)
 
+    def live_items() -> list[tuple[str, str]]:
+        return [(sid, samples[sid]["store"]) for sid in sorted(samples) if sid not in errors]
+
     # 2. the backbone every worker loads
     t0 = time.perf_counter()
     backbone_info: dict[str, Any] | None = None
-    if samples:
+    live = [sid for sid in sorted(samples) if sid not in errors]
+    if live:
         opts = {
             "backbone": backbone,
             "layer": layer,
@@ -272,32 +344,37 @@ def cohort_flow(
             "model_kwargs": model_kwargs,
             "calibration_tiles": calibration_tiles,
         }
-        fut = backbone_task.submit(sorted(s["store"] for s in samples.values()), str(models_dir), opts)
+        fut = backbone_task.submit(sorted(samples[sid]["store"] for sid in live), str(models_dir), opts)
         reason = _failure(fut)
         if reason is None:
             backbone_info = fut.result()
         else:
-            for sid in samples:
+            for sid in live:
                 fail(sid, f"backbone: {reason}")
     stage_s["backbone_s"] = time.perf_counter() - t0
 
     # 3. features per sample (GPU-annotated only where workers advertise a GPU: CPU clusters never hang)
     t0 = time.perf_counter()
-    live = [sid for sid in sorted(samples) if sid not in errors]
-    gpu = _gpu_workers() > 0
-    annotate = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
-    with annotate:
-        futures = {features_task.submit(samples[sid]["store"], backbone_info, device): sid for sid in live}
-    for i, fut in enumerate(as_completed(list(futures)), 1):
-        sid = futures[fut]
-        reason = _failure(fut)
-        if reason is not None:
-            fail(sid, f"features: {reason}")
-        else:
-            res = fut.result()
-            samples[sid]["features"] = res["status"]
-            timings[sid]["features_s"] = res["seconds"]
-        _notify("features", i, len(futures))
+    gpu = gpu_workers() > 0
+
+    def features_done(sid: str, res: dict[str, Any]) -> None:
+        samples[sid]["features"] = res["status"]
+        timings[sid]["features_s"] = res["seconds"]
+
+    draw = None
+    if fit == "cohort":
+        draw = {
+            "out_dir": str(models_dir / seg.DRAWS_DIR),
+            "layer": layer,
+            "per_sample": per_sample,
+            "seed": seed,
+        }
+    with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
+        submitted = {
+            features_task.submit(items, backbone_info, device, draw, _label([i[0] for i in items])): items
+            for items in _groups(live_items(), workers)
+        }
+    _collect("features", submitted, features_done, fail)
     stage_s["features_s"] = time.perf_counter() - t0
 
     # 4. K-means for the cohort
@@ -317,22 +394,21 @@ def cohort_flow(
 
     # 5. label maps and outputs per sample
     t0 = time.perf_counter()
-    live = [sid for sid in sorted(samples) if sid not in errors]
     opts = {"layer": layer, "kmeans": kmeans_info, "k": clusters, "per_sample": per_sample, "backend": kmeans}
     opts["seed"] = seed
-    futures = {segment_task.submit(samples[sid]["store"], str(samples_dir), opts): sid for sid in live}
-    total = len(samples)
-    for done, fut in enumerate(as_completed(list(futures)), 1):
-        sid = futures[fut]
-        reason = _failure(fut)
-        if reason is not None:
-            fail(sid, f"segment: {reason}")
-        else:
-            res = fut.result()
-            samples[sid]["segment"] = res
-            timings[sid]["segment_s"] = res["seconds"]
-        update_progress_artifact(progress_id, 100.0 * done / max(total, 1))
-        _notify("segment", done, len(futures))
+
+    def segment_done(sid: str, res: dict[str, Any]) -> None:
+        samples[sid]["segment"] = res
+        timings[sid]["segment_s"] = res["seconds"]
+
+    def progress(done: int) -> None:
+        update_progress_artifact(progress_id, 100.0 * done / max(len(samples), 1))
+
+    submitted = {
+        segment_task.submit(items, str(samples_dir), opts, _label([i[0] for i in items])): items
+        for items in _groups(live_items(), workers)
+    }
+    _collect("segment", submitted, segment_done, fail, after=progress)
     stage_s["segment_s"] = time.perf_counter() - t0
 
     # 6. the report
@@ -392,6 +468,112 @@ def cohort_flow(
     return report
 
 
+def _collect(
+    stage: str,
+    submitted: dict[Any, list[tuple[str, str]]],
+    done: Callable[[str, dict[str, Any]], None],
+    fail: Callable[[str, str], None],
+    *,
+    after: Callable[[int], None] | None = None,
+) -> None:
+    """Wait for a stage's group tasks as they finish: each sample's result, or its reason to fail."""
+    total = sum(len(items) for items in submitted.values())
+    n = 0
+    for fut in as_completed(list(submitted)):
+        items = submitted[fut]
+        reason = _failure(fut)
+        for item in [] if reason is not None else fut.result():
+            if "reason" in item:
+                fail(item["sample_id"], f"{stage}: {item['reason']}")
+            else:
+                done(item["sample_id"], item["result"])
+        for sid, _ in items if reason is not None else []:
+            fail(sid, f"{stage}: {reason}")
+        n += len(items)
+        if after is not None:
+            after(n)
+        _notify(stage, n, total)
+
+
+def _tile_stage(
+    ids: dict[str, str],
+    tiles_root: str,
+    tiling: dict[str, Any],
+    workers: int,
+    records: dict[str, dict[str, Any]],
+    samples: dict[str, dict[str, Any]],
+    errors: dict[str, str],
+    timings: dict[str, dict[str, float]],
+) -> None:
+    """Plan every input, then write its samples in up to ``2 * workers`` groups as plans arrive.
+
+    Fills ``records`` (per input), ``samples``, ``errors`` (a failed group fails its samples only) and
+    ``timings``. Groups are contiguous runs of samples (neighbouring TMA cores share slide reads).
+    """
+    logger = get_run_logger()
+    plans: dict[str, SlidePlan] = {}
+    written: dict[str, list[SampleResult]] = {p: [] for p in ids}
+    pending: dict[str, int] = {}  # input -> groups still running
+    groups: dict[Any, tuple[str, list[SamplePlan]]] = {}
+    plan_futures = {plan_task.submit(p, tiles_root, ids[p], tiling): p for p in ids}
+    done_inputs = 0
+
+    def input_done() -> None:
+        nonlocal done_inputs
+        done_inputs += 1
+        _notify("tile", done_inputs, len(plan_futures))
+
+    def finish(path: str) -> None:
+        results = plans[path].ordered(written[path])
+        records[path] = {
+            "path": path,
+            "sample_id": ids[path],
+            "sha256": plans[path].input_sha256,
+            "status": "ok",
+            "reason": None,
+            "samples": list(plans[path].sample_ids),
+            "tiles": sum(r.n_tiles for r in results),
+            "warnings": sorted({w for r in results for w in r.warnings}),
+        }
+        for r in results:
+            samples[r.sample_id] = {"store": str(r.store), "input": path, "tiles": r.status}
+            timings[r.sample_id] = {"tile_s": round(r.seconds, 3)}
+        input_done()
+
+    for fut in as_completed(list(plan_futures)):
+        path = plan_futures[fut]
+        reason = _failure(fut)
+        if reason is not None:
+            err = fut.result(raise_on_failure=False)
+            records[path] = failed_record(path, reason, type(err).__name__, sample_id=ids[path])
+            logger.warning("FAILED %s: %s", path, reason)
+            input_done()
+            continue
+        plan = plans[path] = fut.result()
+        chunks = _groups(plan.todo, workers)
+        pending[path] = len(chunks)
+        for chunk in chunks:
+            groups[tile_task.submit(chunk, tiles_root, _label([s.sample_id for s in chunk]))] = (path, chunk)
+        if not chunks:
+            finish(path)
+    for fut in as_completed(list(groups)):
+        path, chunk = groups[fut]
+        reason = _failure(fut)
+        if reason is None:
+            written[path].extend(fut.result())
+        else:
+            for s in chunk:  # a store never finished: later stages skip the sample
+                samples[s.sample_id] = {
+                    "store": str(sample_store_path(tiles_root, s.sample_id)),
+                    "input": path,
+                }
+                errors[s.sample_id] = f"tile: {reason}"
+                logger.warning("FAILED %s: tile: %s", s.sample_id, reason)
+        pending[path] -= 1
+        if pending[path] == 0:
+            finish(path)
+
+
 def _weights_note(backbone_info: dict[str, Any] | None, weights: str | None) -> str:
     if weights:
         return f"weights from {weights}"
@@ -446,48 +628,23 @@ def _artifacts(report: dict[str, Any]) -> None:
         summary_text(report),
         "```",
         "",
-        "| sample | overlay |",
-        "|---|---|",
+        "| sample | status | overlay |",
+        "|---|---|---|",
     ]
+    embedded = 0
     for sid, s in report["samples"].items():
         png = s["outputs"].get("overlay_png")
-        if png:
-            md.append(f"| {sid} | `{png}` |")
+        cell = s.get("error") or ""
+        if png and embedded < _MAX_THUMBNAILS:
+            try:
+                cell = f"![{sid}]({thumbnail_data_uri(png)})"
+                embedded += 1
+            except OSError as err:  # the overlay went missing: say so, the run itself is fine
+                cell = f"`{png}` (unreadable: {one_line(err)})"
+        elif png:
+            cell = f"`{png}`"
+        md.append(f"| {sid} | {s['status']} | {cell.replace('|', '/')} |")
     create_markdown_artifact("\n".join(md), key="equislide-summary", description="run summary")
-
-
-def make_task_runner(*, scheduler: str | None = None, workers: int | None = None) -> DaskTaskRunner:
-    """The Dask task runner: an existing scheduler, else a local cluster sized to the machine.
-
-    Args:
-        scheduler: ``tcp://host:8786`` of an existing cluster (default: ``$EQUISLIDE_SCHEDULER``).
-        workers: Worker processes of a local cluster (default: one per CPU core, or one per GPU).
-
-    Returns:
-        ``DaskTaskRunner(address=...)``; or a ``dask_cuda.LocalCUDACluster`` (one worker per GPU, each
-        advertising ``resources={"GPU": 1}``) when dask-cuda imports and sees GPUs; else a
-        ``distributed.LocalCluster`` of single-threaded processes.
-    """
-    address = scheduler or os.environ.get(SCHEDULER_ENV)
-    if address:
-        return DaskTaskRunner(address=address)
-    try:
-        from dask_cuda.utils import get_n_gpus
-
-        n_gpus = int(get_n_gpus())
-    except Exception:  # dask-cuda missing, or no NVIDIA driver
-        n_gpus = 0
-    common = {"dashboard_address": None, "silence_logs": logging.ERROR}
-    if n_gpus:
-        kwargs = {**common, "resources": {"GPU": 1}}
-        if workers:
-            kwargs["n_workers"] = min(workers, n_gpus)
-        return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=kwargs)
-    n = workers or os.cpu_count() or 1
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={**common, "n_workers": n, "threads_per_worker": 1, "processes": True},
-    )
 
 
 def run_cohort(
@@ -498,9 +655,18 @@ def run_cohort(
     workers: int | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Run :func:`cohort_flow` on the task runner :func:`make_task_runner` picks; returns the report."""
-    runner = make_task_runner(scheduler=scheduler, workers=workers)
-    return cohort_flow.with_options(task_runner=runner)([str(p) for p in inputs], str(out), **options)
+    """Run :func:`cohort_flow` on the task runner :func:`make_task_runner` picks; returns the report.
+
+    The flow and every task report to one Prefect API: ``PREFECT_API_URL`` when set, else one temporary
+    local server started here (see :mod:`equislide.flows.cluster`).
+    """
+    with shared_prefect_api() as api_url:
+        warning = api_reachable_from(scheduler or os.environ.get(SCHEDULER_ENV), api_url)
+        if warning:
+            logging.getLogger("equislide").warning(warning)
+        runner = make_task_runner(scheduler=scheduler, workers=workers)
+        with worker_environment():  # a local cluster starts inside the flow
+            return cohort_flow.with_options(task_runner=runner)([str(p) for p in inputs], str(out), **options)
 
 
 if __name__ == "__main__":  # DaskTaskRunner's worker processes re-import the main module

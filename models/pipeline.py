@@ -11,7 +11,8 @@ Each function here is one stage of ``equislide segment`` applied to finished til
    (:func:`equislide.storage.open_features_for_write`). The network is loaded once per process and
    kept in a module-level cache keyed by ``(backbone, weights sha256, layer, device)``.
 3. :func:`fit_cohort_stores`: one K-means for all samples, fitted on a stratified sample of masked,
-   L2-normalised feature vectors streamed from every store (at most ``per_sample`` per sample).
+   L2-normalised feature vectors (at most ``per_sample`` per sample), each sample's share drawn by
+   :func:`draw_store_vectors` right after its features, in parallel.
 4. :func:`segment_store`: predict (fitting per sample first in the paper's mode), stitch the label map
    and write the viewable outputs: OME-Zarr (image + ``labels/clusters`` + ``labels/tissue``), an
    overlay PNG and a QuPath GeoJSON.
@@ -42,7 +43,9 @@ __all__ = [
     "PIPELINE_FORMAT",
     "SEGMENT_MARKER_SUFFIX",
     "calibrated_backbone",
+    "DRAWS_DIR",
     "clear_backbone_cache",
+    "draw_store_vectors",
     "extract_store_features",
     "feature_params",
     "fit_cohort_stores",
@@ -54,6 +57,10 @@ __all__ = [
 PIPELINE_FORMAT = "equislide-segment/1"
 #: A sample's outputs are finished when ``<out>/<sample_id>.segment.json`` exists with the same key.
 SEGMENT_MARKER_SUFFIX = ".segment.json"
+#: Longest side of an overlay PNG, px: drawn from the tiles at the finest resolution that fits.
+OVERLAY_MAX = 2048
+#: Folder (under the models folder) of the per-sample vector draws of the cohort K-means.
+DRAWS_DIR = "draws"
 #: Tiles per forward pass.
 _BATCH = 4
 #: Tiles read per step when streaming features (one shard).
@@ -341,6 +348,56 @@ def _sample_tissue_vectors(store: str | Path, layer: int, stride: int, sampler: 
         sampler.add(sample_id, masked_vectors(feats, masks[start : start + len(feats)]))
 
 
+def _features_hash(store: str | Path, layer: int) -> str | None:
+    from equislide.storage import FEATURES_DONE_MARKER, features_path
+
+    return (_read_json(features_path(store, layer) / FEATURES_DONE_MARKER) or {}).get("params_sha256")
+
+
+def draw_store_vectors(
+    store: str | Path, out_dir: str | Path, *, layer: int, per_sample: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """One sample's share of the cohort K-means' vectors, saved as ``draw-<key>.npy`` (float16).
+
+    At most ``per_sample`` tissue vectors, drawn by the sample's own seeded reservoir (seeded from
+    ``seed`` and the sample ID, as in :class:`~equislide.models.StratifiedSampler`), so each sample is
+    drawn on its own (by the worker that just wrote its features) and the cohort fit only stacks
+    files. Stored as float16 because the features are: the values are exact. Skipped when the file
+    for these features and parameters exists.
+
+    Returns:
+        ``{"path", "status" ("written" | "skipped"), "n_vectors"}``.
+    """
+    from equislide.models.kmeans import StratifiedSampler
+    from equislide.storage import params_hash, read_features_meta
+
+    key = params_hash(
+        {
+            "format": PIPELINE_FORMAT,
+            "sample": _store_key(store),
+            "features": _features_hash(store, layer),
+            "per_sample": int(per_sample),
+            "seed": int(seed),
+        }
+    )[:24]
+    path = Path(out_dir) / f"draw-{key}.npy"
+    if path.is_file():
+        return {"path": str(path), "status": "skipped", "n_vectors": None}
+    sampler = StratifiedSampler(per_sample, seed=seed)
+    _sample_tissue_vectors(store, layer, int(read_features_meta(store, layer)["stride"]), sampler)
+    seen = any(sampler.n_seen(s) for s in sampler.sample_ids)
+    vectors = sampler.sample if seen else np.empty((0, 0), np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, vectors.astype(np.float16))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(path), "status": "written", "n_vectors": int(len(vectors))}
+
+
 def fit_cohort_stores(
     stores: Sequence[str | Path],
     out_dir: str | Path,
@@ -362,14 +419,8 @@ def fit_cohort_stores(
     Returns:
         ``{"path", "sha256", "status" ("written" | "skipped"), "backend", "n_vectors", "samples"}``.
     """
-    from equislide.models.kmeans import StratifiedSampler, fit_kmeans
-    from equislide.storage import (
-        FEATURES_DONE_MARKER,
-        features_path,
-        params_hash,
-        read_features_meta,
-        sha256_file,
-    )
+    from equislide.models.kmeans import fit_kmeans
+    from equislide.storage import params_hash, sha256_file
 
     stores = sorted((Path(s) for s in stores), key=lambda s: str(_store_key(s)["sample_id"]))
     if not stores:
@@ -382,15 +433,7 @@ def fit_cohort_stores(
         "per_sample": int(per_sample),
         "seed": int(seed),
         "backend": backend,
-        "features": [
-            {
-                **_store_key(s),
-                "features": (_read_json(features_path(s, layer) / FEATURES_DONE_MARKER) or {}).get(
-                    "params_sha256"
-                ),
-            }
-            for s in stores
-        ],
+        "features": [{**_store_key(s), "features": _features_hash(s, layer)} for s in stores],
     }
     key = params_hash(identity)[:16]
     path = Path(out_dir) / f"kmeans-cohort-{key}.safetensors"
@@ -404,11 +447,15 @@ def fit_cohort_stores(
             "n_vectors": doc.get("n_vectors"),
             "samples": len(stores),
         }
-    stride = int(read_features_meta(stores[0], layer)["stride"])
-    sampler = StratifiedSampler(per_sample, seed=seed)
-    for store in stores:
-        _sample_tissue_vectors(store, layer, stride, sampler)
-    model = fit_kmeans(sampler.sample, params=params)
+    parts = []
+    for store in stores:  # each sample's draw, as the feature tasks left it (or drawn now)
+        drawn = draw_store_vectors(
+            store, Path(out_dir) / DRAWS_DIR, layer=layer, per_sample=per_sample, seed=seed
+        )
+        vectors = np.load(drawn["path"]).astype(np.float32)
+        if vectors.size:
+            parts.append(vectors)
+    model = fit_kmeans(np.concatenate(parts) if parts else np.empty((0, 0), np.float32), params=params)
     model.save(path, provenance=identity)
     return {
         "path": str(path),
@@ -524,7 +571,7 @@ def segment_store(
     tile_labels = np.zeros((int(meta["n_tiles"]), int(fmeta["f_tile"]), int(fmeta["f_tile"])), np.uint16)
     for start, feats in _feature_batches(store, layer):
         tile_labels[start : start + len(feats)] = model.predict(feats)
-    stitched = stitch_store(store, tile_labels, stride=stride)
+    stitched = stitch_store(store, tile_labels, stride=stride, overlay_max=OVERLAY_MAX)
     labels, tissue, image = stitched["labels"], stitched["tissue"], stitched["image"]
     pixel_size = stitched["pixel_size_um"]
     names = {v + 1: f"cluster {v + 1}" for v in range(model.k)}
@@ -543,7 +590,7 @@ def segment_store(
         label_names={"clusters": names},
         name=sample_id,
     )
-    write_overlay_png(outputs["overlay_png"], image, labels, names=names, title=sample_id)
+    write_overlay_png(outputs["overlay_png"], stitched["overlay_image"], labels, names=names, title=sample_id)
     geojson = labels_to_geojson(
         labels,
         stride=stride,

@@ -42,6 +42,7 @@ from equislide.storage.ome import validate_image_attrs as validate_image_attrs
 from equislide.storage.ome import validate_label_attrs as validate_label_attrs
 from equislide.storage.ome import write_ome_zarr as write_ome_zarr
 from equislide.storage.overlay import render_overlay as render_overlay
+from equislide.storage.overlay import thumbnail_data_uri as thumbnail_data_uri
 from equislide.storage.overlay import write_overlay_png as write_overlay_png
 from equislide.storage.tile_store import DONE_MARKER as DONE_MARKER
 from equislide.storage.tile_store import STORE_FORMAT as STORE_FORMAT
@@ -78,6 +79,7 @@ __all__ = [
     "validate_label_attrs",
     "write_ome_zarr",
     "render_overlay",
+    "thumbnail_data_uri",
     "write_overlay_png",
     "DONE_MARKER",
     "STORE_FORMAT",

@@ -242,6 +242,7 @@ def stitch_store(
     *,
     stride: int,
     image: bool = True,
+    overlay_max: int | None = None,
 ) -> dict[str, Any]:
     """Stitch a finished tile store's cluster maps (and its image on the same grid) in one call.
 
@@ -254,11 +255,16 @@ def stitch_store(
         tile_labels: int ``(n_tiles, f_h, f_w)`` cluster indices per tile, in the store's tile order.
         stride: Analysis px per feature px.
         image: Also stitch the RGB image at ``stride`` (same shape as the label map).
+        overlay_max: Also stitch ``"overlay_image"``: the same area at the finest power-of-two
+            downsample (1 up to ``stride``) whose longest side is at most this many px, so overlays are
+            not drawn at feature resolution (a TMA core is ~10 feature px at layer 4); the label map
+            scales onto it by a whole factor.
 
     Returns:
-        ``{"labels", "tissue", "image" (or None), "l_origin" (l_x, l_y), "l0_origin" (l0_x, l0_y),
-        "l0_per_l" (x, y), "pixel_size_um" (µm per label px)}``; ``tissue`` is the mask (uint8 0/1) on the
-        label grid. Feed ``labels`` / ``image`` / ``tissue`` to ``write_ome_zarr`` and
+        ``{"labels", "tissue", "image" (or None), "overlay_image" (or None), "l_origin" (l_x, l_y),
+        "l0_origin" (l0_x, l0_y), "l0_per_l" (x, y), "pixel_size_um" (µm per label px)}``; ``tissue``
+        is the mask (uint8 0/1) on the label grid. Feed ``labels`` / ``image`` / ``tissue`` to
+        ``write_ome_zarr`` and
         ``labels_to_geojson(labels, stride=stride, l0_per_l=..., l0_offset=l0_origin)``.
     """
     import zarr
@@ -289,12 +295,23 @@ def stitch_store(
         mask_origin=mask_origin,
         **kwargs,
     )
-    rgb = None
+    tiles = zarr.open_group(zarr.storage.LocalStore(store_path, read_only=True), mode="r")["tiles"]
+    rgb = overlay = None
     if image:
-        tiles = zarr.open_group(zarr.storage.LocalStore(store_path, read_only=True), mode="r")["tiles"]
         rgb = stitch_image(
             tiles, coords, halo=int(meta["halo"]), downsample=stride, shape=labels.shape, l_origin=l_origin
         )
+    if overlay_max:
+        side, extent = int(meta["tile"]), max(labels.shape) * stride
+        fits = [d for d in (2**k for k in range(12)) if d <= stride and stride % d == 0 and side % d == 0]
+        down = next((d for d in fits if extent <= overlay_max * d), stride)
+        if down == stride and rgb is not None:
+            overlay = rgb
+        else:
+            shape = (labels.shape[0] * stride // down, labels.shape[1] * stride // down)
+            overlay = stitch_image(
+                tiles, coords, halo=int(meta["halo"]), downsample=down, shape=shape, l_origin=l_origin
+            )
     l0_per_l = meta.get("l0_per_l")
     if l0_per_l is None:
         mpp, src = meta.get("mpp"), meta.get("source_mpp")
@@ -306,6 +323,7 @@ def stitch_store(
         "labels": labels,
         "tissue": tissue,
         "image": rgb,
+        "overlay_image": overlay,
         "l_origin": l_origin,
         "l0_origin": (l_origin[0] * l0_per_l[0], l_origin[1] * l0_per_l[1]),
         "l0_per_l": l0_per_l,

@@ -15,7 +15,7 @@ import numpy as np
 
 from equislide.storage.labels import NO_TISSUE, label_color
 
-__all__ = ["render_overlay", "write_overlay_png"]
+__all__ = ["render_overlay", "thumbnail_data_uri", "write_overlay_png"]
 
 _SWATCH = 14
 _PAD = 6
@@ -99,3 +99,19 @@ def write_overlay_png(path: str | Path, image: np.ndarray, labels: np.ndarray, *
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def thumbnail_data_uri(path: str | Path, *, max_side: int = 160, quality: int = 80) -> str:
+    """A small JPEG of an image file as a ``data:`` URI, for markdown that must carry its own pictures
+    (a Prefect markdown artifact renders ``![](data:image/jpeg;base64,...)``; ~5-10 kB at 160 px)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -42,10 +42,15 @@ def prefect_harness():
 
 @pytest.fixture(scope="session")
 def dask_cluster():
-    """One real ``distributed.LocalCluster`` (2 single-threaded worker processes) per session."""
+    """One real ``distributed.LocalCluster`` (2 single-threaded worker processes) per session, with the
+    worker environment local runs get (see ``equislide.flows.cluster.worker_environment``)."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    from equislide.flows.cluster import worker_environment
+
+    with worker_environment():
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster:
         yield cluster
 
 

@@ -7,7 +7,9 @@
 - :func:`tissue_mask`, :func:`pen_mask`: boolean masks on thumbnails.
 - :func:`find_cores`, :func:`is_tma`, :class:`Core`: TMA dearraying with grid names ("B3").
 - :func:`tissue_grid`, :func:`core_grids`, :class:`TileGrid`: tile grids at the analysis resolution.
-- :func:`tile_slide` -> [:class:`SampleResult`]: one input file to per-sample zarr tile stores.
+- :func:`tile_slide` -> [:class:`SampleResult`]: one input file to per-sample zarr tile stores; the
+  same in two steps a cluster can spread: :func:`plan_slide` -> :class:`SlidePlan` (thumbnail, mask,
+  cores, grids) and :func:`write_samples` (the tile reads and writes of some of its samples).
 - :func:`rotate_image`, :func:`rotate_labels`, :func:`unrotate_labels`: rotation about the centre.
 
 Plain numpy / scikit-image / OpenSlide / tifffile code, usable from a notebook: nothing here imports
@@ -73,17 +75,25 @@ from equislide.tiling.grid import analysis_scale as analysis_scale  # noqa: E402
 from equislide.tiling.grid import core_grids as core_grids  # noqa: E402
 from equislide.tiling.grid import core_tile_side as core_tile_side  # noqa: E402
 from equislide.tiling.grid import tissue_grid as tissue_grid  # noqa: E402
+from equislide.tiling.pipeline import SamplePlan as SamplePlan  # noqa: E402
 from equislide.tiling.pipeline import SampleResult as SampleResult  # noqa: E402
+from equislide.tiling.pipeline import SlidePlan as SlidePlan  # noqa: E402
+from equislide.tiling.pipeline import plan_slide as plan_slide  # noqa: E402
 from equislide.tiling.pipeline import tile_slide as tile_slide  # noqa: E402
 from equislide.tiling.pipeline import tiling_params as tiling_params  # noqa: E402
+from equislide.tiling.pipeline import write_samples as write_samples  # noqa: E402
 
 __all__ += [
+    "SamplePlan",
     "SampleResult",
+    "SlidePlan",
     "TileGrid",
     "analysis_scale",
     "core_grids",
     "core_tile_side",
+    "plan_slide",
     "tile_slide",
     "tiling_params",
     "tissue_grid",
+    "write_samples",
 ]

@@ -1,10 +1,11 @@
-"""From a slide file to per-sample tile stores: :func:`tile_slide`.
+"""From a slide file to per-sample tile stores: :func:`tile_slide`, or its two halves apart.
 
-One call handles one input file: open it, hash it, mask the tissue on a thumbnail, dearray it when
-it is a tissue microarray, lay the tile grid at the analysis resolution (see :mod:`.grid` for the
-planes and the tile / halo conventions), read the tiles with
-:meth:`~equislide.tiling.Slide.read_region_mpp` in batches of 32 (one zarr shard) and write each
-sample atomically with :func:`equislide.storage.open_sample_for_write`.
+:func:`plan_slide` opens one input file, hashes it, masks the tissue on a thumbnail, dearrays it when
+it is a tissue microarray and lays each sample's tile grid at the analysis resolution (see :mod:`.grid`
+for the planes and the tile / halo conventions). :func:`write_samples` reads the tiles of some of those
+samples with :meth:`~equislide.tiling.Slide.read_region_mpp` in batches of 32 (one zarr shard) and
+writes each sample atomically with :func:`equislide.storage.open_sample_for_write`. The split lets a
+cluster write the cores of one TMA slide on several workers at once.
 
 Samples: a whole slide is one sample (ID: the file stem made safe) with many tiles; a TMA slide
 gives one sample per core (``<slide>/<core name>``, e.g. ``tma01/B3``), each stored whole as a
@@ -20,8 +21,8 @@ Slides without a resolution (and no ``input_mpp``) are processed at native level
 warning in the result and in the sample metadata; they are never silently taken as some mpp.
 
 This module imports :mod:`equislide.storage` (the data flows from tiling into storage, never back);
-it has no Dask or Prefect: the CLI (and the flows) distribute calls of :func:`tile_slide` across
-workers.
+it has no Dask or Prefect: the CLI distributes calls of :func:`tile_slide` across workers, the
+cohort flow calls of :func:`plan_slide` and :func:`write_samples`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,16 @@ from .slide import open_slide
 from .tissue import tissue_mask
 from .tma import find_cores, is_tma
 
-__all__ = ["PIPELINE_FORMAT", "SampleResult", "tile_slide", "tiling_params"]
+__all__ = [
+    "PIPELINE_FORMAT",
+    "SamplePlan",
+    "SampleResult",
+    "SlidePlan",
+    "plan_slide",
+    "tile_slide",
+    "tiling_params",
+    "write_samples",
+]
 
 #: Version tag of the tiling parameters; part of every sample's parameter hash.
 PIPELINE_FORMAT = "equislide-tiling/1"
@@ -89,12 +99,60 @@ class SampleResult:
 
 
 @dataclass(frozen=True)
-class _Sample:
+class SamplePlan:
+    """One sample of an input, laid out and ready for :func:`write_samples` (picklable: a worker can take it).
+
+    Attributes:
+        path: The input file.
+        sample_id: ``slide`` or ``slide/core``.
+        input_sha256: SHA-256 of the input file.
+        params: :func:`tiling_params` of the run (keys the finished store).
+        input_mpp: µm per level-0 pixel overriding the metadata (None: the file's own).
+        analysis_mpp: The resolution tiles are read at (None: native level-0 pixels).
+        grid: The sample's tiles.
+        mask: The thumbnail tissue mask under the sample.
+        mask_l_origin: Analysis-pixel position of the mask's origin.
+        mask_downsample: Analysis pixels per mask pixel.
+        attrs: Metadata stored with the sample.
+        warnings: One-line warnings of the input.
+    """
+
+    path: str
     sample_id: str
+    input_sha256: str
+    params: dict[str, Any]
+    input_mpp: float | None
+    analysis_mpp: float | None
     grid: TileGrid
     mask: np.ndarray
     mask_l_origin: tuple[float, float]
-    extra: dict[str, Any]
+    mask_downsample: float
+    attrs: dict[str, Any]
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class SlidePlan:
+    """What tiling one input takes: :func:`plan_slide`'s result.
+
+    Attributes:
+        path: The input file.
+        input_sha256: Its SHA-256.
+        sample_ids: Every sample of the input, in order ((row, col) for TMA cores).
+        todo: Samples still to write.
+        finished: Samples already finished from the same input bytes and parameters.
+    """
+
+    path: str
+    input_sha256: str
+    sample_ids: list[str]
+    todo: list[SamplePlan]
+    finished: list[SampleResult]
+
+    def ordered(self, written: list[SampleResult]) -> list[SampleResult]:
+        """``finished`` and ``written`` in the input's sample order."""
+        rank = {sid: i for i, sid in enumerate(self.sample_ids)}
+        return sorted([*self.finished, *written], key=lambda r: rank[r.sample_id])
 
 
 def tiling_params(*, mpp: float, tile: int, halo: int, input_mpp: float | None, tma: str) -> dict[str, Any]:
@@ -126,6 +184,9 @@ def tile_slide(
 ) -> list[SampleResult]:
     """Tile one slide (or plain image) into per-sample zarr stores under ``out_root``.
 
+    The same as :func:`plan_slide` then :func:`write_samples` on every sample in one process; a
+    cluster runs the two apart, one ``write_samples`` per group of TMA cores.
+
     Args:
         path: The slide or image file.
         out_root: Folder of the run's stores; ``<out_root>/<sample_id>.zarr`` per sample.
@@ -149,13 +210,39 @@ def tile_slide(
         UnsupportedImageError: The image is under 16 analysis pixels on a side.
         ValueError: A bad parameter (the message names it).
     """
-    from equislide.storage import (
-        is_sample_done,
-        open_sample_for_write,
-        safe_sample_id,
-        sample_store_path,
-        sha256_file,
+    plan = plan_slide(
+        path,
+        out_root,
+        sample_id=sample_id,
+        mpp=mpp,
+        tile=tile,
+        halo=halo,
+        input_mpp=input_mpp,
+        tma=tma,
+        input_sha256=input_sha256,
     )
+    return plan.ordered(write_samples(plan.todo, out_root, progress=progress))
+
+
+def plan_slide(
+    path: str | os.PathLike[str],
+    out_root: str | os.PathLike[str],
+    *,
+    sample_id: str | None = None,
+    mpp: float = 2.5,
+    tile: int = 512,
+    halo: int = 32,
+    input_mpp: float | None = None,
+    tma: TmaMode = "auto",
+    input_sha256: str | None = None,
+) -> SlidePlan:
+    """Open, hash and mask one input, dearray it when it is a TMA, and lay out each sample's tiles.
+
+    Reads only the thumbnail. Samples already finished under ``out_root`` from the same input bytes
+    and parameters come back in ``finished``; the rest in ``todo``, for :func:`write_samples`.
+    Arguments and errors: as :func:`tile_slide`.
+    """
+    from equislide.storage import is_sample_done, safe_sample_id, sample_store_path, sha256_file
 
     if tma not in ("auto", "yes", "no"):
         raise ValueError(f"tma={tma!r}; use 'auto', 'yes' or 'no'")
@@ -187,7 +274,8 @@ def tile_slide(
             )
         # A whole slide that is not a TMA is one sample: skip it before any pixel is read.
         if tma == "no" and is_sample_done(out_root, slide_id, input_sha256=sha, params=params):
-            return [_skipped(out_root, slide_id, sha, sample_store_path)]
+            done = _skipped(out_root, slide_id, sha, sample_store_path)
+            return SlidePlan(str(path), sha, [slide_id], [], [done])
 
         rgb, m_ds_x = slide.thumbnail(max_size=THUMBNAIL_MAX)
         m_ds = (m_ds_x, l0_h / rgb.shape[0])  # level-0 px per mask px along (x, y)
@@ -199,7 +287,6 @@ def tile_slide(
         l_per_m = (m_ds[0] / l0_per_l[0], m_ds[1] / l0_per_l[1])
         dearray = tma == "yes" or (tma == "auto" and is_tma(mask, m_mpp))
 
-        samples: list[_Sample] = []
         common = {
             "source_path": str(path.resolve()),
             "mpp": analysis_mpp,
@@ -210,6 +297,8 @@ def tile_slide(
             "l0_per_l": [float(v) for v in l0_per_l],
             "warnings": list(warnings),
         }
+        # (sample_id, grid, mask crop, its origin, extra attributes)
+        layout: list[tuple[str, TileGrid, np.ndarray, tuple[float, float], dict[str, Any]]] = []
         if dearray:
             cores = find_cores(mask, mpp=m_mpp)
             if not cores:
@@ -223,31 +312,80 @@ def tile_slide(
                     "core": {"name": core.name, "row": core.row, "col": core.col},
                     "slide_sample_id": slide_id,
                 }
-                samples.append(_Sample(f"{slide_id}/{safe_sample_id(core.name)}", grid, crop, origin, extra))
+                layout.append((f"{slide_id}/{safe_sample_id(core.name)}", grid, crop, origin, extra))
         else:
             grid = tissue_grid(mask, l_size=l_size, l_per_m=l_per_m, tile=tile, halo=halo, l0_per_l=l0_per_l)
-            samples.append(_Sample(slide_id, grid, mask, (0.0, 0.0), {"kind": "slide"}))
+            layout.append((slide_id, grid, mask, (0.0, 0.0), {"kind": "slide"}))
 
-        results = []
+    plan = SlidePlan(str(path), sha, [sid for sid, *_ in layout], [], [])
+    for sid, grid, crop, origin, extra in layout:
+        if is_sample_done(out_root, sid, input_sha256=sha, params=params):
+            plan.finished.append(_skipped(out_root, sid, sha, sample_store_path, warnings))
+            continue
+        attrs = {
+            **common,
+            **extra,
+            "grid_shape": list(grid.grid_shape),
+            "tissue_mask_l_origin": [float(v) for v in origin],
+        }
+        plan.todo.append(
+            SamplePlan(
+                str(path),
+                sid,
+                sha,
+                params,
+                input_mpp,
+                analysis_mpp,
+                grid,
+                crop,
+                origin,
+                float(l_per_m[0]),
+                attrs,
+                tuple(warnings),
+            )
+        )
+    return plan
+
+
+def write_samples(
+    samples: list[SamplePlan],
+    out_root: str | os.PathLike[str],
+    *,
+    progress: ProgressCallback | None = None,
+) -> list[SampleResult]:
+    """Read and store the tiles of planned samples (of one input), each store written atomically.
+
+    Opens the input once for all of ``samples``. A sample finished in the meantime (another run over
+    the same folder) is skipped.
+
+    Raises:
+        SlideError: The input cannot be opened or read.
+        ValueError: The samples come from more than one input.
+    """
+    from equislide.storage import is_sample_done, open_sample_for_write, sample_store_path
+
+    if not samples:
+        return []
+    if len({(s.path, s.input_mpp) for s in samples}) > 1:
+        raise ValueError("write_samples takes the samples of one input; got several")
+    results = []
+    with open_slide(samples[0].path, input_mpp=samples[0].input_mpp) as slide:
         for sample in samples:
+            sha, params = sample.input_sha256, sample.params
             if is_sample_done(out_root, sample.sample_id, input_sha256=sha, params=params):
-                results.append(_skipped(out_root, sample.sample_id, sha, sample_store_path, warnings))
+                results.append(
+                    _skipped(out_root, sample.sample_id, sha, sample_store_path, list(sample.warnings))
+                )
                 continue
             t0 = time.perf_counter()
             grid = sample.grid
-            attrs = {
-                **common,
-                **sample.extra,
-                "grid_shape": list(grid.grid_shape),
-                "tissue_mask_l_origin": [float(v) for v in sample.mask_l_origin],
-            }
             with open_sample_for_write(
                 out_root,
                 sample.sample_id,
                 n_tiles=grid.n_tiles,
                 tile=grid.tile,
                 halo=grid.halo,
-                attrs=attrs,
+                attrs=sample.attrs,
                 params=params,
                 input_sha256=sha,
                 shard_tiles=BATCH_TILES,
@@ -258,11 +396,13 @@ def tile_slide(
                     batch = np.empty((stop - start, grid.side, grid.side, 3), np.uint8)
                     for i in range(start, stop):
                         l0_xy = (int(l0_read[i, 0]), int(l0_read[i, 1]))
-                        batch[i - start] = slide.read_region_mpp(l0_xy, (grid.side, grid.side), analysis_mpp)
+                        batch[i - start] = slide.read_region_mpp(
+                            l0_xy, (grid.side, grid.side), sample.analysis_mpp
+                        )
                     writer.write_tiles(start, batch, grid.l_xy[start:stop])
                     if progress is not None:
                         progress(sample.sample_id, stop, grid.n_tiles)
-                writer.write_tissue_mask(sample.mask, downsample=float(l_per_m[0]))
+                writer.write_tissue_mask(sample.mask, downsample=sample.mask_downsample)
             results.append(
                 SampleResult(
                     sample.sample_id,
@@ -271,11 +411,11 @@ def tile_slide(
                     grid.n_tiles,
                     grid.side,
                     sha,
-                    list(warnings),
+                    list(sample.warnings),
                     time.perf_counter() - t0,
                 )
             )
-        return results
+    return results
 
 
 def _skipped(

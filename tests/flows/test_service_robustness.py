@@ -129,6 +129,42 @@ def test_real_slides_end_to_end(shared_data, prefect_harness, dask_cluster, tmp_
         assert np.isfinite(feats[:]).all(), sid
 
 
+def _corrupt_tile_under(path: Path, level: int, x: float, y: float) -> int:
+    """Zero the JPEG tile of pyramid ``level`` under the level-0 point (x, y); returns how many bytes."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[level]
+        x, y = x * page.imagewidth / tif.pages[0].imagewidth, y * page.imagelength / tif.pages[0].imagelength
+        tiles_across = -(-page.imagewidth // page.tilewidth)
+        index = int(y) // page.tilelength * tiles_across + int(x) // page.tilewidth
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(bytes(count))
+    return count
+
+
+def test_an_unreadable_core_fails_alone(prefect_harness, dask_cluster, tmp_path):
+    """One TMA core's pixels are corrupt in the level its tiles are read from (4 µm/px for 5 µm/px;
+    the thumbnail comes from the 2 µm/px level, so planning works): that core fails with a one-line
+    reason naming it, and every other core of the slide finishes."""
+    from equislide.tiling import write_phantom
+
+    info = write_phantom(tmp_path / "tma.tiff", cores=4, core_diameter_um=800.0, mpp=1.0, seed=2, missing=0)
+    a1 = info.core("A1")
+    assert _corrupt_tile_under(Path(info.image_path), 2, a1.l0_x, a1.l0_y) > 0
+    report = _run([info.image_path], tmp_path / "out", dask_cluster.scheduler_address, **PHANTOM_OPTIONS)
+    status = {sid: s["status"] for sid, s in report["samples"].items()}
+    assert status == {"tma/A1": "failed", "tma/A2": "done", "tma/B1": "done", "tma/B2": "done"}
+    error = report["samples"]["tma/A1"]["error"]
+    assert error.startswith("tile: ") and "\n" not in error, error
+    (record,) = report["inputs"]
+    assert record["status"] == "failed" and "tma/A1" in record["reason"]
+    for sid in ("tma/A2", "tma/B1", "tma/B2"):
+        assert Path(report["samples"][sid]["outputs"]["overlay_png"]).is_file()
+
+
 # --- 2. a worker killed mid-run ---------------------------------------------------------------------
 
 

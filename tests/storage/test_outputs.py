@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -413,3 +414,38 @@ def test_stitch_store_chains_into_ome_geojson_and_overlay(tmp_path):
     assert min(p[0] for p in first) == 400.0 and max(p[0] for p in first) == 400.0 + 16 * 4
     assert min(p[1] for p in first) == 144.0
     write_overlay_png(tmp_path / "A1.png", image, labels)
+
+
+def test_overlay_image_is_finer_than_the_label_grid(tmp_path):
+    """Overlays are drawn from the tiles at the finest power-of-two downsample that fits, not at the
+    feature stride (a TMA core at layer 4 would be ~10 px); labels scale onto it by a whole factor."""
+    import base64
+
+    from PIL import Image
+
+    from equislide.storage import open_sample_for_write, thumbnail_data_uri
+
+    tile, halo, stride = 16, 4, 8
+    coords = np.array([[0, 0], [16, 0], [0, 16], [16, 16]])
+    tiles = np.zeros((4, tile + 2 * halo, tile + 2 * halo, 3), np.uint8)
+    for i in range(4):
+        tiles[i] = 40 * (i + 1)
+    tiles[0, halo : halo + 2, halo : halo + 2] = 255  # a 2 px detail the label grid cannot show
+    with open_sample_for_write(tmp_path, "s", n_tiles=4, tile=tile, halo=halo, attrs={"mpp": 2.0}) as w:
+        w.write_tiles(0, tiles, coords)
+    labels = np.ones((4, 2, 2), np.int64)
+    store = tmp_path / "s.zarr"
+    assert stitch_store(store, labels, stride=stride)["overlay_image"] is None
+    full = stitch_store(store, labels, stride=stride, overlay_max=32)["overlay_image"]
+    assert full.shape == (32, 32, 3)
+    assert (full[:2, :2] == 255).all() and (full[2:16, 2:16] == 40).all() and (full[16:, 16:] == 160).all()
+    half = stitch_store(store, labels, stride=stride, overlay_max=16)["overlay_image"]
+    assert half.shape == (16, 16, 3) and (half[0, 0] == 255).all() and (half[8:, 8:] == 160).all()
+    coarse = stitch_store(store, labels, stride=stride, overlay_max=2)
+    np.testing.assert_array_equal(coarse["overlay_image"], coarse["image"])  # never coarser than labels
+
+    png = write_overlay_png(tmp_path / "s.png", full, np.ones((4, 4), np.int64), legend=False)
+    uri = thumbnail_data_uri(png, max_side=8)
+    assert uri.startswith("data:image/jpeg;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as thumb:
+        assert thumb.format == "JPEG" and max(thumb.size) == 8

@@ -192,3 +192,29 @@ def test_phantom_tma_end_to_end(tmp_path: Path, seed: int) -> None:
         truth = info.core(core.name)
         # Pale fat is not in the mask, so a centroid may sit off the core's centre, never a pitch off.
         assert math.dist(core.centroid, (truth.l0_x / downsample, truth.l0_y / downsample)) < 0.25 * pitch
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_large_phantom_tma_with_fat_cut_cores(tmp_path: Path, seed: int) -> None:
+    """64 cores at ~6 µm per thumbnail pixel: fat cuts cores into crescents and islands, names still hold.
+
+    Regression: the lattice was once fitted on the fragments' own centroids, read a pitch 20 % short,
+    opened a ninth column and called the array no TMA at all.
+    """
+    from equislide.tiling import write_phantom
+
+    info = write_phantom(
+        tmp_path / "tma64.tiff", cores=64, seed=seed, mpp=4.0, core_diameter_um=600.0, missing=0
+    )
+    with open_slide(tmp_path / "tma64.tiff") as slide:
+        rgb, downsample = slide.thumbnail(max_size=1024)
+        mpp = slide.mpp[0] * downsample
+    assert mpp > 5.0  # the coarse thumbnail the bug needs
+    mask = tissue_mask(rgb, mpp=mpp)
+    assert is_tma(mask, mpp)
+    cores = find_cores(mask, mpp=mpp)
+    assert sorted(c.name for c in cores) == sorted(c.name for c in info.cores)
+    for core in cores:
+        truth = info.core(core.name)
+        diameter = 600.0 / mpp
+        assert math.dist(core.centroid, (truth.l0_x / downsample, truth.l0_y / downsample)) < 0.35 * diameter

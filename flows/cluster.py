@@ -1,0 +1,208 @@
+"""Where a cohort runs: the Dask task runner, the Prefect API its workers report to, and what the cluster has.
+
+Why the worker environment matters: Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``,
+and setting any glibc malloc threshold turns off glibc's adaptive mmap threshold, so every tensor over
+128 KiB is mmap-ed and unmapped again, page faults included: SRENet features ran 2.1x slower in a Dask
+worker than in a plain process (0.273 vs 0.129 s per TMA core, width 16, layer 3, one thread). Local
+clusters here start their workers with ``MALLOC_MMAP_THRESHOLD_`` at glibc's own adaptive ceiling
+(32 MiB), which restores the plain-process speed and keeps Dask's trimming; :func:`worker_warnings`
+tells when the workers of an existing cluster lack it.
+
+Why the API matters: with no ``PREFECT_API_URL`` Prefect starts a temporary server *per process* on
+first use. The flow's settings travel with every task to the Dask workers, and in that mode they hold
+no URL, so each worker process would start its own uvicorn server on the same SQLite database: about
+6 s of start-up per worker on its first task (measured on 2 CPU cores), an extra ~250 MB process per
+worker, and task runs that never reach the server the user watches. :func:`shared_prefect_api` starts
+the one temporary server up front and points the flow (and through its settings, every task) at it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+from prefect.context import FlowRunContext
+from prefect_dask import DaskTaskRunner
+
+__all__ = [
+    "SCHEDULER_ENV",
+    "WORKER_PRE_SPAWN_ENV",
+    "all_cores",
+    "api_reachable_from",
+    "cluster_description",
+    "gpu_workers",
+    "make_task_runner",
+    "shared_prefect_api",
+    "worker_environment",
+    "worker_warnings",
+]
+
+#: Environment variable naming an existing Dask scheduler (``tcp://host:8786``).
+SCHEDULER_ENV = "EQUISLIDE_SCHEDULER"
+#: Environment of every local worker process from its start (Dask's nanny "pre-spawn" environment).
+WORKER_PRE_SPAWN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
+
+
+@contextlib.contextmanager
+def shared_prefect_api() -> Iterator[str | None]:
+    """Run the block with ``PREFECT_API_URL`` set: the configured server, else one temporary local one.
+
+    Yields:
+        The API URL the flow and its tasks use (None when ephemeral mode is off and no URL is set;
+        Prefect then raises its own error on first use).
+    """
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        yield str(settings.api.url)
+        return
+    if not settings.server.ephemeral.enabled:
+        yield None
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the process-wide instance Prefect's own clients would start
+    server.start(timeout=settings.server.ephemeral.startup_timeout_seconds)
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield server.api_url
+
+
+@contextlib.contextmanager
+def worker_environment() -> Iterator[None]:
+    """Dask config for the block: worker processes started in it get :data:`WORKER_PRE_SPAWN_ENV`."""
+    import dask
+
+    key = "distributed.nanny.pre-spawn-environ"
+    with dask.config.set({f"{key}.{name}": value for name, value in WORKER_PRE_SPAWN_ENV.items()}):
+        yield
+
+
+def _worker_malloc_env() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
+
+
+def worker_warnings(client: Any | None = None) -> list[str]:
+    """One line per problem with the Dask workers (their malloc settings) of ``client``, by default the
+    running flow's."""
+    client = client or _runner_client()
+    if client is None:
+        return []
+    envs = client.run(_worker_malloc_env)
+    slow = sorted(
+        a for a, e in envs.items() if e["MALLOC_TRIM_THRESHOLD_"] and not e["MALLOC_MMAP_THRESHOLD_"]
+    )
+    if not slow:
+        return []
+    return [
+        f"{len(slow)} of {len(envs)} Dask workers set MALLOC_TRIM_THRESHOLD_ without MALLOC_MMAP_THRESHOLD_: "
+        "feature extraction runs about 2x slower there; start them with "
+        "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_MMAP_THRESHOLD_=33554432"
+    ]
+
+
+@contextlib.contextmanager
+def all_cores() -> Iterator[int]:
+    """Let torch use every core this process may run on, for the block; yields that count.
+
+    For barrier stages (BatchNorm calibration, the cohort K-means): one task runs while every other
+    worker waits for it, so the single-threaded worker (Dask pins BLAS/OpenMP to one thread) may borrow
+    the node's idle cores. Restores the previous thread count after.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(cores)
+    try:
+        yield cores
+    finally:
+        torch.set_num_threads(before)
+
+
+def api_reachable_from(scheduler: str | None, api_url: str | None) -> str | None:
+    """A warning when workers behind ``scheduler`` on another host cannot reach ``api_url``, else None."""
+    if not scheduler or not api_url:
+        return None
+    sched_host = urlparse(scheduler if "://" in scheduler else f"tcp://{scheduler}").hostname or ""
+    api_host = urlparse(api_url).hostname or ""
+    if api_host in _LOCAL_HOSTS and sched_host not in _LOCAL_HOSTS:
+        return (
+            f"the Prefect API {api_url} is local to this machine but the Dask scheduler {scheduler} is not: "
+            "workers on other hosts cannot report to it; run `prefect server start` on a reachable host "
+            "and set PREFECT_API_URL here"
+        )
+    return None
+
+
+def _runner_client() -> Any | None:
+    ctx = FlowRunContext.get()
+    runner = getattr(ctx, "task_runner", None) if ctx else None
+    return runner.client if isinstance(runner, DaskTaskRunner) else None
+
+
+def gpu_workers() -> int:
+    """Workers of the running flow's Dask cluster advertising a ``GPU`` resource (0 off Dask)."""
+    client = _runner_client()
+    if client is None:
+        return 0
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return sum(1 for w in workers if (w.get("resources") or {}).get("GPU", 0) >= 1)
+
+
+def cluster_description() -> dict[str, Any]:
+    """The running flow's task runner: scheduler, workers, threads, GPU workers (for the report)."""
+    ctx = FlowRunContext.get()
+    client = _runner_client()
+    if client is None:
+        runner = getattr(ctx, "task_runner", None) if ctx else None
+        return {"task_runner": type(runner).__name__ if runner else None}
+    info = client.scheduler_info(n_workers=-1)
+    workers = info["workers"].values()
+    return {
+        "task_runner": "DaskTaskRunner",
+        "scheduler": info.get("address"),
+        "workers": len(workers),
+        "threads": sum(int(w.get("nthreads", 0)) for w in workers),
+        "gpu_workers": sum(1 for w in workers if (w.get("resources") or {}).get("GPU", 0) >= 1),
+    }
+
+
+def make_task_runner(*, scheduler: str | None = None, workers: int | None = None) -> DaskTaskRunner:
+    """The Dask task runner: an existing scheduler, else a local cluster sized to the machine.
+
+    Args:
+        scheduler: ``tcp://host:8786`` of an existing cluster (default: ``$EQUISLIDE_SCHEDULER``).
+        workers: Worker processes of a local cluster (default: one per CPU core, or one per GPU).
+
+    Returns:
+        ``DaskTaskRunner(address=...)``; or a ``dask_cuda.LocalCUDACluster`` (one worker per GPU, each
+        advertising ``resources={"GPU": 1}``) when dask-cuda imports and sees GPUs; else a
+        ``distributed.LocalCluster`` of single-threaded processes (Dask pins each to one BLAS/OpenMP
+        thread, so N workers use N cores).
+    """
+    address = scheduler or os.environ.get(SCHEDULER_ENV)
+    if address:
+        return DaskTaskRunner(address=address)
+    try:
+        from dask_cuda.utils import get_n_gpus
+
+        n_gpus = int(get_n_gpus())
+    except Exception:  # dask-cuda missing, or no NVIDIA driver
+        n_gpus = 0
+    common = {"dashboard_address": None, "silence_logs": logging.ERROR}
+    if n_gpus:
+        kwargs = {**common, "resources": {"GPU": 1}}
+        if workers:
+            kwargs["n_workers"] = min(workers, n_gpus)
+        return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=kwargs)
+    n = workers or os.cpu_count() or 1
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={**common, "n_workers": n, "threads_per_worker": 1, "processes": True},
+    )
