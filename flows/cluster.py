@@ -29,6 +29,7 @@ from prefect.context import FlowRunContext
 from prefect_dask import DaskTaskRunner
 
 __all__ = [
+    "PRELOAD",
     "SCHEDULER_ENV",
     "WORKER_PRE_SPAWN_ENV",
     "all_cores",
@@ -43,6 +44,8 @@ __all__ = [
 
 #: Environment variable naming an existing Dask scheduler (``tcp://host:8786``).
 SCHEDULER_ENV = "EQUISLIDE_SCHEDULER"
+#: Module every local worker imports at start (``dask worker --preload`` for an existing cluster).
+PRELOAD = "equislide.flows._preload"
 #: Environment of every local worker process from its start (Dask's nanny "pre-spawn" environment).
 WORKER_PRE_SPAWN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
@@ -184,7 +187,7 @@ def make_task_runner(*, scheduler: str | None = None, workers: int | None = None
         ``DaskTaskRunner(address=...)``; or a ``dask_cuda.LocalCUDACluster`` (one worker per GPU, each
         advertising ``resources={"GPU": 1}``) when dask-cuda imports and sees GPUs; else a
         ``distributed.LocalCluster`` of single-threaded processes (Dask pins each to one BLAS/OpenMP
-        thread, so N workers use N cores).
+        thread, so N workers use N cores). Local workers preload :data:`PRELOAD`.
     """
     address = scheduler or os.environ.get(SCHEDULER_ENV)
     if address:
@@ -195,7 +198,7 @@ def make_task_runner(*, scheduler: str | None = None, workers: int | None = None
         n_gpus = int(get_n_gpus())
     except Exception:  # dask-cuda missing, or no NVIDIA driver
         n_gpus = 0
-    common = {"dashboard_address": None, "silence_logs": logging.ERROR}
+    common = {"dashboard_address": None, "silence_logs": logging.ERROR, "preload": [PRELOAD]}
     if n_gpus:
         kwargs = {**common, "resources": {"GPU": 1}}
         if workers:

@@ -1,26 +1,39 @@
 """The cohort flow: slides -> tile stores -> features -> K-means -> label maps -> outputs -> run report.
 
-Stages (each a Prefect task whose body is one library call; the flow only submits and waits):
+Stages (Prefect tasks whose bodies are library calls; the flow only submits and waits). Per-sample
+stages run in contiguous groups of samples, about two tasks per worker (:func:`_groups`): each Prefect
+task run costs API calls and state changes, while a group's samples still succeed or fail one by one.
 
-1. ``tile`` per input: :func:`equislide.tiling.tile_slide` -> ``OUT/tiles/<sample>.zarr``.
+0. ``cluster``: the first use of the task runner starts a local cluster (timed apart in ``run.json``).
+1. ``plan`` per input: :func:`equislide.tiling.plan_slide` (hash, thumbnail, tissue mask, TMA cores,
+   tile grids); then ``tile`` per group of its samples: :func:`equislide.tiling.write_samples` ->
+   ``OUT/tiles/<sample>.zarr``, so the cores of one TMA slide are tiled on several workers.
 2. ``backbone`` once: :func:`equislide.models.pipeline.calibrated_backbone` (given weights, or a seeded
    random initialisation with BatchNorm recalibrated on the cohort's tiles, saved under ``OUT/models``).
-3. ``features`` per sample: :func:`~equislide.models.pipeline.extract_store_features` (float16, beside
-   the tiles). Annotated ``resources={"GPU": 1}`` only when the cluster has workers advertising a GPU.
-4. ``kmeans`` once (``fit="cohort"``): :func:`~equislide.models.pipeline.fit_cohort_stores`.
-5. ``segment`` per sample: :func:`~equislide.models.pipeline.segment_store` -> ``OUT/samples/<sample>``
+3. ``features`` per group: :func:`~equislide.models.pipeline.extract_store_features` (float16, beside
+   the tiles), then (``fit="cohort"``) :func:`~equislide.models.pipeline.draw_store_vectors`, the
+   sample's share of the K-means vectors. Annotated ``resources={"GPU": 1}`` only when the cluster has
+   workers advertising a GPU.
+4. ``kmeans`` once (``fit="cohort"``): :func:`~equislide.models.pipeline.fit_cohort_stores` stacks the
+   draws and fits.
+5. ``segment`` per group: :func:`~equislide.models.pipeline.segment_store` -> ``OUT/samples/<sample>``
    ``.ome.zarr`` / ``.png`` / ``.geojson`` (fitting K-means per sample first when ``fit="per-sample"``).
 6. ``report``: :func:`equislide.storage.write_manifest` -> ``OUT/run.json``; Prefect artifacts (progress,
-   a per-sample table, a markdown summary).
+   a per-sample table, a markdown summary with overlay thumbnails).
+
+The two barrier stages (2 and 4: one task while every other worker waits) let torch use every core of
+their node (:func:`~equislide.flows.cluster.all_cores`). Where the flow runs and which Prefect API its
+workers report to: :mod:`equislide.flows.cluster`.
 
 Resume: every library stage skips results already finished from the same inputs and parameters (done
-markers in the stores, keyed model files, ``<sample>.segment.json``), so Prefect's own result caching is
-off (``cache_policy=NO_CACHE``): a cache hit could not tell that an output was deleted, and arrays are
-never pickled into Prefect's result storage. Task run names carry the sample ID; logs go to the Prefect
-UI through :func:`prefect.get_run_logger`.
+markers in the stores, keyed model and draw files, ``<sample>.segment.json``), so Prefect's own result
+caching is off (``cache_policy=NO_CACHE``): a cache hit could not tell that an output was deleted, and
+arrays are never pickled into Prefect's result storage. Task run names carry the sample IDs; logs go to
+the Prefect UI through :func:`prefect.get_run_logger`.
 
 A bad input never stops the others: its task fails (slide errors are not retried; I/O errors are), the
-flow records one line saying why, and every other sample goes on.
+flow records one line saying why, and every other sample goes on; a sample that fails inside a group
+fails alone.
 """
 
 from __future__ import annotations

@@ -43,13 +43,15 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def dask_cluster():
     """One real ``distributed.LocalCluster`` (2 single-threaded worker processes) per session, with the
-    worker environment local runs get (see ``equislide.flows.cluster.worker_environment``)."""
+    environment and preload local runs get (see ``equislide.flows.cluster``)."""
     from distributed import LocalCluster
 
-    from equislide.flows.cluster import worker_environment
+    from equislide.flows.cluster import PRELOAD, worker_environment
 
     with worker_environment():
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, preload=[PRELOAD]
+        )
     with cluster:
         yield cluster
 

@@ -1,0 +1,15 @@
+"""Dask worker preload (``--preload equislide.flows._preload``): import what every task needs once, at start.
+
+A worker's first task would otherwise import torch, the networks, Prefect's task engine and the flow
+module while its task waits (~3-5 s on 2 busy cores); at start-up all workers do it at once, before
+the cluster counts as up, so no stage of a run pays it.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401
+
+import equislide.flows.cohort  # noqa: F401  (Prefect, prefect-dask, tiling, storage)
+import equislide.models.extract  # noqa: F401
+import equislide.models.pipeline  # noqa: F401
+import equislide.models.srenet  # noqa: F401
