@@ -370,7 +370,7 @@ def cohort_flow(
 
     # 3. features per sample (GPU-annotated only where workers advertise a GPU: CPU clusters never hang)
     t0 = time.perf_counter()
-    gpu = gpu_workers() > 0
+    gpu = gpu_workers() > 0  # asked again, not from the start: GPU workers may have joined since
 
     def features_done(sid: str, res: dict[str, Any]) -> None:
         samples[sid]["features"] = res["status"]
@@ -485,7 +485,7 @@ def cohort_flow(
 
 def _collect(
     stage: str,
-    submitted: dict[Any, list[tuple[str, str]]],
+    submitted: dict[Any, list[tuple[str, Any]]],
     done: Callable[[str, dict[str, Any]], None],
     fail: Callable[[str, str], None],
     *,
@@ -520,41 +520,17 @@ def _tile_stage(
     errors: dict[str, str],
     timings: dict[str, dict[str, float]],
 ) -> None:
-    """Plan every input, then write its samples in up to ``2 * workers`` groups as plans arrive.
+    """Plan every input, then write its samples in groups (:func:`_groups`) as the plans arrive.
 
-    Fills ``records`` (per input), ``samples``, ``errors`` (a failed group fails its samples only) and
-    ``timings``. Groups are contiguous runs of samples (neighbouring TMA cores share slide reads).
+    Fills ``records`` (per input), ``samples``, ``errors`` (a sample that cannot be tiled fails alone)
+    and ``timings``. Groups are contiguous runs of samples (neighbouring TMA cores share slide reads).
     """
     logger = get_run_logger()
     plans: dict[str, SlidePlan] = {}
+    owner: dict[str, str] = {}  # sample ID -> input
     written: dict[str, list[SampleResult]] = {p: [] for p in ids}
-    pending: dict[str, int] = {}  # input -> groups still running
-    groups: dict[Any, tuple[str, list[SamplePlan]]] = {}
+    groups: dict[Any, list[tuple[str, SamplePlan]]] = {}
     plan_futures = {plan_task.submit(p, tiles_root, ids[p], tiling): p for p in ids}
-    done_inputs = 0
-
-    def input_done() -> None:
-        nonlocal done_inputs
-        done_inputs += 1
-        _notify("tile", done_inputs, len(plan_futures))
-
-    def finish(path: str) -> None:
-        results = plans[path].ordered(written[path])
-        records[path] = {
-            "path": path,
-            "sample_id": ids[path],
-            "sha256": plans[path].input_sha256,
-            "status": "ok",
-            "reason": None,
-            "samples": list(plans[path].sample_ids),
-            "tiles": sum(r.n_tiles for r in results),
-            "warnings": sorted({w for r in results for w in r.warnings}),
-        }
-        for r in results:
-            samples[r.sample_id] = {"store": str(r.store), "input": path, "tiles": r.status}
-            timings[r.sample_id] = {"tile_s": round(r.seconds, 3)}
-        input_done()
-
     for fut in as_completed(list(plan_futures)):
         path = plan_futures[fut]
         reason = _failure(fut)
@@ -562,31 +538,34 @@ def _tile_stage(
             err = fut.result(raise_on_failure=False)
             records[path] = failed_record(path, reason, type(err).__name__, sample_id=ids[path])
             logger.warning("FAILED %s: %s", path, reason)
-            input_done()
             continue
         plan = plans[path] = fut.result()
-        chunks = _groups(plan.todo, workers)
-        pending[path] = len(chunks)
-        for chunk in chunks:
-            groups[tile_task.submit(chunk, tiles_root, _label([s.sample_id for s in chunk]))] = (path, chunk)
-        if not chunks:
-            finish(path)
-    for fut in as_completed(list(groups)):
-        path, chunk = groups[fut]
-        reason = _failure(fut)
-        failed = {s.sample_id: reason for s in chunk} if reason is not None else {}
-        for item in fut.result() if reason is None else []:
-            if "reason" in item:
-                failed[item["sample_id"]] = item["reason"]
-            else:
-                written[path].append(item["result"])
-        for sid, why in failed.items():  # a store never finished: later stages skip the sample
-            samples[sid] = {"store": str(sample_store_path(tiles_root, sid)), "input": path}
-            errors[sid] = f"tile: {why}"
-            logger.warning("FAILED %s: tile: %s", sid, why)
-        pending[path] -= 1
-        if pending[path] == 0:
-            finish(path)
+        owner.update(dict.fromkeys(plan.sample_ids, path))
+        for chunk in _groups(plan.todo, workers):
+            label = _label([s.sample_id for s in chunk])
+            groups[tile_task.submit(chunk, tiles_root, label)] = [(s.sample_id, s) for s in chunk]
+
+    def untiled(sid: str, reason: str) -> None:  # a store never finished: later stages skip the sample
+        samples[sid] = {"store": str(sample_store_path(tiles_root, sid)), "input": owner[sid]}
+        errors[sid] = reason
+        logger.warning("FAILED %s: %s", sid, reason)
+
+    _collect("tile", groups, lambda sid, result: written[owner[sid]].append(result), untiled)
+    for path, plan in plans.items():
+        results = plan.ordered(written[path])
+        records[path] = {
+            "path": path,
+            "sample_id": ids[path],
+            "sha256": plan.input_sha256,
+            "status": "ok",
+            "reason": None,
+            "samples": list(plan.sample_ids),
+            "tiles": sum(r.n_tiles for r in results),
+            "warnings": sorted({w for r in results for w in r.warnings}),
+        }
+        for r in results:
+            samples[r.sample_id] = {"store": str(r.store), "input": path, "tiles": r.status}
+            timings[r.sample_id] = {"tile_s": round(r.seconds, 3)}
 
 
 def _weights_note(backbone_info: dict[str, Any] | None, weights: str | None) -> str:
