@@ -28,6 +28,7 @@ stores are the interiors' top-left corners in analysis px ``(l_x, l_y)``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -69,14 +70,18 @@ _STREAM = 32
 _BACKBONES: dict[tuple[str, str, int, str], Any] = {}
 
 
-def _atomic_json(path: Path, doc: Mapping[str, Any]) -> None:
+def _atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
-        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _atomic_json(path: Path, doc: Mapping[str, Any]) -> None:
+    _atomic_bytes(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -387,14 +392,9 @@ def draw_store_vectors(
     _sample_tissue_vectors(store, layer, int(read_features_meta(store, layer)["stride"]), sampler)
     seen = any(sampler.n_seen(s) for s in sampler.sample_ids)
     vectors = sampler.sample if seen else np.empty((0, 0), np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, vectors.astype(np.float16))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, vectors.astype(np.float16))
+    _atomic_bytes(path, buf.getvalue())
     return {"path": str(path), "status": "written", "n_vectors": int(len(vectors))}
 
 

@@ -295,7 +295,9 @@ def stitch_store(
         mask_origin=mask_origin,
         **kwargs,
     )
-    tiles = zarr.open_group(zarr.storage.LocalStore(store_path, read_only=True), mode="r")["tiles"]
+    tiles = None
+    if image or overlay_max:
+        tiles = zarr.open_group(zarr.storage.LocalStore(store_path, read_only=True), mode="r")["tiles"]
     rgb = overlay = None
     if image:
         rgb = stitch_image(

@@ -107,8 +107,8 @@ def _merged_hulls(mask: np.ndarray, *, min_px: int = 16, rounds: int = 4) -> tup
     for _ in range(rounds):
         labels = label_components(hulls, connectivity=2)
         regions = [r for r in regionprops(labels) if r.area >= min_px]
-        if len(regions) == count:
-            break
+        if len(regions) == count:  # no hull merged: these are the hulls (all >= min_px by now)
+            return labels, regions
         count = len(regions)
         hulls = np.zeros_like(mask)
         for r in regions:
