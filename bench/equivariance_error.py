@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _data import data_dir
 from PIL import Image
 
 from equislide.models import e2cnn_resnet18, recalibrate_batchnorm, resnet18, srenet18
 from equislide.models.equivariance import rotation_errors
 
-DEFAULT_TILE = Path(__file__).resolve().parents[1].parent / "shared/data/tiles/nct-crc/TUM-AEPINLNQ.png"
+DEFAULT_TILE = data_dir() / "tiles" / "nct-crc" / "TUM-AEPINLNQ.png"
 ANGLES = (30.0, 45.0, 90.0)
 
 

@@ -11,8 +11,9 @@ Configurations:
 - Phantom TMAs of 4, 16, 64 cores with no empty position (``missing=0``), cores of 600 µm at 0.5 µm/px,
   so every core is dearrayed into its own sample (stored whole: 240 px + 32 px margin a side at
   2.5 µm/px): samples equal cores, and a second worker has samples to take.
-- The real slides: every ``*.svs`` in ``--slides`` (default ``$EQUISLIDE_BENCH_SLIDES`` or
-  ``/work/shared/data/slides``) as one cohort.
+- The real slides: every ``*.svs`` in ``--slides`` (default ``$EQUISLIDE_BENCH_SLIDES``, else
+  ``slides/`` of the data folder: ``$EQUISLIDE_DATA``, or ``../shared/data`` beside the repository) as
+  one cohort.
 
 The flow runs with ``equislide segment``'s defaults (SRENet-18 at full width, layer 4, 512 px tiles +
 32 px halo at 2.5 µm/px, cohort K-means k = 3) in two modes:
@@ -22,8 +23,9 @@ The flow runs with ``equislide segment``'s defaults (SRENet-18 at full width, la
 - ``weights``: a given checkpoint (the one the ``random`` run of the same configuration wrote), as in
   production with pre-trained weights: no calibration stage.
 
-Every run is a fresh process (its own ``LocalCluster`` of single-threaded worker processes and its own
-temporary Prefect server). Baseline: 1 worker on the same configuration and mode, measured in the same
+Every run is a fresh process (``bench/_pipeline_child.py``: its own ``LocalCluster`` of
+single-threaded worker processes and its own temporary Prefect server). Baseline: 1 worker on the
+same configuration and mode, measured in the same
 run; ``speed-up`` is the flow time of 1 worker over that of N workers (goal: >= 1.7 with 2), and
 ``w/o start`` the same without the local cluster's start-up (``cluster`` stage; a long-lived cluster
 given with ``--scheduler`` has none). ``flow s`` is the flow's own ``total_s`` from ``run.json``;
@@ -46,50 +48,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-_CHILD = r"""
-import json, os, sys, tempfile, threading, time
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp())
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-import psutil
+from _data import data_dir
 
-peak = {"tree": 0, "client": 0, "child": 0}
-stop = threading.Event()
-
-def sample_rss():
-    me = psutil.Process()
-    while not stop.is_set():
-        try:
-            client = me.memory_info().rss
-            kids = []
-            for c in me.children(recursive=True):
-                try:
-                    kids.append(c.memory_info().rss)
-                except psutil.Error:
-                    pass
-            peak["tree"] = max(peak["tree"], client + sum(kids))
-            peak["client"] = max(peak["client"], client)
-            peak["child"] = max([peak["child"], *kids])
-        except psutil.Error:
-            pass
-        stop.wait(0.1)
-
-from equislide.flows.cohort import run_cohort
-if __name__ == "__main__":
-    out, workers, weights, slides = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None, sys.argv[4:]
-    threading.Thread(target=sample_rss, daemon=True).start()
-    t0 = time.perf_counter()
-    rep = run_cohort(slides, out, workers=workers, weights=weights)
-    wall = time.perf_counter() - t0
-    stop.set()
-    failed = [s for s, v in rep["samples"].items() if v["status"] == "failed"]
-    print("RESULT " + json.dumps({"wall_s": wall, "timings": rep["timings"], "samples": len(rep["samples"]),
-                                  "failed": failed, **{f"{k}_mb": v / 2**20 for k, v in peak.items()}}))
-"""
+_CHILD = Path(__file__).with_name("_pipeline_child.py")
 
 
 def _run(slides: list[Path], workers: int, out: Path, weights: str | None) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(out), str(workers), weights or "", *map(str, slides)],
+        [sys.executable, str(_CHILD), str(out), str(workers), weights or "", *map(str, slides)],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
@@ -116,7 +82,7 @@ def main() -> None:
     parser.add_argument(
         "--slides",
         type=Path,
-        default=Path(os.environ.get("EQUISLIDE_BENCH_SLIDES", "/work/shared/data/slides")),
+        default=Path(os.environ.get("EQUISLIDE_BENCH_SLIDES") or data_dir() / "slides"),
         help="folder whose *.svs form the real-slide cohort (skipped when it has none)",
     )
     parser.add_argument(

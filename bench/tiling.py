@@ -24,15 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import openslide
+from _data import data_dir
 from PIL import Image
 
 from equislide.commands.tile import tile_one
+from equislide.stages.tile import tile_slide
 from equislide.storage import read_sample_meta
-from equislide.tiling import tile_slide, write_phantom
+from equislide.tiling import write_phantom
 
-DEFAULT_DATA = Path(
-    os.environ.get("EQUISLIDE_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared/data")
-)
+DEFAULT_DATA = data_dir()
 
 
 def naive_rate(path: Path, store: Path, input_mpp: float | None, mpp: float) -> tuple[int, float]:
@@ -81,7 +81,7 @@ def dask_rate(inputs: list[Path], work: Path, workers: int, options: dict) -> tu
         ) as cluster,
         Client(cluster) as client,
     ):
-        client.run(lambda: __import__("equislide.tiling.pipeline"))  # warm imports on every worker
+        client.run(lambda: __import__("equislide.stages.tile"))  # warm imports on every worker
         t1 = time.perf_counter()
         futures = [
             client.submit(tile_one, str(p), str(out), p.stem, options, pure=False, key=f"tile-{i}")

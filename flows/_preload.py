@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401
 
-import equislide.flows.cohort  # noqa: F401  (Prefect, prefect-dask, tiling, storage)
+import equislide.flows.cohort  # noqa: F401  (Prefect, prefect-dask, the stages, tiling, storage)
 import equislide.models.extract  # noqa: F401
-import equislide.models.pipeline  # noqa: F401
 import equislide.models.srenet  # noqa: F401
+import equislide.stages  # noqa: F401

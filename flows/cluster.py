@@ -30,6 +30,8 @@ from prefect_dask import DaskTaskRunner
 
 __all__ = [
     "PRELOAD",
+    "dask_client",
+    "local_cluster_spec",
     "SCHEDULER_ENV",
     "WORKER_PRE_SPAWN_ENV",
     "all_cores",
@@ -176,22 +178,15 @@ def cluster_description() -> dict[str, Any]:
     }
 
 
-def make_task_runner(*, scheduler: str | None = None, workers: int | None = None) -> DaskTaskRunner:
-    """The Dask task runner: an existing scheduler, else a local cluster sized to the machine.
+def local_cluster_spec(workers: int | None = None) -> tuple[str, dict[str, Any]]:
+    """``(cluster class, kwargs)`` of the local cluster both ``segment`` and ``tile`` start.
 
-    Args:
-        scheduler: ``tcp://host:8786`` of an existing cluster (default: ``$EQUISLIDE_SCHEDULER``).
-        workers: Worker processes of a local cluster (default: one per CPU core, or one per GPU).
-
-    Returns:
-        ``DaskTaskRunner(address=...)``; or a ``dask_cuda.LocalCUDACluster`` (one worker per GPU, each
-        advertising ``resources={"GPU": 1}``) when dask-cuda imports and sees GPUs; else a
-        ``distributed.LocalCluster`` of single-threaded processes (Dask pins each to one BLAS/OpenMP
-        thread, so N workers use N cores). Local workers preload :data:`PRELOAD`.
+    A ``dask_cuda.LocalCUDACluster`` (one worker per GPU, each advertising ``resources={"GPU": 1}``)
+    when dask-cuda imports and sees GPUs; else a ``distributed.LocalCluster`` of single-threaded
+    processes (Dask pins each to one BLAS/OpenMP thread, so N workers use N cores), ``workers`` of
+    them (default one per CPU core). Workers preload :data:`PRELOAD`; start them inside
+    :func:`worker_environment`.
     """
-    address = scheduler or os.environ.get(SCHEDULER_ENV)
-    if address:
-        return DaskTaskRunner(address=address)
     try:
         from dask_cuda.utils import get_n_gpus
 
@@ -203,9 +198,47 @@ def make_task_runner(*, scheduler: str | None = None, workers: int | None = None
         kwargs = {**common, "resources": {"GPU": 1}}
         if workers:
             kwargs["n_workers"] = min(workers, n_gpus)
-        return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=kwargs)
+        return "dask_cuda.LocalCUDACluster", kwargs
     n = workers or os.cpu_count() or 1
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={**common, "n_workers": n, "threads_per_worker": 1, "processes": True},
-    )
+    return "distributed.LocalCluster", {**common, "n_workers": n, "threads_per_worker": 1, "processes": True}
+
+
+def make_task_runner(*, scheduler: str | None = None, workers: int | None = None) -> DaskTaskRunner:
+    """The Dask task runner: an existing scheduler, else the local cluster of :func:`local_cluster_spec`.
+
+    Args:
+        scheduler: ``tcp://host:8786`` of an existing cluster (default: ``$EQUISLIDE_SCHEDULER``).
+        workers: Worker processes of a local cluster (default: one per CPU core, or one per GPU).
+    """
+    address = scheduler or os.environ.get(SCHEDULER_ENV)
+    if address:
+        return DaskTaskRunner(address=address)
+    cluster_class, kwargs = local_cluster_spec(workers)
+    return DaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=kwargs)
+
+
+@contextlib.contextmanager
+def dask_client(*, scheduler: str | None = None, workers: int | None = None) -> Iterator[Any]:
+    """A ``distributed.Client`` of an existing scheduler, or of the same local cluster a flow starts.
+
+    For commands that use Dask without Prefect (``equislide tile``); the cluster (if local) is closed
+    when the block ends.
+    """
+    import importlib
+
+    from distributed import Client
+
+    address = scheduler or os.environ.get(SCHEDULER_ENV)
+    if address:
+        with Client(address) as client:
+            yield client
+        return
+    cluster_class, kwargs = local_cluster_spec(workers)
+    module, _, name = cluster_class.rpartition(".")
+    with worker_environment():
+        cluster = getattr(importlib.import_module(module), name)(**kwargs)
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()

@@ -5,21 +5,24 @@ stages run in contiguous groups of samples, about two tasks per worker (:func:`_
 task run costs API calls and state changes, while a group's samples still succeed or fail one by one.
 
 0. ``cluster``: the first use of the task runner starts a local cluster (timed apart in ``run.json``).
-1. ``plan`` per input: :func:`equislide.tiling.plan_slide` (hash, thumbnail, tissue mask, TMA cores,
-   tile grids); then ``tile`` per group of its samples: :func:`equislide.tiling.write_samples` ->
-   ``OUT/tiles/<sample>.zarr``, so the cores of one TMA slide are tiled on several workers.
-2. ``backbone`` once: :func:`equislide.models.pipeline.calibrated_backbone` (given weights, or a seeded
+1. ``plan`` per input: :func:`equislide.stages.tile.plan_slide` (hash, thumbnail, tissue mask, TMA
+   cores, tile grids); then ``tile`` per group of its samples: :func:`equislide.stages.tile.write_samples`
+   -> ``OUT/tiles/<sample>.zarr``, so the cores of one TMA slide are tiled on several workers.
+2. ``backbone`` once: :func:`equislide.stages.backbone.calibrated_backbone` (given weights, or a seeded
    random initialisation with BatchNorm recalibrated on the cohort's tiles, saved under ``OUT/models``).
-3. ``features`` per group: :func:`~equislide.models.pipeline.extract_store_features` (float16, beside
-   the tiles), then (``fit="cohort"``) :func:`~equislide.models.pipeline.draw_store_vectors`, the
+3. ``features`` per group: :func:`equislide.stages.features.extract_store_features` (float16, beside
+   the tiles), then (``fit="cohort"``) :func:`~equislide.stages.features.draw_store_vectors`, the
    sample's share of the K-means vectors. Annotated ``resources={"GPU": 1}`` only when the cluster has
    workers advertising a GPU.
-4. ``kmeans`` once (``fit="cohort"``): :func:`~equislide.models.pipeline.fit_cohort_stores` stacks the
+4. ``kmeans`` once (``fit="cohort"``): :func:`equislide.stages.cluster.fit_cohort_stores` stacks the
    draws and fits.
-5. ``segment`` per group: :func:`~equislide.models.pipeline.segment_store` -> ``OUT/samples/<sample>``
+5. ``segment`` per group: :func:`equislide.stages.segment.segment_store` -> ``OUT/samples/<sample>``
    ``.ome.zarr`` / ``.png`` / ``.geojson`` (fitting K-means per sample first when ``fit="per-sample"``).
 6. ``report``: :func:`equislide.storage.write_manifest` -> ``OUT/run.json``; Prefect artifacts (progress,
    a per-sample table, a markdown summary with overlay thumbnails).
+
+Run state (samples, stores, failures, timings) lives in one :class:`RunState`; each stage is a short
+function of it, and the flow body is the list of stages.
 
 The two barrier stages (2 and 4: one task while every other worker waits) let torch use every core of
 their node (:func:`~equislide.flows.cluster.all_cores`). Where the flow runs and which Prefect API its
@@ -39,10 +42,12 @@ fails alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +63,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 
-from equislide.flows._inputs import assign_sample_ids, failed_record, one_line, reason_of
 from equislide.flows.cluster import (
     SCHEDULER_ENV,
     all_cores,
@@ -70,7 +74,13 @@ from equislide.flows.cluster import (
     worker_environment,
     worker_warnings,
 )
-from equislide.models import pipeline as seg
+from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
+from equislide.stages.backbone import calibrated_backbone
+from equislide.stages.cluster import fit_cohort_stores
+from equislide.stages.features import DRAWS_DIR, draw_store_vectors, extract_store_features
+from equislide.stages.inputs import assign_sample_ids, failed_record, reason_of
+from equislide.stages.segment import segment_store
+from equislide.stages.tile import SampleResult, SlidePlan, plan_slide, write_samples
 from equislide.storage import (
     RunManifest,
     clean_partials,
@@ -78,7 +88,8 @@ from equislide.storage import (
     thumbnail_data_uri,
     write_manifest,
 )
-from equislide.tiling import SamplePlan, SampleResult, SlideError, SlidePlan, plan_slide, write_samples
+from equislide.text import one_line
+from equislide.tiling import SamplePlan, SlideError
 
 __all__ = ["SCHEDULER_ENV", "cohort_flow", "make_task_runner", "run_cohort", "set_progress_callback"]
 
@@ -144,7 +155,9 @@ def _groups(items: list[Any], workers: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _label(sample_ids: list[str]) -> str:
+def _label(items: list[tuple[str, Any]]) -> str:
+    """A task run's name part: its first sample ID, and the last and count when there are several."""
+    sample_ids = [sid for sid, _ in items]
     return sample_ids[0] + (f" .. {sample_ids[-1]} ({len(sample_ids)})" if len(sample_ids) > 1 else "")
 
 
@@ -156,10 +169,10 @@ def _label(sample_ids: list[str]) -> str:
     retry_condition_fn=_transient,
     **_TASK,
 )
-def plan_task(path: str, tiles_root: str, sample_id: str, options: dict[str, Any]) -> SlidePlan:
+def plan_task(path: str, tiles_root: str, sample_id: str, spec: TilingSpec) -> SlidePlan:
     """Hash, mask and dearray one input; lay out its samples' tiles."""
     get_run_logger().info("planning %s as %s", path, sample_id)
-    return plan_slide(path, tiles_root, sample_id=sample_id, **options)
+    return plan_slide(path, tiles_root, spec, sample_id=sample_id)
 
 
 @task(
@@ -180,11 +193,11 @@ def tile_task(samples: list[SamplePlan], tiles_root: str, label: str) -> list[di
 
 
 @task(name="backbone", retries=1, retry_delay_seconds=5, retry_condition_fn=_transient, **_TASK)
-def backbone_task(stores: list[str], models_dir: str, options: dict[str, Any]) -> dict[str, Any]:
+def backbone_task(stores: list[str], models_dir: str, spec: FeatureSpec) -> BackboneRef:
     """The checkpoint every feature task loads (random weights: BatchNorm recalibrated on the cohort)."""
-    get_run_logger().info("preparing %s for %d samples", options.get("backbone"), len(stores))
+    get_run_logger().info("preparing %s for %d samples", spec.backbone, len(stores))
     with all_cores():  # a barrier: every other worker waits for this task
-        return seg.calibrated_backbone(stores, models_dir, **options)
+        return calibrated_backbone(stores, models_dir, spec)
 
 
 @task(
@@ -197,29 +210,31 @@ def backbone_task(stores: list[str], models_dir: str, options: dict[str, Any]) -
 )
 def features_task(
     items: list[tuple[str, str]],
-    backbone: dict[str, Any],
-    device: str,
-    draw: dict[str, Any] | None,
+    backbone: BackboneRef,
+    spec: FeatureSpec,
+    draws_dir: str | None,
+    cluster: ClusterSpec,
     label: str,
 ) -> list[dict[str, Any]]:
     """Float16 features of every tile of some samples (``(sample_id, store)``), beside their tiles;
-    then, with ``draw``, each sample's share of the cohort K-means' vectors (so the fit only stacks)."""
+    then, with ``draws_dir``, each sample's share of the cohort K-means' vectors (so the fit only
+    stacks)."""
 
     def one(store: str) -> dict[str, Any]:
-        res = seg.extract_store_features(store, backbone, device=device)
-        if draw is not None:
-            seg.draw_store_vectors(store, **draw)
+        res = extract_store_features(store, backbone, spec)
+        if draws_dir is not None:
+            draw_store_vectors(store, draws_dir, layer=backbone.layer, spec=cluster)
         return res
 
     return _each_sample(items, "features", one)
 
 
 @task(name="kmeans", retries=1, retry_delay_seconds=5, retry_condition_fn=_transient, **_TASK)
-def kmeans_task(stores: list[str], models_dir: str, options: dict[str, Any]) -> dict[str, Any]:
+def kmeans_task(stores: list[str], models_dir: str, layer: int, spec: ClusterSpec) -> KMeansRef:
     """One K-means model for the cohort, from a stratified sample of every store's tissue vectors."""
-    get_run_logger().info("fitting K-means (k=%s) on %d samples", options.get("k"), len(stores))
+    get_run_logger().info("fitting K-means (k=%s) on %d samples", spec.k, len(stores))
     with all_cores():  # a barrier: every other worker waits for this task
-        return seg.fit_cohort_stores(stores, models_dir, **options)
+        return fit_cohort_stores(stores, models_dir, layer=layer, spec=spec)
 
 
 @task(
@@ -231,10 +246,19 @@ def kmeans_task(stores: list[str], models_dir: str, options: dict[str, Any]) -> 
     **_TASK,
 )
 def segment_task(
-    items: list[tuple[str, str]], samples_dir: str, options: dict[str, Any], label: str
+    items: list[tuple[str, str]],
+    samples_dir: str,
+    layer: int,
+    spec: ClusterSpec,
+    kmeans: KMeansRef | None,
+    label: str,
 ) -> list[dict[str, Any]]:
     """Label maps and outputs (OME-Zarr, overlay PNG, GeoJSON) of some samples (``(sample_id, store)``)."""
-    return _each_sample(items, "segmenting", lambda store: seg.segment_store(store, samples_dir, **options))
+    return _each_sample(
+        items,
+        "segmenting",
+        lambda store: segment_store(store, samples_dir, layer=layer, spec=spec, kmeans=kmeans),
+    )
 
 
 @task(name="report", retries=2, retry_delay_seconds=2, **_TASK)
@@ -259,30 +283,151 @@ def _deployment_runner() -> DaskTaskRunner | None:
     return DaskTaskRunner(address=address) if address else None
 
 
+@dataclass
+class RunState:
+    """What a cohort run knows as its stages go: the flow's only mutable state.
+
+    Attributes:
+        root: The run folder (``tiles/``, ``models/``, ``samples/``, ``run.json``).
+        paths: The inputs, each once, in the order given.
+        ids: Sample ID (of the slide) per input that has one.
+        records: Report record per input (``failed_record`` or the tile stage's).
+        workers: Workers of the cluster (sizes the groups).
+        samples: Per sample ID: ``store``, ``input`` and each stage's status or result.
+        errors: Per failed sample ID: its one-line reason, ``"<stage>: <why>"``.
+        timings: Per sample ID: seconds per stage.
+        stage_s: Seconds per stage of the whole run.
+        backbone: The network of the run (after the backbone stage).
+        kmeans: The cohort model (after the K-means stage, ``fit="cohort"``).
+    """
+
+    root: Path
+    paths: list[str]
+    ids: dict[str, str]
+    records: dict[str, dict[str, Any]]
+    workers: int = 1
+    samples: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    stage_s: dict[str, float] = field(default_factory=dict)
+    backbone: BackboneRef | None = None
+    kmeans: KMeansRef | None = None
+
+    @property
+    def tiles_root(self) -> Path:
+        return self.root / "tiles"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "samples"
+
+    def live(self) -> list[tuple[str, str]]:
+        """``(sample_id, store)`` of every sample still going, in sample-ID order."""
+        return [(sid, self.samples[sid]["store"]) for sid in sorted(self.samples) if sid not in self.errors]
+
+    def fail(self, sample_id: str, reason: str) -> None:
+        self.errors[sample_id] = reason
+        get_run_logger().warning("FAILED %s: %s", sample_id, reason)
+
+
+@contextlib.contextmanager
+def _timed(state: RunState, name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        state.stage_s[f"{name}_s"] = time.perf_counter() - t0
+
+
+def _barrier(state: RunState, stage: str, future) -> Any | None:
+    """The result of a one-task stage; every live sample fails with its reason when it failed."""
+    reason = _failure(future)
+    if reason is None:
+        return future.result()
+    for sid, _ in state.live():
+        state.fail(sid, f"{stage}: {reason}")
+    return None
+
+
+def _backbone_stage(state: RunState, spec: FeatureSpec) -> None:
+    live = state.live()
+    if live:
+        fut = backbone_task.submit(sorted(store for _, store in live), str(state.models_dir), spec)
+        state.backbone = _barrier(state, "backbone", fut)
+
+
+def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec) -> None:
+    """Features per group (GPU-annotated only where workers advertise a GPU: CPU clusters never hang)."""
+    gpu = gpu_workers() > 0  # asked again, not from the start: GPU workers may have joined since
+    draws = str(state.models_dir / DRAWS_DIR) if cluster.fit == "cohort" else None
+
+    def done(sid: str, res: dict[str, Any]) -> None:
+        state.samples[sid]["features"] = res["status"]
+        state.timings[sid]["features_s"] = res["seconds"]
+
+    with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
+        submitted = {
+            features_task.submit(items, state.backbone, spec, draws, cluster, _label(items)): items
+            for items in _groups(state.live(), state.workers)
+        }
+    _collect("features", submitted, done, state.fail)
+
+
+def _kmeans_stage(state: RunState, layer: int, cluster: ClusterSpec) -> None:
+    live = state.live()
+    if cluster.fit == "cohort" and live:
+        fut = kmeans_task.submit([store for _, store in live], str(state.models_dir), layer, cluster)
+        state.kmeans = _barrier(state, "kmeans", fut)
+
+
+def _segment_stage(state: RunState, layer: int, cluster: ClusterSpec, progress_id) -> None:
+    def done(sid: str, res: dict[str, Any]) -> None:
+        state.samples[sid]["segment"] = res
+        state.timings[sid]["segment_s"] = res["seconds"]
+
+    def progress(n: int) -> None:
+        update_progress_artifact(progress_id, 100.0 * n / max(len(state.samples), 1))
+
+    samples_dir = str(state.samples_dir)
+    submitted = {
+        segment_task.submit(items, samples_dir, layer, cluster, state.kmeans, _label(items)): items
+        for items in _groups(state.live(), state.workers)
+    }
+    _collect("segment", submitted, done, state.fail, after=progress)
+
+
 @flow(name="equislide-cohort", persist_result=False, log_prints=False, task_runner=_deployment_runner())
 def cohort_flow(
     inputs: list[str],
     out: str,
     *,
-    backbone: str = "srenet18",
+    backbone: str = FeatureSpec.backbone,
     weights: str | None = None,
-    layer: int = 4,
-    clusters: int = 3,
-    fit: str = "cohort",
-    kmeans: str = "auto",
-    per_sample: int = 2000,
-    mpp: float = 2.5,
-    tile: int = 512,
-    halo: int = 32,
+    layer: int = FeatureSpec.layer,
+    clusters: int = ClusterSpec.k,
+    fit: str = ClusterSpec.fit,
+    kmeans: str = ClusterSpec.backend,
+    per_sample: int = ClusterSpec.per_sample,
+    mpp: float = TilingSpec.mpp,
+    tile: int = TilingSpec.tile,
+    halo: int = TilingSpec.halo,
     input_mpp: float | None = None,
-    tma: str = "auto",
+    tma: str = TilingSpec.tma,
     seed: int = 0,
     model_kwargs: dict[str, Any] | None = None,
-    calibration_tiles: int = 16,
-    device: str = "auto",
+    calibration_tiles: int = FeatureSpec.calibration_tiles,
+    device: str = FeatureSpec.device,
     command: list[str] | None = None,
 ) -> dict[str, Any]:
     """Segment a cohort of slides; returns the run report (also written to ``OUT/run.json``).
+
+    The parameters are flat (Prefect shows and deploys them as they are); the flow turns them into
+    :class:`~equislide.specs.TilingSpec`, :class:`~equislide.specs.FeatureSpec` and
+    :class:`~equislide.specs.ClusterSpec`, whose defaults these are.
 
     Args:
         inputs: Slide or image files.
@@ -294,193 +439,128 @@ def cohort_flow(
         fit: ``"cohort"`` (one model for all samples) or ``"per-sample"`` (the paper's protocol).
         kmeans: K-means backend: ``auto``, ``cuml``, ``torch`` or ``sklearn``.
         per_sample: Tissue vectors drawn per sample for the fit.
-        mpp, tile, halo, input_mpp, tma: Tiling (see :func:`equislide.tiling.tile_slide`).
+        mpp, tile, halo, input_mpp, tma: Tiling (:class:`~equislide.specs.TilingSpec`).
         seed: Seeds the random weights, the vector draws and K-means.
         model_kwargs: Builder arguments for random weights (e.g. ``{"width": 16}``).
         calibration_tiles: Tiles BatchNorm is recalibrated on (random weights).
         device: Feature device on the workers (``auto``: CUDA when the worker has one).
         command: The command line, for the report.
     """
+    tiling = TilingSpec(mpp=mpp, tile=tile, halo=halo, input_mpp=input_mpp, tma=tma)
+    features = FeatureSpec(
+        backbone=backbone,
+        layer=layer,
+        weights=weights,
+        seed=seed,
+        model_kwargs=model_kwargs or {},
+        calibration_tiles=calibration_tiles,
+        device=device,
+    )
+    cluster = ClusterSpec(k=clusters, fit=fit, backend=kmeans, per_sample=per_sample, seed=seed)
     logger = get_run_logger()
-    if fit not in ("cohort", "per-sample"):
-        raise ValueError(f"fit={fit!r}; use 'cohort' or 'per-sample'")
     t_start = time.perf_counter()
-    root = Path(out)
-    tiles_root, models_dir, samples_dir = root / "tiles", root / "models", root / "samples"
-    tiles_root.mkdir(parents=True, exist_ok=True)
-    clean_partials(tiles_root)  # leftovers of a killed run; this run owns OUT
-    paths = list(dict.fromkeys(str(p) for p in inputs))
-    ids, records = assign_sample_ids(paths)
-    tiling = {"mpp": mpp, "tile": tile, "halo": halo, "input_mpp": input_mpp, "tma": tma}
-    t0 = time.perf_counter()
-    cluster = cluster_description()  # the first use of the cluster: a local one starts here
-    cluster_s = time.perf_counter() - t0
-    logger.info("cohort of %d inputs on %s -> %s", len(paths), cluster, root)
+    state = _start(inputs, out)
+    with _timed(state, "cluster"):
+        description = cluster_description()  # the first use of the cluster: a local one starts here
+    state.workers = max(1, int(description.get("workers") or 1))
+    logger.info("cohort of %d inputs on %s -> %s", len(state.paths), description, state.root)
     for warning in worker_warnings():
         logger.warning(warning)
     progress_id = create_progress_artifact(0.0, key="equislide-progress", description="samples done / total")
 
-    # 1. tile every input: plan each (thumbnail, mask, cores), then write its samples in groups
-    timings: dict[str, dict[str, float]] = {}
-    samples: dict[str, dict[str, Any]] = {}  # sample_id -> {"store", "input", ...}
-    errors: dict[str, str] = {}  # sample_id -> reason
-    t0 = time.perf_counter()
-    workers = max(1, int(cluster.get("workers") or 1))
-    _tile_stage(
-        ids,
-        str(tiles_root),
-        tiling,
-        workers,
-        records,
-        samples,
-        errors,
-        timings,
+    with _timed(state, "tile"):
+        _tile_stage(state, tiling)
+    logger.info(
+        "tiled %d inputs into %d samples (%d failed)", len(state.ids), len(state.samples), len(state.errors)
     )
-    stage_s = {"cluster_s": cluster_s, "tile_s": time.perf_counter() - t0}
-    logger.info("tiled %d inputs into %d samples (%d failed)", len(ids), len(samples), len(errors))
+    with _timed(state, "backbone"):
+        _backbone_stage(state, features)
+    with _timed(state, "features"):
+        _features_stage(state, features, cluster)
+    with _timed(state, "kmeans"):
+        _kmeans_stage(state, layer, cluster)
+    with _timed(state, "segment"):
+        _segment_stage(state, layer, cluster, progress_id)
 
-    def fail(sample_id: str, reason: str) -> None:
-        errors[sample_id] = reason
-        logger.warning("FAILED %s: %s", sample_id, reason)
-
-    def live_items() -> list[tuple[str, str]]:
-        return [(sid, samples[sid]["store"]) for sid in sorted(samples) if sid not in errors]
-
-    # 2. the backbone every worker loads
-    t0 = time.perf_counter()
-    backbone_info: dict[str, Any] | None = None
-    live = [sid for sid in sorted(samples) if sid not in errors]
-    if live:
-        opts = {
-            "backbone": backbone,
-            "layer": layer,
-            "weights": weights,
-            "seed": seed,
-            "model_kwargs": model_kwargs,
-            "calibration_tiles": calibration_tiles,
-        }
-        fut = backbone_task.submit(sorted(samples[sid]["store"] for sid in live), str(models_dir), opts)
-        reason = _failure(fut)
-        if reason is None:
-            backbone_info = fut.result()
-        else:
-            for sid in live:
-                fail(sid, f"backbone: {reason}")
-    stage_s["backbone_s"] = time.perf_counter() - t0
-
-    # 3. features per sample (GPU-annotated only where workers advertise a GPU: CPU clusters never hang)
-    t0 = time.perf_counter()
-    gpu = gpu_workers() > 0  # asked again, not from the start: GPU workers may have joined since
-
-    def features_done(sid: str, res: dict[str, Any]) -> None:
-        samples[sid]["features"] = res["status"]
-        timings[sid]["features_s"] = res["seconds"]
-
-    draw = None
-    if fit == "cohort":
-        draw = {
-            "out_dir": str(models_dir / seg.DRAWS_DIR),
-            "layer": layer,
-            "per_sample": per_sample,
-            "seed": seed,
-        }
-    with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
-        submitted = {
-            features_task.submit(items, backbone_info, device, draw, _label([i[0] for i in items])): items
-            for items in _groups(live_items(), workers)
-        }
-    _collect("features", submitted, features_done, fail)
-    stage_s["features_s"] = time.perf_counter() - t0
-
-    # 4. K-means for the cohort
-    t0 = time.perf_counter()
-    live = [sid for sid in sorted(samples) if sid not in errors]
-    kmeans_info: dict[str, Any] | None = None
-    if fit == "cohort" and live:
-        opts = {"layer": layer, "k": clusters, "per_sample": per_sample, "backend": kmeans, "seed": seed}
-        fut = kmeans_task.submit([samples[sid]["store"] for sid in live], str(models_dir), opts)
-        reason = _failure(fut)
-        if reason is None:
-            kmeans_info = fut.result()
-        else:
-            for sid in live:
-                fail(sid, f"kmeans: {reason}")
-    stage_s["kmeans_s"] = time.perf_counter() - t0
-
-    # 5. label maps and outputs per sample
-    t0 = time.perf_counter()
-    opts = {"layer": layer, "kmeans": kmeans_info, "k": clusters, "per_sample": per_sample, "backend": kmeans}
-    opts["seed"] = seed
-
-    def segment_done(sid: str, res: dict[str, Any]) -> None:
-        samples[sid]["segment"] = res
-        timings[sid]["segment_s"] = res["seconds"]
-
-    def progress(done: int) -> None:
-        update_progress_artifact(progress_id, 100.0 * done / max(len(samples), 1))
-
-    submitted = {
-        segment_task.submit(items, str(samples_dir), opts, _label([i[0] for i in items])): items
-        for items in _groups(live_items(), workers)
-    }
-    _collect("segment", submitted, segment_done, fail, after=progress)
-    stage_s["segment_s"] = time.perf_counter() - t0
-
-    # 6. the report
-    for sid, reason in errors.items():  # an input with a failed sample is a failed input
-        rec = records[samples[sid]["input"]]
-        rec["status"] = "failed"
-        rec["reason"] = "; ".join(filter(None, [rec.get("reason"), f"{sid}: {reason}"]))
-    manifest = RunManifest(
-        parameters={
-            "backbone": backbone,
-            "weights": weights,
-            "weights_note": _weights_note(backbone_info, weights),
-            "layer": layer,
-            "clusters": clusters,
-            "fit": fit,
-            "kmeans": kmeans,
-            "per_sample": per_sample,
-            "seed": seed,
-            "model_kwargs": model_kwargs or {},
-            "calibration_tiles": calibration_tiles,
-            **tiling,
-            "backbone_checkpoint": backbone_info,
-            "kmeans_model": kmeans_info,
-            "input_records": [records[p] for p in paths],
-        },
-        inputs=[
-            {"path": p, "sha256": records[p].get("sha256"), "status": records[p]["status"]}
-            | ({"reason": records[p]["reason"]} if records[p]["status"] == "failed" else {})
-            for p in paths
-        ],
-        command=list(command or []),
-        device={**cluster, "feature_device": device},
-    )
-    for sid in sorted(samples):
-        seg_res = samples[sid].get("segment") or {}
-        reused = all(samples[sid].get(k) == "skipped" for k in ("tiles", "features")) and (
-            seg_res.get("status") == "skipped"
-        )
-        status = "failed" if sid in errors else ("skipped" if reused else "done")
-        manifest.set_sample(
-            sid,
-            status,
-            error=errors.get(sid),
-            timings=timings.get(sid, {}),
-            outputs=seg_res.get("outputs", {}) | {"tiles": samples[sid]["store"]},
-        )
-    for p in paths:  # inputs that gave no sample at all
-        if records[p]["status"] == "failed" and not records[p].get("samples"):
-            manifest.set_sample(records[p]["sample_id"] or Path(p).name, "failed", error=records[p]["reason"])
-    manifest.timings = {k: round(v, 3) for k, v in stage_s.items()}
+    manifest = _manifest(state, tiling, features, cluster, description, command)
     manifest.timings["total_s"] = round(time.perf_counter() - t_start, 3)
-    report_path = report_task.submit(str(root), manifest.to_dict()).result()
+    report_path = report_task.submit(str(state.root), manifest.to_dict()).result()
     report = manifest.to_dict()
     report["path"] = report_path
     _artifacts(report)
     logger.info("\n%s", summary_text(report))
     return report
+
+
+def _start(inputs: list[str], out: str) -> RunState:
+    """The run folder made and cleaned of a killed run's leftovers; every input's sample ID."""
+    root = Path(out)
+    (root / "tiles").mkdir(parents=True, exist_ok=True)
+    clean_partials(root / "tiles")  # leftovers of a killed run; this run owns OUT
+    paths = list(dict.fromkeys(str(p) for p in inputs))
+    ids, records = assign_sample_ids(paths)
+    return RunState(root=root, paths=paths, ids=ids, records=records)
+
+
+def _manifest(
+    state: RunState,
+    tiling: TilingSpec,
+    features: FeatureSpec,
+    cluster: ClusterSpec,
+    description: dict[str, Any],
+    command: list[str] | None,
+) -> RunManifest:
+    """``run.json``: parameters, inputs, per-sample status, timings."""
+    records = state.records
+    for sid, reason in state.errors.items():  # an input with a failed sample is a failed input
+        rec = records[state.samples[sid]["input"]]
+        rec["status"] = "failed"
+        rec["reason"] = "; ".join(filter(None, [rec.get("reason"), f"{sid}: {reason}"]))
+    manifest = RunManifest(
+        parameters={
+            "backbone": features.backbone,
+            "weights": features.weights,
+            "weights_note": _weights_note(state.backbone, features.weights),
+            "layer": features.layer,
+            "clusters": cluster.k,
+            "fit": cluster.fit,
+            "kmeans": cluster.backend,
+            "per_sample": cluster.per_sample,
+            "seed": features.seed,
+            "model_kwargs": dict(features.model_kwargs),
+            "calibration_tiles": features.calibration_tiles,
+            **dataclasses.asdict(tiling),
+            "backbone_checkpoint": None if state.backbone is None else state.backbone.to_dict(),
+            "kmeans_model": None if state.kmeans is None else state.kmeans.to_dict(),
+            "input_records": [records[p] for p in state.paths],
+        },
+        inputs=[
+            {"path": p, "sha256": records[p].get("sha256"), "status": records[p]["status"]}
+            | ({"reason": records[p]["reason"]} if records[p]["status"] == "failed" else {})
+            for p in state.paths
+        ],
+        command=list(command or []),
+        device={**description, "feature_device": features.device},
+    )
+    for sid in sorted(state.samples):
+        sample = state.samples[sid]
+        seg_res = sample.get("segment") or {}
+        reused = all(sample.get(k) == "skipped" for k in ("tiles", "features")) and (
+            seg_res.get("status") == "skipped"
+        )
+        status = "failed" if sid in state.errors else ("skipped" if reused else "done")
+        manifest.set_sample(
+            sid,
+            status,
+            error=state.errors.get(sid),
+            timings=state.timings.get(sid, {}),
+            outputs=seg_res.get("outputs", {}) | {"tiles": sample["store"]},
+        )
+    for p in state.paths:  # inputs that gave no sample at all
+        if records[p]["status"] == "failed" and not records[p].get("samples"):
+            manifest.set_sample(records[p]["sample_id"] or Path(p).name, "failed", error=records[p]["reason"])
+    manifest.timings = {k: round(v, 3) for k, v in state.stage_s.items()}
+    return manifest
 
 
 def _collect(
@@ -510,52 +590,44 @@ def _collect(
         _notify(stage, n, total)
 
 
-def _tile_stage(
-    ids: dict[str, str],
-    tiles_root: str,
-    tiling: dict[str, Any],
-    workers: int,
-    records: dict[str, dict[str, Any]],
-    samples: dict[str, dict[str, Any]],
-    errors: dict[str, str],
-    timings: dict[str, dict[str, float]],
-) -> None:
+def _tile_stage(state: RunState, spec: TilingSpec) -> None:
     """Plan every input, then write its samples in groups (:func:`_groups`) as the plans arrive.
 
-    Fills ``records`` (per input), ``samples``, ``errors`` (a sample that cannot be tiled fails alone)
-    and ``timings``. Groups are contiguous runs of samples (neighbouring TMA cores share slide reads).
+    Fills ``state.records`` (per input), ``samples``, ``errors`` (a sample that cannot be tiled fails
+    alone) and ``timings``. Groups are contiguous runs of samples (neighbouring TMA cores share slide
+    reads).
     """
     logger = get_run_logger()
+    tiles_root = str(state.tiles_root)
     plans: dict[str, SlidePlan] = {}
     owner: dict[str, str] = {}  # sample ID -> input
-    written: dict[str, list[SampleResult]] = {p: [] for p in ids}
+    written: dict[str, list[SampleResult]] = {p: [] for p in state.ids}
     groups: dict[Any, list[tuple[str, SamplePlan]]] = {}
-    plan_futures = {plan_task.submit(p, tiles_root, ids[p], tiling): p for p in ids}
+    plan_futures = {plan_task.submit(p, tiles_root, state.ids[p], spec): p for p in state.ids}
     for fut in as_completed(list(plan_futures)):
         path = plan_futures[fut]
         reason = _failure(fut)
         if reason is not None:
             err = fut.result(raise_on_failure=False)
-            records[path] = failed_record(path, reason, type(err).__name__, sample_id=ids[path])
+            state.records[path] = failed_record(path, reason, type(err).__name__, sample_id=state.ids[path])
             logger.warning("FAILED %s: %s", path, reason)
             continue
         plan = plans[path] = fut.result()
         owner.update(dict.fromkeys(plan.sample_ids, path))
-        for chunk in _groups(plan.todo, workers):
-            label = _label([s.sample_id for s in chunk])
-            groups[tile_task.submit(chunk, tiles_root, label)] = [(s.sample_id, s) for s in chunk]
+        for chunk in _groups(plan.todo, state.workers):
+            items = [(s.sample_id, s) for s in chunk]
+            groups[tile_task.submit(chunk, tiles_root, _label(items))] = items
 
     def untiled(sid: str, reason: str) -> None:  # a store never finished: later stages skip the sample
-        samples[sid] = {"store": str(sample_store_path(tiles_root, sid)), "input": owner[sid]}
-        errors[sid] = reason
-        logger.warning("FAILED %s: %s", sid, reason)
+        state.samples[sid] = {"store": str(sample_store_path(tiles_root, sid)), "input": owner[sid]}
+        state.fail(sid, reason)
 
     _collect("tile", groups, lambda sid, result: written[owner[sid]].append(result), untiled)
     for path, plan in plans.items():
         results = plan.ordered(written[path])
-        records[path] = {
+        state.records[path] = {
             "path": path,
-            "sample_id": ids[path],
+            "sample_id": state.ids[path],
             "sha256": plan.input_sha256,
             "status": "ok",
             "reason": None,
@@ -564,19 +636,19 @@ def _tile_stage(
             "warnings": sorted({w for r in results for w in r.warnings}),
         }
         for r in results:
-            samples[r.sample_id] = {"store": str(r.store), "input": path, "tiles": r.status}
-            timings[r.sample_id] = {"tile_s": round(r.seconds, 3)}
+            state.samples[r.sample_id] = {"store": str(r.store), "input": path, "tiles": r.status}
+            state.timings[r.sample_id] = {"tile_s": round(r.seconds, 3)}
 
 
-def _weights_note(backbone_info: dict[str, Any] | None, weights: str | None) -> str:
+def _weights_note(backbone: BackboneRef | None, weights: str | None) -> str:
     if weights:
         return f"weights from {weights}"
-    if backbone_info is None:
+    if backbone is None:
         return "no backbone was prepared"
-    n = len(backbone_info["provenance"]["calibration"])
+    n = len(backbone.provenance["calibration"])
     return (
-        f"no trained weights: {backbone_info['provenance']['init']} with BatchNorm recalibrated on {n} of "
-        f"the cohort's tiles ({backbone_info['path']})"
+        f"no trained weights: {backbone.provenance['init']} with BatchNorm recalibrated on {n} of "
+        f"the cohort's tiles ({backbone.path})"
     )
 
 

@@ -21,10 +21,10 @@ anything else, and pickles renamed ``.safetensors`` are named as such and refuse
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,21 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from equislide._version import __version__
+from equislide.files import atomic_path, atomic_write_json, sha256_file
 from equislide.models._errors import CheckpointError, ModelConfigError
 from equislide.models._registry import create_model, list_models
+from equislide.text import one_line
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "load_checkpoint",
+    "load_tensors",
+    "read_document",
+    "save_checkpoint",
+    "write_document",
+]
 
 FORMAT_NAME = "equislide-checkpoint"
 FORMAT_VERSION = 1
@@ -103,16 +114,7 @@ def save_checkpoint(
         },
         "provenance": dict(provenance or {}),
     }
-    embedded = _write_safetensors(path, tensors, METADATA_KEY, document, what="config or provenance")
-
-    sidecar = json.loads(embedded)
-    sidecar["weights"] = path.name
-    sidecar["sha256"] = _sha256(path)
-    config_path = path.with_suffix(_CONFIG_SUFFIX)
-    tmp = config_path.with_name(config_path.name + ".tmp")
-    tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, config_path)
-    return path
+    return write_document(path, tensors, key=METADATA_KEY, document=document, what="config or provenance")
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -133,45 +135,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
             fails its checksum, or does not match the rebuilt model's tensors.
         OptionalDependencyError: the arch needs an extra that is not installed.
     """
-    path = Path(path)
-    if path.suffix == _CONFIG_SUFFIX:
-        config_path, weights_path = path, path.with_suffix(_WEIGHTS_SUFFIX)
-    elif path.suffix == _WEIGHTS_SUFFIX:
-        config_path, weights_path = path.with_suffix(_CONFIG_SUFFIX), path
-    else:
-        raise CheckpointError(
-            f"{path}: expected a {_WEIGHTS_SUFFIX} weights file or its {_CONFIG_SUFFIX} config"
-        )
-    _check_is_file(path)
-    _check_is_file(weights_path)
-    header = _read_safetensors_header(weights_path)
-
-    if config_path.is_file():
-        document = _read_sidecar(config_path)
-        digest = _sha256(weights_path)
-        if document.get("sha256") != digest:
-            raise CheckpointError(
-                f"{weights_path}: sha256 {digest} does not match {document.get('sha256')!r} recorded in "
-                f"{config_path.name}; the weights were changed or belong to another checkpoint"
-            )
-    else:
-        embedded = header.get("__metadata__", {}).get(METADATA_KEY) if isinstance(header, dict) else None
-        if embedded is None:
-            raise CheckpointError(
-                f"{weights_path}: a safetensors file without an equislide config (no {config_path.name} "
-                f"beside it and no {METADATA_KEY!r} metadata); it was not written by save_checkpoint"
-            )
-        try:
-            document = json.loads(embedded)
-        except ValueError as err:
-            raise CheckpointError(f"{weights_path}: embedded {METADATA_KEY!r} is not JSON: {err}") from None
-        _check_document(document, weights_path)
-
-    model = _build(document, path)
-    try:
-        tensors = load_file(weights_path, device="cpu")
-    except Exception as err:  # safetensors raises its own SafetensorError and OSError subclasses
-        raise CheckpointError(f"{weights_path}: unreadable safetensors data: {_one_line(err)}") from None
+    document, weights_path = read_document(
+        path, key=METADATA_KEY, check=_check_document, kind="equislide config", writer="save_checkpoint"
+    )
+    model = _build(document, Path(path))
+    tensors = load_tensors(weights_path)
     _check_tensors(model, tensors, weights_path)
     model.load_state_dict(tensors, strict=True)
     return model.to(map_location).eval()
@@ -236,8 +204,7 @@ def _read_sidecar(config_path: Path) -> dict[str, Any]:
     try:
         document = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{config_path}: not a readable JSON config: {_one_line(err)}") from None
-    _check_document(document, config_path)
+        raise CheckpointError(f"{config_path}: not a readable JSON config: {one_line(err)}") from None
     return document
 
 
@@ -265,10 +232,10 @@ def _build(document: dict[str, Any], source: Path) -> nn.Module:
             raise CheckpointError(
                 f"{source}: unknown arch {arch!r}; known: {', '.join(list_models())}"
             ) from None
-        raise CheckpointError(f"{source}: cannot rebuild {arch!r}: {_one_line(err)}") from None
+        raise CheckpointError(f"{source}: cannot rebuild {arch!r}: {one_line(err)}") from None
     except TypeError as err:
         raise CheckpointError(
-            f"{source}: cannot rebuild {arch!r} from its config: {_one_line(err)}"
+            f"{source}: cannot rebuild {arch!r} from its config: {one_line(err)}"
         ) from None
 
 
@@ -299,31 +266,98 @@ def _names(names: list[str]) -> str:
     return f"{shown} (and {more} more)" if more > 0 else shown
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def write_document(
+    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], *, key: str, document: dict, what: str
+) -> Path:
+    """Write ``tensors`` as safetensors with ``document`` embedded under metadata ``key``, and a sidecar.
 
-
-def _write_safetensors(
-    path: Path, tensors: dict[str, torch.Tensor], key: str, document: dict, *, what: str
-) -> str:
-    """Write ``tensors`` with ``document`` as JSON under metadata ``key``, atomically; return the JSON.
+    The sidecar (same path, suffix ``.json``) is the document plus ``weights`` (the file name) and
+    ``sha256`` (of the safetensors file). Both files are written atomically, the weights first, so a
+    sidecar never names weights that are not there. Networks (:func:`save_checkpoint`) and K-means
+    models (:meth:`~equislide.models.KMeansModel.save`) share this one writer.
 
     Raises:
         CheckpointError: ``document`` cannot be written as JSON (``what`` names the offending part).
     """
+    path = Path(path)
     try:
         embedded = json.dumps(document, default=_json_default, sort_keys=True)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {what} is not JSON-serialisable: {err}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={key: embedded})
-    os.replace(tmp, path)
-    return embedded
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={key: embedded})
+    sidecar = json.loads(embedded)
+    sidecar["weights"] = path.name
+    sidecar["sha256"] = sha256_file(path)
+    atomic_write_json(path.with_suffix(_CONFIG_SUFFIX), sidecar, indent=2)
+    return path
+
+
+def read_document(
+    path: str | os.PathLike[str],
+    *,
+    key: str,
+    check: Callable[[Any, Path], None],
+    kind: str,
+    writer: str,
+) -> tuple[dict[str, Any], Path]:
+    """The document of a file written by :func:`write_document`, and the weights' path.
+
+    ``path`` is the ``.safetensors`` file or its ``.json`` sidecar. With the sidecar, its checksum of
+    the weights is verified; without, the document embedded in the weights' metadata is used (no
+    checksum). ``check(document, source)`` validates the document (raising :class:`CheckpointError`).
+
+    Raises:
+        CheckpointError: wrong suffix, missing, a folder, empty, truncated, not safetensors (a pickle,
+            say), foreign (no ``key`` metadata and no sidecar), unreadable sidecar, or a checksum that
+            does not match.
+    """
+    path = Path(path)
+    if path.suffix == _CONFIG_SUFFIX:
+        config_path, weights_path = path, path.with_suffix(_WEIGHTS_SUFFIX)
+    elif path.suffix == _WEIGHTS_SUFFIX:
+        config_path, weights_path = path.with_suffix(_CONFIG_SUFFIX), path
+    else:
+        raise CheckpointError(
+            f"{path}: expected a {_WEIGHTS_SUFFIX} file ({kind}) or its {_CONFIG_SUFFIX} sidecar"
+        )
+    _check_is_file(path)
+    _check_is_file(weights_path)
+    header = _read_safetensors_header(weights_path)
+    if config_path.is_file():
+        document = _read_sidecar(config_path)
+        check(document, config_path)
+        digest = sha256_file(weights_path)
+        if document.get("sha256") != digest:
+            raise CheckpointError(
+                f"{weights_path}: sha256 {digest} does not match {document.get('sha256')!r} recorded in "
+                f"{config_path.name}; the file was changed or belongs to another one"
+            )
+        return document, weights_path
+    embedded = header.get("__metadata__", {}).get(key) if isinstance(header, dict) else None
+    if embedded is None:
+        raise CheckpointError(
+            f"{weights_path}: a safetensors file without an {kind} (no {config_path.name} beside it and "
+            f"no {key!r} metadata); it was not written by {writer}"
+        )
+    try:
+        document = json.loads(embedded)
+    except ValueError as err:
+        raise CheckpointError(f"{weights_path}: embedded {key!r} is not JSON: {err}") from None
+    check(document, weights_path)
+    return document, weights_path
+
+
+def load_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on the CPU.
+
+    Raises:
+        CheckpointError: the data cannot be read (its reason in one line).
+    """
+    try:
+        return load_file(weights_path, device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError and OSError subclasses
+        raise CheckpointError(f"{weights_path}: unreadable safetensors data: {one_line(err)}") from None
 
 
 def _json_default(value: Any) -> Any:
@@ -336,5 +370,3 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serialisable")
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())

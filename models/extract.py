@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from equislide.files import sha256_file
 from equislide.models._errors import FeatureRangeError, ModelConfigError
 from equislide.models._registry import create_model
 from equislide.models.calibration import recalibrate_batchnorm
-from equislide.models.checkpoint import _sha256, load_checkpoint
+from equislide.models.checkpoint import load_checkpoint
 
 __all__ = [
     "FLOAT16_SAFE_MAX",
@@ -233,7 +234,7 @@ def prepare_backbone(
             )
         wpath = Path(weights)  # type: ignore[arg-type]
         wpath = wpath.with_suffix(".safetensors") if wpath.suffix == ".json" else wpath
-        weights_sha = _sha256(wpath)
+        weights_sha = sha256_file(wpath)
         weights_tag = f"sha256:{weights_sha}"
     stride = feature_stride(model, layer)
     do_calibrate = random_weights if recalibrate is None else recalibrate

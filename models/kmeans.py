@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -55,24 +54,20 @@ from typing import Any, TypeVar
 import numpy as np
 import safetensors
 import torch
-from safetensors.torch import load_file
 
 from equislide._version import __version__
-from equislide.models._errors import CheckpointError, KMeansError, OptionalDependencyError
+from equislide.models._errors import CheckpointError, KMeansError
+from equislide.models._kmeans_cuml import fit_cuml, fit_cuml_dask, import_cuml
 from equislide.models._kmeans_sampling import (
     ReservoirSampler,
     StratifiedSampler,
     l2_normalise,
     masked_vectors,
 )
+from equislide.models._kmeans_sklearn import fit_sklearn
 from equislide.models._kmeans_torch import as_numpy, fit_torch
-from equislide.models.checkpoint import (
-    _check_is_file,
-    _one_line,
-    _read_safetensors_header,
-    _sha256,
-    _write_safetensors,
-)
+from equislide.models.checkpoint import load_tensors, read_document, write_document
+from equislide.text import one_line
 
 __all__ = [
     "BACKENDS",
@@ -295,15 +290,7 @@ class KMeansModel:
             "provenance": dict(provenance or {}),
         }
         tensors = {_TENSOR: torch.from_numpy(np.ascontiguousarray(self.centroids, dtype=np.float32))}
-        embedded = _write_safetensors(path, tensors, _METADATA_KEY, document, what="provenance")
-        sidecar = json.loads(embedded)
-        sidecar["weights"] = path.name
-        sidecar["sha256"] = _sha256(path)
-        config_path = path.with_suffix(".json")
-        tmp = config_path.with_name(config_path.name + ".tmp")
-        tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, config_path)
-        return path
+        return write_document(path, tensors, key=_METADATA_KEY, document=document, what="provenance")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KMeansModel:
@@ -318,51 +305,15 @@ class KMeansModel:
                 (a network checkpoint or another tool's file), failing its checksum, or with
                 centroids that do not match the recorded parameters.
         """
-        path = Path(path)
-        if path.suffix == ".json":
-            config_path, weights_path = path, path.with_suffix(".safetensors")
-        elif path.suffix == ".safetensors":
-            config_path, weights_path = path.with_suffix(".json"), path
-        else:
-            raise CheckpointError(f"{path}: expected a .safetensors K-means model or its .json sidecar")
-        _check_is_file(path)
-        _check_is_file(weights_path)
-        header = _read_safetensors_header(weights_path)
-        if config_path.is_file():
-            try:
-                document = json.loads(config_path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, ValueError) as err:
-                raise CheckpointError(
-                    f"{config_path}: not a readable JSON sidecar: {_one_line(err)}"
-                ) from None
-            _check_kmeans_document(document, config_path)
-            digest = _sha256(weights_path)
-            if document.get("sha256") != digest:
-                raise CheckpointError(
-                    f"{weights_path}: sha256 {digest} does not match {document.get('sha256')!r} recorded "
-                    f"in {config_path.name}; the file was changed or belongs to another model"
-                )
-        else:
-            embedded = header.get("__metadata__", {}).get(_METADATA_KEY)
-            if embedded is None:
-                raise CheckpointError(
-                    f"{weights_path}: a safetensors file without an equislide K-means document (no "
-                    f"{config_path.name} beside it, no {_METADATA_KEY!r} metadata); not written by "
-                    "KMeansModel.save"
-                )
-            try:
-                document = json.loads(embedded)
-            except ValueError as err:
-                raise CheckpointError(f"{weights_path}: embedded document is not JSON: {err}") from None
-            _check_kmeans_document(document, weights_path)
+        document, weights_path = read_document(
+            path, key=_METADATA_KEY, check=_check_kmeans_document, kind="equislide K-means document",
+            writer="KMeansModel.save",
+        )
         try:
             params = KMeansParams(**document["params"])
         except (TypeError, KMeansError) as err:
-            raise CheckpointError(f"{path}: bad 'params' in the K-means document: {_one_line(err)}") from None
-        try:
-            tensors = load_file(weights_path, device="cpu")
-        except Exception as err:  # safetensors raises its own SafetensorError and OSError subclasses
-            raise CheckpointError(f"{weights_path}: unreadable safetensors data: {_one_line(err)}") from None
+            raise CheckpointError(f"{path}: bad 'params' in the K-means document: {one_line(err)}") from None
+        tensors = load_tensors(weights_path)
         centroids = tensors.get(_TENSOR)
         if set(tensors) != {_TENSOR} or centroids is None:
             raise CheckpointError(f"{weights_path}: expected one tensor {_TENSOR!r}, found {sorted(tensors)}")
@@ -708,81 +659,32 @@ def _check_enough(n: int, params: KMeansParams) -> None:
         raise KMeansError(f"only {n} vectors to cluster into k={params.k}; give at least k vectors")
 
 
-def _fit_sklearn(vectors: VectorSource, params: KMeansParams) -> dict[str, Any]:
-    import sklearn
-    from sklearn.cluster import KMeans
+def _counted(fitted: dict[str, Any], n_seen: int, n_fit: int) -> dict[str, Any]:
+    """An in-memory backend's result with the vector counts and every version it ran with."""
+    versions = _versions(**fitted["versions"])
+    return {**fitted, "n_vectors": n_seen, "n_fit_vectors": n_fit, "versions": versions}
 
+
+def _fit_sklearn(vectors: VectorSource, params: KMeansParams) -> dict[str, Any]:
     x, n_seen = _in_memory(vectors, params)
     _check_enough(x.shape[0], params)
-    km = KMeans(
-        n_clusters=params.k,
-        init="k-means++",
-        n_init=params.n_init,
-        max_iter=params.max_iter,
-        tol=params.tol,
-        random_state=params.seed,
-        algorithm="lloyd",
-    ).fit(x)
-    return {
-        "centroids": km.cluster_centers_,
-        "device": "cpu",
-        "inertia": float(km.inertia_),
-        "n_iter": int(km.n_iter_),
-        "n_vectors": n_seen,
-        "n_fit_vectors": x.shape[0],
-        "versions": _versions(sklearn=sklearn.__version__),
-    }
-
-
-def _import_cuml() -> Any:
-    try:
-        import cuml
-    except ImportError:
-        raise OptionalDependencyError("cuML K-means", "cuml", "cuml") from None
-    return cuml
-
-
-def _host(array: Any) -> np.ndarray:
-    """A cuML attribute (CuPy, cuDF or numpy) as a host array."""
-    if hasattr(array, "to_numpy"):
-        return np.asarray(array.to_numpy())
-    if hasattr(array, "get") and not isinstance(array, np.ndarray):
-        return np.asarray(array.get())
-    return np.asarray(array)
+    fitted = fit_sklearn(x, params)
+    return _counted(fitted, n_seen, x.shape[0])
 
 
 def _fit_cuml(vectors: VectorSource, params: KMeansParams) -> dict[str, Any]:
-    cuml = _import_cuml()
+    import_cuml()  # the missing extra is named before any vector is read
     x, n_seen = _in_memory(vectors, params)
     _check_enough(x.shape[0], params)
-    km = cuml.KMeans(
-        n_clusters=params.k,
-        max_iter=params.max_iter,
-        tol=params.tol,
-        random_state=params.seed,
-        init="scalable-k-means++",
-        n_init=params.n_init,
-        output_type="numpy",
-    ).fit(x)
-    inertia = getattr(km, "inertia_", math.nan)
-    return {
-        "centroids": _host(km.cluster_centers_),
-        "device": "gpu",
-        "inertia": float(inertia) if inertia is not None else math.nan,
-        "n_iter": int(getattr(km, "n_iter_", 0) or 0),
-        "n_vectors": n_seen,
-        "n_fit_vectors": x.shape[0],
-        "versions": _versions(cuml=cuml.__version__),
-    }
+    fitted = fit_cuml(x, params)
+    return _counted(fitted, n_seen, x.shape[0])
 
 
 def _fit_cuml_dask(vectors: VectorSource, params: KMeansParams, client: Any) -> dict[str, Any]:
     """Multi-GPU fit with ``cuml.dask.cluster.KMeans``; untested here (needs GPU workers)."""
-    cuml = _import_cuml()
-    import cupy
     import dask.array as da
-    from cuml.dask.cluster import KMeans as DaskKMeans
 
+    import_cuml()
     if hasattr(vectors, "map_blocks") and hasattr(vectors, "chunks"):  # a dask array of vectors
         if vectors.ndim != 2:
             raise KMeansError(f"vectors must be (n, d); got a dask array of shape {vectors.shape}")
@@ -794,24 +696,5 @@ def _fit_cuml_dask(vectors: VectorSource, params: KMeansParams, client: Any) -> 
         host, n_seen = _in_memory(vectors, params)
         x = da.from_array(host, chunks=(params.batch_size, -1))
     _check_enough(n_seen, params)
-    # cuML's multi-GPU estimator takes CuPy-backed dask arrays; blocks move to each worker's GPU.
-    x = x.map_blocks(cupy.asarray, dtype=np.float32)
-    km = DaskKMeans(
-        client=client,
-        n_clusters=params.k,
-        max_iter=params.max_iter,
-        tol=params.tol,
-        random_state=params.seed,
-        init="scalable-k-means++",
-        n_init=params.n_init,
-    ).fit(x)
-    inertia = getattr(km, "inertia_", None)
-    return {
-        "centroids": _host(km.cluster_centers_),
-        "device": "dask",
-        "inertia": float(inertia) if inertia is not None else math.nan,
-        "n_iter": int(getattr(km, "n_iter_", 0) or 0),
-        "n_vectors": n_seen,
-        "n_fit_vectors": n_seen,
-        "versions": _versions(cuml=cuml.__version__),
-    }
+    fitted = fit_cuml_dask(x, params, client)
+    return _counted(fitted, n_seen, n_seen)

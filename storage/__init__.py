@@ -12,6 +12,7 @@ from equislide.storage._errors import StoreLayoutError as StoreLayoutError
 from equislide.storage.features import FEATURES_DONE_MARKER as FEATURES_DONE_MARKER
 from equislide.storage.features import FEATURES_FORMAT as FEATURES_FORMAT
 from equislide.storage.features import FeatureWriter as FeatureWriter
+from equislide.storage.features import features_key as features_key
 from equislide.storage.features import features_path as features_path
 from equislide.storage.features import is_features_done as is_features_done
 from equislide.storage.features import open_features as open_features
@@ -52,9 +53,12 @@ from equislide.storage.tile_store import is_sample_done as is_sample_done
 from equislide.storage.tile_store import open_sample_for_write as open_sample_for_write
 from equislide.storage.tile_store import open_tiles as open_tiles
 from equislide.storage.tile_store import read_sample_meta as read_sample_meta
+from equislide.storage.tile_store import store_identity as store_identity
 
 __all__ = [
     "FEATURES_DONE_MARKER",
+    "features_key",
+    "store_identity",
     "FEATURES_FORMAT",
     "FeatureWriter",
     "features_path",

@@ -35,22 +35,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from equislide.files import publish_dir
 from equislide.storage._errors import IncompleteSampleError, StoreLayoutError
 from equislide.storage.hashing import canonical_json, params_hash
 from equislide.storage.tile_store import (
-    _OLD,
-    _PARTIAL,
     DONE_MARKER,
-    _compressors,
-    _open_finished,
-    _PartialWriter,
-    _publish,
+    PARTIAL_TAG,
+    REPLACED_TAG,
+    PartialWriter,
+    open_finished,
+    tile_compressors,
 )
 
 if TYPE_CHECKING:
     import dask.array
 
 __all__ = [
+    "features_key",
     "FEATURES_DONE_MARKER",
     "FEATURES_FORMAT",
     "FeatureWriter",
@@ -84,11 +85,11 @@ def features_path(store_path: str | Path, layer: int) -> Path:
 def _stale(folder: Path, name: str) -> list[Path]:
     if not folder.is_dir():
         return []
-    prefixes = (name + _PARTIAL, name + _OLD)
+    prefixes = (name + PARTIAL_TAG, name + REPLACED_TAG)
     return sorted(p for p in folder.iterdir() if p.name.startswith(prefixes))
 
 
-class FeatureWriter(_PartialWriter):
+class FeatureWriter(PartialWriter):
     """Fills one ``features/layer{L}`` array under a partial name and publishes it in :meth:`finalize`.
 
     Make one with :func:`open_features_for_write`; use it as a context manager (a clean exit finalizes,
@@ -170,7 +171,8 @@ class FeatureWriter(_PartialWriter):
                 f"{self.store_path}: features of {missing.size} of {self.n_tiles} tiles not written "
                 f"(first: {missing[0]}); write them all before finalize(), or abort()"
             )
-        _publish(self.partial_path, self.path, FEATURES_DONE_MARKER, self._marker)
+        marker = (FEATURES_DONE_MARKER, self._marker)
+        publish_dir(self.partial_path, self.path, marker=marker, old_tag=REPLACED_TAG)
         self._state = "finalized"
         return self.path
 
@@ -205,7 +207,7 @@ def open_features_for_write(
         StoreLayoutError: ``store_path`` is not a finished tile store.
         ValueError: A size or metadata field is invalid (the message names it).
     """
-    group, meta = _open_finished(store_path)
+    group, meta = open_finished(store_path)
     store_path = Path(store_path)
     name = _array_name(layer)
     if channels <= 0 or f_tile <= 0 or shard_tiles <= 0:
@@ -253,14 +255,14 @@ def open_features_for_write(
         shutil.rmtree(stale, ignore_errors=True)
     root = zarr.open_group(zarr.storage.LocalStore(store_path), mode="r+")
     feats = root.require_group("features")
-    partial_name = name + _PARTIAL + uuid.uuid4().hex[:12]
+    partial_name = name + PARTIAL_TAG + uuid.uuid4().hex[:12]
     array = feats.create_array(
         partial_name,
         shape=(n_tiles, channels, f_tile, f_tile),
         chunks=(1, channels, f_tile, f_tile),
         shards=(min(shard_tiles, max(n_tiles, 1)), channels, f_tile, f_tile),
         dtype="float16",
-        compressors=_compressors(),
+        compressors=tile_compressors(),
         fill_value=0,
         dimension_names=("tile", "c", "y", "x"),
         attributes={"equislide_features": plain},
@@ -299,8 +301,13 @@ def is_features_done(store_path: str | Path, layer: int, *, params: Mapping[str,
     )
 
 
+def features_key(store_path: str | Path, layer: int) -> str | None:
+    """The parameter hash of a store's finished ``layer`` features (None when there are none)."""
+    return (_done_marker(Path(store_path), layer) or {}).get("params_sha256")
+
+
 def _open_feature_array(store_path: str | Path, layer: int):
-    group, _ = _open_finished(store_path)
+    group, _ = open_finished(store_path)
     if _done_marker(Path(store_path), layer) is None:
         raise StoreLayoutError(
             f"{store_path}: features/{_array_name(layer)} is missing or unfinished; run feature extraction"

@@ -21,14 +21,13 @@ b]}, "label_value": 1}`` with colours from :data:`~equislide.storage.labels.PALE
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from equislide.files import atomic_write_bytes
 from equislide.storage.labels import NO_TISSUE, label_color
 
 __all__ = ["label_polygons", "labels_to_geojson", "ring_area", "write_geojson"]
@@ -173,12 +172,5 @@ def write_geojson(path: str | Path, collection: Mapping[str, Any]) -> Path:
     """Write a FeatureCollection atomically (temporary file + ``os.replace``); returns ``path``."""
     if collection.get("type") != "FeatureCollection" or not isinstance(collection.get("features"), list):
         raise ValueError("collection must be a GeoJSON FeatureCollection with a 'features' list")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        tmp.write_text(json.dumps(collection, separators=(",", ":")) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    text = json.dumps(collection, separators=(",", ":")) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))

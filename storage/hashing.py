@@ -1,4 +1,4 @@
-"""Content hashes: streaming SHA-256 of files and a canonical hash of parameter dictionaries."""
+"""Content hashes: a canonical hash of parameter dictionaries (and :func:`equislide.files.sha256_file`)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from equislide.files import sha256_file
+
 __all__ = ["canonical_json", "params_hash", "sha256_file"]
-
-
-def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk``-byte pieces (constant memory)."""
-    if chunk <= 0:
-        raise ValueError(f"chunk={chunk} must be > 0")
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -269,9 +269,9 @@ def stitch_store(
     """
     import zarr
 
-    from equislide.storage.tile_store import _open_finished
+    from equislide.storage.tile_store import open_finished
 
-    group, meta = _open_finished(store_path)
+    group, meta = open_finished(store_path)
     coords = np.asarray(group["coords"][:])
     n = len(coords)
     l_origin = (int(coords[:, 0].min()), int(coords[:, 1].min())) if n else (0, 0)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import uuid
 from collections.abc import Iterable, Mapping
@@ -34,6 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from equislide.files import atomic_write_json
 from equislide.storage.hashing import canonical_json, sha256_file
 
 __all__ = [
@@ -180,18 +180,7 @@ def write_manifest(path: str | Path, manifest: RunManifest | Mapping[str, Any]) 
     man.updated = _now()
     doc = json.loads(canonical_json(man.to_dict()))  # validates: JSON types only, no NaN
     ordered = {k: doc[k] for k in man.to_dict()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            json.dump(ordered, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_json(path, ordered, indent=2, sort_keys=False, fsync=True)
 
 
 def read_manifest(path: str | Path) -> RunManifest:

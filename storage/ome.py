@@ -26,7 +26,6 @@ Metadata is validated before it is written (:func:`validate_image_attrs`,
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from equislide.files import publish_dir
 from equislide.storage.labels import NO_TISSUE, label_color
 
 __all__ = [
@@ -377,13 +377,7 @@ def write_ome_zarr(
                     put(g, str(i), data[:: 2**i, :: 2**i], (chunk, chunk))
                 g.attrs.update(all_label_attrs[key])
             lab_root.attrs["labels"] = list(labels)
-        old = None
-        if final.exists():
-            old = final.with_name(final.name + ".replaced-" + uuid.uuid4().hex[:12])
-            os.replace(final, old)
-        os.replace(partial, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(partial, final, fsync=False)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

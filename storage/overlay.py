@@ -6,13 +6,12 @@ label colours); label 0 (no tissue) is left unpainted.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from equislide.files import atomic_path
 from equislide.storage.labels import NO_TISSUE, label_color
 
 __all__ = ["render_overlay", "thumbnail_data_uri", "write_overlay_png"]
@@ -91,13 +90,8 @@ def write_overlay_png(path: str | Path, image: np.ndarray, labels: np.ndarray, *
     """:func:`render_overlay` and save it as PNG atomically (temporary file + ``os.replace``)."""
     picture = render_overlay(image, labels, **kwargs)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
+    with atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -37,7 +37,6 @@ Open with plain zarr::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from equislide.files import publish_dir
 from equislide.storage._errors import IncompleteSampleError, StoreLayoutError
 from equislide.storage.hashing import canonical_json, params_hash
 from equislide.storage.ids import STORE_SUFFIX, sample_store_path
@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     import dask.array
 
 __all__ = [
+    "open_finished",
+    "store_identity",
     "DONE_MARKER",
     "STORE_FORMAT",
     "SampleWriter",
@@ -68,8 +70,8 @@ __all__ = [
 STORE_FORMAT = "equislide-tile-store/1"
 #: Name of the done-marker file inside a finished store.
 DONE_MARKER = "_equislide_done.json"
-_PARTIAL = ".partial-"
-_OLD = ".replaced-"
+PARTIAL_TAG = ".partial-"
+REPLACED_TAG = ".replaced-"
 _SHARD_TILES = 32
 _ZSTD_LEVEL = 3
 
@@ -80,7 +82,7 @@ def _version() -> str:
     return __version__
 
 
-def _compressors():
+def tile_compressors():
     from zarr.codecs import ZstdCodec
 
     return (ZstdCodec(level=_ZSTD_LEVEL, checksum=False),)
@@ -89,7 +91,7 @@ def _compressors():
 def _partials(final: Path) -> list[Path]:
     if not final.parent.is_dir():
         return []
-    prefixes = (final.name + _PARTIAL, final.name + _OLD)
+    prefixes = (final.name + PARTIAL_TAG, final.name + REPLACED_TAG)
     return sorted(p for p in final.parent.iterdir() if p.name.startswith(prefixes))
 
 
@@ -107,7 +109,7 @@ def clean_partials(root: str | Path) -> list[Path]:
         return []
 
     def is_partial(p: Path) -> bool:
-        return p.is_dir() and (STORE_SUFFIX + _PARTIAL in p.name or STORE_SUFFIX + _OLD in p.name)
+        return p.is_dir() and (STORE_SUFFIX + PARTIAL_TAG in p.name or STORE_SUFFIX + REPLACED_TAG in p.name)
 
     # Sample IDs have one or two parts, so partials sit in root or one folder below (never inside stores).
     level1 = [p for p in root.iterdir() if p.is_dir()]
@@ -120,8 +122,8 @@ def clean_partials(root: str | Path) -> list[Path]:
     return found
 
 
-class _PartialWriter:
-    """Lifecycle shared by the writers that fill ``partial_path`` and publish it with :func:`_publish`.
+class PartialWriter:
+    """Lifecycle of the writers that fill ``partial_path`` and publish it (``publish_dir``).
 
     A clean ``with`` exit finalizes, an exception aborts; abort removes the partial folder and
     leaves any older published result untouched.
@@ -151,7 +153,7 @@ class _PartialWriter:
             self._state = "aborted"
 
 
-class SampleWriter(_PartialWriter):
+class SampleWriter(PartialWriter):
     """Writes one sample's store into a partial folder and publishes it atomically in :meth:`finalize`.
 
     Make one with :func:`open_sample_for_write`. Use it as a context manager: a clean exit finalizes, an
@@ -253,7 +255,7 @@ class SampleWriter(_PartialWriter):
             "tissue_mask",
             data=(mask != 0).astype(np.uint8),
             chunks=tuple(min(1024, max(1, s)) for s in mask.shape),
-            compressors=_compressors(),
+            compressors=tile_compressors(),
             attributes={"downsample": float(downsample), "values": {"0": "background", "1": "tissue"}},
         )
 
@@ -285,42 +287,9 @@ class SampleWriter(_PartialWriter):
             "params_sha256": self._params_sha256,
             "n_tiles": self.n_tiles,
         }
-        _publish(self.partial_path, self.path, DONE_MARKER, marker)
+        publish_dir(self.partial_path, self.path, marker=(DONE_MARKER, marker), old_tag=REPLACED_TAG)
         self._state = "finalized"
         return self.path
-
-
-def _publish(partial: Path, path: Path, marker_name: str, marker: dict) -> None:
-    """Write the done-marker into ``partial``, flush it, and rename it to ``path`` atomically.
-
-    An older ``path`` is moved aside first and removed only after the new one is in place, so a
-    crash at any point leaves either the old result or the new one, never a mixture.
-    """
-    (partial / marker_name).write_text(json.dumps(marker, sort_keys=True, indent=1) + "\n")
-    _fsync_tree(partial)
-    old = None
-    if path.exists():
-        old = path.with_name(path.name + _OLD + uuid.uuid4().hex[:12])
-        os.replace(path, old)
-    os.replace(partial, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush written files to disk before the rename publishes them (best effort on odd file systems)."""
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
 
 
 def _validate_meta(meta: Mapping[str, Any]) -> None:
@@ -421,7 +390,7 @@ def open_sample_for_write(
     for stale in _partials(final):
         shutil.rmtree(stale, ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(final.name + _PARTIAL + uuid.uuid4().hex[:12])
+    partial = final.with_name(final.name + PARTIAL_TAG + uuid.uuid4().hex[:12])
     group = zarr.open_group(zarr.storage.LocalStore(partial), mode="w-", zarr_format=3)
     group.attrs["equislide"] = plain_meta
     n_chunk = max(n_tiles, 1)
@@ -431,7 +400,7 @@ def open_sample_for_write(
         chunks=(1, t, t, 3),
         shards=(min(shard_tiles, n_chunk), t, t, 3),
         dtype="uint8",
-        compressors=_compressors(),
+        compressors=tile_compressors(),
         fill_value=0,
         dimension_names=("tile", "y", "x", "c"),
     )
@@ -440,7 +409,7 @@ def open_sample_for_write(
         shape=(n_tiles, 2),
         chunks=(min(n_chunk, 65536), 2),
         dtype="int64",
-        compressors=_compressors(),
+        compressors=tile_compressors(),
         fill_value=0,
         dimension_names=("tile", "xy"),
     )
@@ -477,11 +446,28 @@ def is_sample_done(
     )
 
 
-def _open_finished(store_path: str | Path):
+def store_identity(store_path: str | Path) -> dict[str, Any]:
+    """The identity of a finished tile store: its sample ID and the hashes of its done-marker.
+
+    Keys of results made from a store (features, K-means draws, outputs) include it, so they go
+    stale when the store is tiled again from other bytes or parameters. ``None`` values when the
+    store has no readable done-marker.
+    """
+    from equislide.files import read_json
+
+    done = read_json(Path(store_path) / DONE_MARKER) or {}
+    return {
+        "sample_id": done.get("sample_id"),
+        "input_sha256": done.get("input_sha256"),
+        "params_sha256": done.get("params_sha256"),
+    }
+
+
+def open_finished(store_path: str | Path):
     import zarr
 
     store_path = Path(store_path)
-    if _PARTIAL in store_path.name:
+    if PARTIAL_TAG in store_path.name:
         raise StoreLayoutError(f"{store_path} is a partial (unfinished) store; rerun the tiling step")
     if not (store_path / DONE_MARKER).is_file():
         raise StoreLayoutError(f"{store_path} has no {DONE_MARKER}: not a finished equislide tile store")
@@ -502,7 +488,7 @@ def read_sample_meta(store_path: str | Path) -> dict[str, Any]:
     Raises:
         StoreLayoutError: Not a finished store of this format.
     """
-    group, meta = _open_finished(store_path)
+    group, meta = open_finished(store_path)
     meta["tiles_shape"] = tuple(group["tiles"].shape)
     meta["tissue_mask_downsample"] = (
         group["tissue_mask"].attrs.get("downsample") if "tissue_mask" in group else None
@@ -525,7 +511,7 @@ def open_tiles(store_path: str | Path, *, tiles_per_chunk: int = 1) -> dask.arra
 
     if tiles_per_chunk <= 0:
         raise ValueError(f"tiles_per_chunk={tiles_per_chunk} must be > 0")
-    group, _ = _open_finished(store_path)
+    group, _ = open_finished(store_path)
     tiles = group["tiles"]
     chunks = (tiles_per_chunk, *tiles.shape[1:])
     return da.from_zarr(tiles, chunks=chunks)

@@ -7,13 +7,13 @@
 - :func:`tissue_mask`, :func:`pen_mask`: boolean masks on thumbnails.
 - :func:`find_cores`, :func:`is_tma`, :class:`Core`: TMA dearraying with grid names ("B3").
 - :func:`tissue_grid`, :func:`core_grids`, :class:`TileGrid`: tile grids at the analysis resolution.
-- :func:`tile_slide` -> [:class:`SampleResult`]: one input file to per-sample zarr tile stores; the
-  same in two steps a cluster can spread: :func:`plan_slide` -> :class:`SlidePlan` (thumbnail, mask,
-  cores, grids) and :func:`write_samples` (the tile reads and writes of some of its samples).
+- :func:`plan_samples` -> :class:`SlideLayout` of :class:`SamplePlan` (thumbnail, mask, cores, grids)
+  and :func:`read_tile_batches` (a planned sample's tiles); storing them is the tile stage's job
+  (:mod:`equislide.stages.tile`).
 - :func:`rotate_image`, :func:`rotate_labels`, :func:`unrotate_labels`: rotation about the centre.
 
 Plain numpy / scikit-image / OpenSlide / tifffile code, usable from a notebook: nothing here imports
-``equislide.flows`` or Prefect.
+``equislide.stages``, ``equislide.flows``, Prefect or Dask, and nothing here writes a store.
 """
 
 from __future__ import annotations
@@ -69,31 +69,31 @@ from equislide.tiling.phantom import write_phantom as write_phantom  # noqa: E40
 
 __all__ += ["LABEL_NAMES", "PhantomCore", "PhantomInfo", "read_phantom_info", "write_phantom"]
 
-# Tile grids (tiling/grid.py) and the slide -> tile stores pipeline (tiling/pipeline.py).
+# Tile grids (tiling/grid.py) and each input's samples laid out (tiling/layout.py).
 from equislide.tiling.grid import TileGrid as TileGrid  # noqa: E402
 from equislide.tiling.grid import analysis_scale as analysis_scale  # noqa: E402
 from equislide.tiling.grid import core_grids as core_grids  # noqa: E402
 from equislide.tiling.grid import core_tile_side as core_tile_side  # noqa: E402
 from equislide.tiling.grid import tissue_grid as tissue_grid  # noqa: E402
-from equislide.tiling.pipeline import SamplePlan as SamplePlan  # noqa: E402
-from equislide.tiling.pipeline import SampleResult as SampleResult  # noqa: E402
-from equislide.tiling.pipeline import SlidePlan as SlidePlan  # noqa: E402
-from equislide.tiling.pipeline import plan_slide as plan_slide  # noqa: E402
-from equislide.tiling.pipeline import tile_slide as tile_slide  # noqa: E402
-from equislide.tiling.pipeline import tiling_params as tiling_params  # noqa: E402
-from equislide.tiling.pipeline import write_samples as write_samples  # noqa: E402
+from equislide.tiling.layout import MIN_SIDE as MIN_SIDE  # noqa: E402
+from equislide.tiling.layout import NO_MPP_WARNING as NO_MPP_WARNING  # noqa: E402
+from equislide.tiling.layout import THUMBNAIL_MAX as THUMBNAIL_MAX  # noqa: E402
+from equislide.tiling.layout import SamplePlan as SamplePlan  # noqa: E402
+from equislide.tiling.layout import SlideLayout as SlideLayout  # noqa: E402
+from equislide.tiling.layout import plan_samples as plan_samples  # noqa: E402
+from equislide.tiling.layout import read_tile_batches as read_tile_batches  # noqa: E402
 
 __all__ += [
+    "MIN_SIDE",
+    "NO_MPP_WARNING",
+    "THUMBNAIL_MAX",
     "SamplePlan",
-    "SampleResult",
-    "SlidePlan",
+    "SlideLayout",
     "TileGrid",
     "analysis_scale",
     "core_grids",
     "core_tile_side",
-    "plan_slide",
-    "tile_slide",
-    "tiling_params",
+    "plan_samples",
+    "read_tile_batches",
     "tissue_grid",
-    "write_samples",
 ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from equislide.text import one_line
+
 __all__ = [
     "CorruptSlideError",
     "NoTissueError",
@@ -20,11 +22,6 @@ __all__ = [
     "SlideTooLargeError",
     "UnsupportedImageError",
 ]
-
-
-def _one_line(text: str) -> str:
-    """Collapse whitespace (newlines included) to single spaces."""
-    return " ".join(str(text).split())
 
 
 class SlideError(Exception):
@@ -38,8 +35,8 @@ class SlideError(Exception):
 
     def __init__(self, path: str | os.PathLike[str], reason: str, *, detail: str | None = None) -> None:
         self.path = Path(path)
-        self.reason = _one_line(reason)
-        self.detail = _one_line(detail) if detail else None
+        self.reason = one_line(reason)
+        self.detail = one_line(detail) if detail else None
         super().__init__(str(self))
 
     def __str__(self) -> str:

@@ -15,7 +15,8 @@ truth for phantom seeds 0 / 1, measured on the shared 2-core CPU (about 50-80 s 
 - width 32, layer 3, k = 4: 0.790 / 0.633 (chosen)
 - width 64, layer 3, k = 4: 0.690 / 0.762 (no clear gain over width 32, and 1.3-1.5x slower)
 
-The vectors are always L2-normalised (the cohort fit of ``equislide.models.pipeline``).
+The vectors are always L2-normalised (:meth:`equislide.specs.ClusterSpec.kmeans_params`); the ARI is
+:func:`equislide.evaluate.phantom_agreement`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 _PREFIX = "equislide demo"
 #: Feature stage, K-means k and SRENet width of the demo (measured choices: see the module docstring).
@@ -73,68 +73,13 @@ def demo_args(out: Path, slide: Path, *, workers: int | None, seed: int) -> argp
     )
 
 
-def phantom_agreement(report: dict[str, Any], phantom_json: str | Path) -> dict[str, Any]:
-    """Adjusted Rand index of the cluster maps against the phantom's classes, on tissue pixels.
-
-    Every label-map pixel's centre is mapped to the slide's level-0 plane and the ground truth is read
-    there (nearest), so both lie on the label map's grid; pixels where either says "no tissue" are left
-    out. All cores are pooled (the cohort model gives one set of cluster IDs).
-    """
-    import numpy as np
-    import tifffile
-    import zarr
-    from sklearn.metrics import adjusted_rand_score
-
-    from equislide.storage import read_sample_meta
-    from equislide.tiling import read_phantom_info
-
-    info = read_phantom_info(phantom_json)
-    truth = tifffile.imread(info.labels_path)
-    d = info.label_downsample
-    pred_all, true_all, per_core = [], [], {}
-    for sid, s in report["samples"].items():
-        if s["status"] == "failed" or "ome_zarr" not in s["outputs"]:
-            continue
-        labels = np.asarray(zarr.open_array(str(Path(s["outputs"]["ome_zarr"]) / "labels/clusters/0"))[:])
-        store = s["outputs"]["tiles"]
-        meta = read_sample_meta(store)
-        coords = np.asarray(zarr.open_group(store, mode="r")["coords"][:])
-        stride = _stride(meta, labels, coords)
-        l0_per_l = meta["l0_per_l"]
-        lx0, ly0 = coords.min(0)
-        rows, cols = labels.shape[-2:]
-        l0_x = (lx0 + (np.arange(cols) + 0.5) * stride) * l0_per_l[0]
-        l0_y = (ly0 + (np.arange(rows) + 0.5) * stride) * l0_per_l[1]
-        ty = np.clip((l0_y // d).astype(int), 0, truth.shape[0] - 1)
-        tx = np.clip((l0_x // d).astype(int), 0, truth.shape[1] - 1)
-        gt = truth[ty][:, tx]
-        lab = labels.reshape(rows, cols)
-        keep = (lab > 0) & (gt > 0)
-        if keep.sum() < 2:
-            continue
-        pred_all.append(lab[keep])
-        true_all.append(gt[keep])
-        per_core[sid] = float(adjusted_rand_score(gt[keep], lab[keep]))
-    if not pred_all:
-        return {"ari": float("nan"), "pixels": 0, "per_core": {}}
-    pred, true = np.concatenate(pred_all), np.concatenate(true_all)
-    return {"ari": float(adjusted_rand_score(true, pred)), "pixels": int(pred.size), "per_core": per_core}
-
-
-def _stride(meta: dict[str, Any], labels, coords) -> int:
-    """Analysis px per label px: the stitched map spans the tiles' extent."""
-    import numpy as np
-
-    span = int(coords[:, 0].max() - coords[:, 0].min()) + int(meta["tile"])
-    return max(1, int(np.rint(span / labels.shape[-1])))
-
-
 def run(args: argparse.Namespace) -> int:
     """Phantom -> cohort flow -> outputs, ARI and how to open the Prefect UI."""
     import time
 
     from equislide.commands._common import check_out_dir, usage_error
     from equislide.commands.segment import run_flow
+    from equislide.evaluate import phantom_agreement
     from equislide.flows.cohort import summary_text
     from equislide.tiling import write_phantom
 

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from equislide.specs import ClusterSpec, FeatureSpec, TilingSpec
+
+_TILING, _FEATURES, _CLUSTER = TilingSpec(), FeatureSpec(), ClusterSpec()
 _PREFIX = "equislide segment"
 SCHEDULER_ENV = "EQUISLIDE_SCHEDULER"
 _BACKBONES = {"srenet": "srenet18", "resnet18": "resnet18", "e2cnn": "e2cnn_resnet18"}
@@ -43,20 +46,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "BatchNorm recalibrated on the cohort's tiles (no trained weights ship yet)",
     )
     p.add_argument("--backbone", choices=sorted(_BACKBONES), default="srenet", help="default srenet")
-    p.add_argument("--layer", type=int, choices=(1, 2, 3, 4), default=4, help="feature stage (default 4)")
-    p.add_argument("--clusters", type=int, default=3, help="K-means k (default 3)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        choices=(1, 2, 3, 4),
+        default=_FEATURES.layer,
+        help=f"feature stage (default {_FEATURES.layer})",
+    )
+    p.add_argument("--clusters", type=int, default=_CLUSTER.k, help=f"K-means k (default {_CLUSTER.k})")
     p.add_argument(
         "--fit",
         choices=("cohort", "per-sample"),
-        default="cohort",
+        default=_CLUSTER.fit,
         help="one K-means for all samples (default), or one per sample on 2000 vectors (the paper)",
     )
-    p.add_argument("--kmeans", choices=("auto", "cuml", "torch", "sklearn"), default="auto")
-    p.add_argument("--mpp", type=float, default=2.5, help="analysis resolution, µm/px (default 2.5)")
-    p.add_argument("--tile", type=int, default=512, help="tile interior side, analysis px (default 512)")
-    p.add_argument("--halo", type=int, default=32, help="context per side, analysis px (default 32)")
+    p.add_argument("--kmeans", choices=("auto", "cuml", "torch", "sklearn"), default=_CLUSTER.backend)
+    p.add_argument(
+        "--mpp", type=float, default=_TILING.mpp, help=f"analysis resolution, µm/px (default {_TILING.mpp})"
+    )
+    p.add_argument(
+        "--tile", type=int, default=_TILING.tile, help=f"tile interior side, px (default {_TILING.tile})"
+    )
+    p.add_argument(
+        "--halo", type=int, default=_TILING.halo, help=f"context per side, px (default {_TILING.halo})"
+    )
     p.add_argument("--input-mpp", type=float, default=None, metavar="X", help="µm per level-0 px, all inputs")
-    p.add_argument("--tma", choices=("auto", "yes", "no"), default="auto", help="split TMAs into cores")
+    p.add_argument("--tma", choices=("auto", "yes", "no"), default=_TILING.tma, help="split TMAs into cores")
     p.add_argument("--width", type=int, default=None, help="stage-1 channels of random weights (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, vector draws and K-means")
     p.add_argument(

@@ -1,8 +1,9 @@
 """``equislide tile SLIDE... --out DIR``: slides and TMA images to per-sample zarr tile stores.
 
-Each input is one call of :func:`equislide.tiling.tile_slide` (see it and ``storage/README.md`` for
-what a store holds). With one worker the inputs run in this process; with ``--workers N > 1`` they
-run on a Dask ``distributed.LocalCluster`` of N single-threaded processes, and with ``--scheduler
+Each input is one call of :func:`equislide.stages.tile.tile_slide` (see it and ``storage/README.md``
+for what a store holds). With one worker the inputs run in this process; with ``--workers N > 1`` they
+run on the local Dask cluster ``segment`` starts (:func:`equislide.flows.cluster.dask_client`: N
+single-threaded processes, the workers' malloc environment and preload), and with ``--scheduler
 tcp://host:8786`` (or ``EQUISLIDE_SCHEDULER``) on an existing Dask cluster whose workers see the same
 files. A bad input never stops the others: it is reported as one line ``equislide tile: FAILED
 <path>: <reason>`` on stderr, and the exit status is 1. ``DIR/tile_report.json`` records every
@@ -12,12 +13,17 @@ input (sha256, status, reason, samples, tiles, seconds), the parameters and the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from equislide.specs import TilingSpec
+from equislide.text import one_line
+
+_DEFAULT = TilingSpec()
 SCHEDULER_ENV = "EQUISLIDE_SCHEDULER"
 REPORT_NAME = "tile_report.json"
 _PREFIX = "equislide tile"
@@ -40,13 +46,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "slides", nargs="+", metavar="SLIDE", help="slide or image files (SVS, TIFF, NDPI, PNG, ...)"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder of the stores")
-    p.add_argument("--mpp", type=float, default=2.5, help="analysis resolution, µm/px (default 2.5)")
-    p.add_argument("--tile", type=int, default=512, help="tile interior side, analysis px (default 512)")
+    p.add_argument(
+        "--mpp", type=float, default=_DEFAULT.mpp, help=f"analysis resolution, µm/px (default {_DEFAULT.mpp})"
+    )
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=_DEFAULT.tile,
+        help=f"tile interior side, analysis px (default {_DEFAULT.tile})",
+    )
     p.add_argument(
         "--halo",
         type=int,
-        default=32,
-        help="context on every side of a tile, and margin around a TMA core, analysis px (default 32)",
+        default=_DEFAULT.halo,
+        help=(
+            "context on every side of a tile, and margin around a TMA core, analysis px "
+            f"(default {_DEFAULT.halo})"
+        ),
     )
     p.add_argument(
         "--input-mpp",
@@ -81,29 +97,22 @@ def _usage_error(message: str) -> int:
     return 2
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def tile_one(path: str, out: str, sample_id: str, options: dict[str, Any], progress=None) -> dict[str, Any]:
+def tile_one(path: str, out: str, sample_id: str, spec: TilingSpec, progress=None) -> dict[str, Any]:
     """Tile one input and describe the outcome as a JSON-able dict; never raises.
 
     Runs in this process or on a Dask worker. ``status`` is ``"ok"`` or ``"failed"``; a failure has
     ``reason`` (one line) and ``error`` (the exception class).
     """
-    from equislide.storage import sha256_file
-    from equislide.tiling import SlideError, tile_slide
+    from equislide.files import sha256_file
+    from equislide.stages.inputs import reason_of
+    from equislide.stages.tile import tile_slide
 
     t0 = time.perf_counter()
     record: dict[str, Any] = {"path": path, "sample_id": sample_id, "sha256": None}
     try:
-        results = tile_slide(path, out, sample_id=sample_id, progress=progress, **options)
-    except SlideError as err:
-        reason = err.reason + (f" ({err.detail})" if err.detail else "")
-        record.update(status="failed", reason=reason, error=type(err).__name__)
+        results = tile_slide(path, out, spec, sample_id=sample_id, progress=progress)
     except Exception as err:  # one bad input must not stop the run: report it in one line
-        reason = f"unexpected {type(err).__name__}: {_one_line(err)}"
-        record.update(status="failed", reason=reason, error=type(err).__name__)
+        record.update(status="failed", reason=reason_of(err), error=type(err).__name__)
     else:
         record.update(
             status="ok",
@@ -133,20 +142,13 @@ def tile_one(path: str, out: str, sample_id: str, options: dict[str, Any], progr
     return record
 
 
-def _sample_ids(paths: list[str]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-    """Unique sample IDs per input; inputs whose name gives no usable ID fail here."""
-    from equislide.flows._inputs import assign_sample_ids
-
-    return assign_sample_ids(paths)
-
-
 def _progress():
     from equislide.commands._common import progress_bar
 
     return progress_bar()
 
 
-def _run_local(jobs: list[tuple[str, str]], out: str, options: dict[str, Any]) -> dict[str, dict]:
+def _run_local(jobs: list[tuple[str, str]], out: str, spec: TilingSpec) -> dict[str, dict]:
     records: dict[str, dict] = {}
     with _progress() as bar:
         inputs = bar.add_task("inputs", total=len(jobs))
@@ -162,35 +164,24 @@ def _run_local(jobs: list[tuple[str, str]], out: str, options: dict[str, Any]) -
 
         for path, sample_id in jobs:
             bar.update(inputs, description=f"inputs ({Path(path).name})")
-            records[path] = tile_one(path, out, sample_id, options, on_progress)
+            records[path] = tile_one(path, out, sample_id, spec, on_progress)
             bar.advance(inputs)
         bar.update(inputs, description="inputs")
     return records
 
 
 def _run_dask(
-    jobs: list[tuple[str, str]], out: str, options: dict[str, Any], *, workers: int, scheduler: str | None
+    jobs: list[tuple[str, str]], out: str, spec: TilingSpec, *, workers: int, scheduler: str | None
 ) -> dict[str, dict]:
-    import logging
+    from distributed import as_completed
 
-    from distributed import Client, LocalCluster, as_completed
+    from equislide.flows.cluster import dask_client
+    from equislide.stages.inputs import failed_record
 
     records: dict[str, dict] = {}
-    cluster = None
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
-        client = Client(cluster)
-    try:
+    with dask_client(scheduler=scheduler, workers=workers) as client:
         futures = {
-            client.submit(tile_one, path, out, sample_id, options, key=f"tile-{i}", pure=False): path
+            client.submit(tile_one, path, out, sample_id, spec, key=f"tile-{i}", pure=False): path
             for i, (path, sample_id) in enumerate(jobs)
         }
         with _progress() as bar:
@@ -201,28 +192,13 @@ def _run_dask(
                 try:
                     record = future.result()
                 except Exception as err:  # the worker died (KilledWorker) or the task was lost
-                    record = {
-                        "path": path,
-                        "sample_id": dict(jobs).get(path),
-                        "sha256": None,
-                        "status": "failed",
-                        "reason": f"worker failed: {type(err).__name__}: {_one_line(err)}",
-                        "error": type(err).__name__,
-                        "samples": [],
-                        "tiles": 0,
-                        "tiles_written": 0,
-                        "warnings": [],
-                        "seconds": 0.0,
-                    }
+                    reason = f"worker failed: {type(err).__name__}: {one_line(err)}"
+                    record = failed_record(path, reason, type(err).__name__, sample_id=dict(jobs).get(path))
                 records[path] = record
                 n = record.get("tiles", 0)
                 bar.update(tiles, total=(bar.tasks[tiles].total or 0) + n)
                 bar.advance(tiles, n)
                 bar.advance(inputs)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     return records
 
 
@@ -256,23 +232,19 @@ def run(args: argparse.Namespace) -> int:
     for p in args.slides:
         unique.setdefault(Path(p), p)
     paths = list(unique.values())
-    ids, records = _sample_ids(paths)
+    from equislide.stages.inputs import assign_sample_ids
+
+    ids, records = assign_sample_ids(paths)
     jobs = [(p, ids[p]) for p in paths if p in ids]
-    options = {
-        "mpp": args.mpp,
-        "tile": args.tile,
-        "halo": args.halo,
-        "input_mpp": args.input_mpp,
-        "tma": args.tma,
-    }
+    spec = TilingSpec(mpp=args.mpp, tile=args.tile, halo=args.halo, input_mpp=args.input_mpp, tma=args.tma)
     clean_partials(out)  # leftovers of a killed run; this run owns --out
 
     t0 = time.perf_counter()
     workers = min(args.workers, max(1, len(jobs)))
     if args.scheduler or workers > 1:
-        records.update(_run_dask(jobs, str(out), options, workers=workers, scheduler=args.scheduler))
+        records.update(_run_dask(jobs, str(out), spec, workers=workers, scheduler=args.scheduler))
     else:
-        records.update(_run_local(jobs, str(out), options))
+        records.update(_run_local(jobs, str(out), spec))
     seconds = time.perf_counter() - t0
 
     ordered = [records[p] for p in paths]
@@ -288,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         "equislide_version": __version__,
         "command": "tile",
         "parameters": json.loads(
-            canonical_json({**options, "workers": workers, "scheduler": args.scheduler})
+            canonical_json({**dataclasses.asdict(spec), "workers": workers, "scheduler": args.scheduler})
         ),
         "inputs": ordered,
         "summary": {

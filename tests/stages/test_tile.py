@@ -1,4 +1,4 @@
-"""tile_slide on real slides and the phantom TMA: real reads, real zarr stores, reruns and kills."""
+"""The tile stage (tile_slide) on real slides and the phantom TMA: real reads and stores, reruns, kills."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 import zarr
 from PIL import Image
 
+from equislide.stages.tile import tile_slide
 from equislide.storage import DONE_MARKER, read_sample_meta
-from equislide.tiling import NoTissueError, open_slide, read_phantom_info, tile_slide, write_phantom
-from equislide.tiling.pipeline import THUMBNAIL_MAX
+from equislide.tiling import THUMBNAIL_MAX, NoTissueError, open_slide, read_phantom_info, write_phantom
 
 
 def expected_stores(tree: dict[str, str]) -> set[str]:

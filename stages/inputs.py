@@ -1,6 +1,6 @@
-"""Input bookkeeping shared by the flows and the CLI: sample IDs per input and one-line failure reasons.
+"""The inputs stage: sample IDs per input file, and the records and one-line reasons of failed inputs.
 
-No Prefect and no Dask here: ``equislide tile`` uses these without starting an orchestrator.
+Shared by the cohort flow and ``equislide tile``; a notebook calls :func:`assign_sample_ids` first.
 """
 
 from __future__ import annotations
@@ -8,12 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from equislide.text import one_line
+
 __all__ = ["assign_sample_ids", "failed_record", "one_line", "reason_of"]
-
-
-def one_line(text: object) -> str:
-    """Collapse whitespace (newlines included) to single spaces."""
-    return " ".join(str(text).split())
 
 
 def reason_of(err: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""The per-sample stages of ``equislide segment`` on real tile stores (a phantom TMA written to disk)."""
+"""The backbone, features and cluster stages on real tile stores (a phantom TMA written to disk)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from equislide.models import pipeline as seg
+from equislide import stages
+from equislide.specs import ClusterSpec, FeatureSpec
+from equislide.stages import cluster, features
 
 
 @pytest.fixture(scope="module")
 def featured_stores(tmp_path_factory) -> tuple[list[Path], Path]:
     """Four phantom cores tiled, with layer-3 features of a width-8 SRENet (BatchNorm calibrated)."""
-    from equislide.tiling import tile_slide, write_phantom
+    from equislide.tiling import write_phantom
 
     root = tmp_path_factory.mktemp("pipeline")
     info = write_phantom(root / "tma.tiff", cores=4, mpp=4.0, core_diameter_um=600.0, missing=0, seed=1)
-    stores = [r.store for r in tile_slide(info.image_path, root / "tiles", mpp=5.0, tile=128, halo=16)]
-    backbone = seg.calibrated_backbone(
-        stores, root / "models", layer=3, model_kwargs={"width": 8}, calibration_tiles=4
-    )
+    stores = [r.store for r in stages.tile_slide(info.image_path, root / "tiles", mpp=5.0, tile=128, halo=16)]
+    spec = FeatureSpec(layer=3, model_kwargs={"width": 8}, calibration_tiles=4, device="cpu")
+    backbone = stages.calibrated_backbone(stores, root / "models", spec)
     for store in stores:
-        seg.extract_store_features(store, backbone, device="cpu")
+        stages.extract_store_features(store, backbone, spec)
     return stores, root
 
 
@@ -36,23 +37,22 @@ def test_parallel_draws_give_the_one_sampler_fit(featured_stores, tmp_path) -> N
     from equislide.storage import read_features_meta
 
     for store in stores:
-        seg._sample_tissue_vectors(store, 3, int(read_features_meta(store, 3)["stride"]), sampler)
-    reference = fit_kmeans(sampler.sample, params=seg._kmeans_params(3, "torch", 5))
+        features.sample_tissue_vectors(store, 3, int(read_features_meta(store, 3)["stride"]), sampler)
+    spec = ClusterSpec(k=3, per_sample=300, backend="torch", seed=5)
+    reference = fit_kmeans(sampler.sample, params=spec.kmeans_params())
 
-    draws = tmp_path / "models" / seg.DRAWS_DIR
-    first = seg.draw_store_vectors(stores[2], draws, layer=3, per_sample=300, seed=5)  # a "worker" drew it
+    draws = tmp_path / "models" / stages.DRAWS_DIR
+    first = stages.draw_store_vectors(stores[2], draws, layer=3, spec=spec)  # a "worker" drew it
     assert first["status"] == "written" and 0 < first["n_vectors"] <= 300
-    again = seg.draw_store_vectors(stores[2], draws, layer=3, per_sample=300, seed=5)
+    again = stages.draw_store_vectors(stores[2], draws, layer=3, spec=spec)
     assert again == {"path": first["path"], "status": "skipped", "n_vectors": None}
     drawn = np.load(first["path"])
     assert drawn.dtype == np.float16 and drawn.shape[0] == first["n_vectors"]
 
-    info = seg.fit_cohort_stores(
-        stores, tmp_path / "models", layer=3, k=3, per_sample=300, backend="torch", seed=5
-    )
-    assert info["status"] == "written" and info["n_vectors"] == len(sampler.sample)
+    info = cluster.fit_cohort_stores(stores, tmp_path / "models", layer=3, spec=spec)
+    assert info.status == "written" and info.n_vectors == len(sampler.sample)
     assert len(list(draws.glob("draw-*.npy"))) == len(stores)  # the missing three were drawn by the fit
-    model = KMeansModel.load(info["path"])
+    model = KMeansModel.load(info.path)
     np.testing.assert_array_equal(model.centroids, reference.centroids)
-    other = seg.draw_store_vectors(stores[2], draws, layer=3, per_sample=300, seed=6)
+    other = stages.draw_store_vectors(stores[2], draws, layer=3, spec=ClusterSpec(per_sample=300, seed=6))
     assert other["path"] != first["path"]  # another seed is another draw

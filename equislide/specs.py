@@ -1,0 +1,264 @@
+"""The parameters of a run as frozen dataclasses: each spec holds its defaults once and its resume key.
+
+Every stage (:mod:`equislide.stages`) takes specs, never untyped option dicts, and every done-marker
+hashes a spec's :meth:`params` (through :meth:`key`), so a resume key cannot drift from the
+parameters that made the result. The CLI reads its defaults from here.
+
+- :class:`TilingSpec`: how a slide becomes tiles (analysis mpp, tile, halo, input mpp, TMA mode).
+- :class:`FeatureSpec`: which network makes the features (backbone, layer, weights or seeded random
+  initialisation, BatchNorm calibration, device).
+- :class:`ClusterSpec`: how the features become clusters (k, cohort or per-sample fit, backend, vectors
+  per sample, seed).
+- :class:`BackboneRef` and :class:`KMeansRef`: a saved network and a saved K-means model, as the
+  backbone and cluster stages return them; later stages take these references, not the objects.
+
+The parameter dicts (and so the hashes) are exactly those of the releases before the specs existed,
+so stores and outputs of earlier runs are still recognised as finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "BACKBONES",
+    "BATCH_TILES",
+    "CLUSTER_FORMAT",
+    "TILING_FORMAT",
+    "BackboneRef",
+    "ClusterSpec",
+    "FeatureSpec",
+    "KMeansRef",
+    "TilingSpec",
+]
+
+#: Version tag of the tiling parameters; part of every sample's parameter hash.
+TILING_FORMAT = "equislide-tiling/1"
+#: Tiles read and written per batch (one shard of the tile store); part of the tiling key.
+BATCH_TILES = 32
+#: Version tag of the feature / cluster / segment parameters; part of every key they write.
+CLUSTER_FORMAT = "equislide-segment/1"
+#: Registered backbone names the service runs (``--backbone`` short names map onto them).
+BACKBONES = ("srenet18", "resnet18", "e2cnn_resnet18")
+
+TmaMode = Literal["auto", "yes", "no"]
+FitMode = Literal["cohort", "per-sample"]
+
+
+def _hash(params: Mapping[str, Any]) -> str:
+    from equislide.storage import params_hash
+
+    return params_hash(dict(params))
+
+
+@dataclass(frozen=True)
+class TilingSpec:
+    """How a slide becomes tiles.
+
+    Attributes:
+        mpp: Analysis resolution, µm per pixel.
+        tile: Interior side of a whole-slide tile, analysis pixels (>= 8).
+        halo: Context on every side of a whole-slide tile, and the margin around a TMA core, px.
+        input_mpp: µm per level-0 pixel overriding (or filling in) the file's metadata.
+        tma: ``"auto"`` (dearray when the mask looks like a TMA), ``"yes"`` or ``"no"``.
+
+    Raises:
+        ValueError: a bad value (the message names it).
+    """
+
+    mpp: float = 2.5
+    tile: int = 512
+    halo: int = 32
+    input_mpp: float | None = None
+    tma: TmaMode = "auto"
+
+    def __post_init__(self) -> None:
+        if self.tma not in ("auto", "yes", "no"):
+            raise ValueError(f"tma={self.tma!r}; use 'auto', 'yes' or 'no'")
+        if isinstance(self.tile, bool) or int(self.tile) != self.tile or self.tile < 8:
+            raise ValueError(f"tile={self.tile!r} must be an integer >= 8 (analysis pixels)")
+        if isinstance(self.halo, bool) or int(self.halo) != self.halo or self.halo < 0:
+            raise ValueError(f"halo={self.halo!r} must be an integer >= 0 (analysis pixels)")
+        if not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp) and self.mpp > 0):
+            raise ValueError(f"mpp={self.mpp!r} must be a positive number of µm per pixel")
+        if self.input_mpp is not None and not (math.isfinite(self.input_mpp) and self.input_mpp > 0):
+            raise ValueError(f"input_mpp={self.input_mpp!r} must be a positive number of µm per pixel")
+        object.__setattr__(self, "tile", int(self.tile))
+        object.__setattr__(self, "halo", int(self.halo))
+        object.__setattr__(self, "mpp", float(self.mpp))
+
+    def params(self) -> dict[str, Any]:
+        """The parameter dict whose hash decides whether a finished sample can be reused."""
+        from equislide.tiling import THUMBNAIL_MAX
+
+        return {
+            "format": TILING_FORMAT,
+            "mpp": float(self.mpp),
+            "tile": int(self.tile),
+            "halo": int(self.halo),
+            "input_mpp": None if self.input_mpp is None else float(self.input_mpp),
+            "tma": self.tma,
+            "thumbnail_max": THUMBNAIL_MAX,
+            "batch_tiles": BATCH_TILES,
+        }
+
+    def key(self) -> str:
+        """Hex SHA-256 of :meth:`params`."""
+        return _hash(self.params())
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which network makes the features, and how.
+
+    Attributes:
+        backbone: Registered model name (:data:`BACKBONES`).
+        layer: Feature stage 1-4.
+        weights: A checkpoint to use as is; None = seeded random weights, BatchNorm recalibrated on the
+            cohort's tiles.
+        seed: Seed of the random initialisation.
+        model_kwargs: Builder arguments of a random initialisation (e.g. ``{"width": 16}``).
+        calibration_tiles: Most tiles BatchNorm is recalibrated on (random weights).
+        device: Feature device: ``"auto"`` (CUDA when the worker has one), ``"cpu"``, ``"cuda:0"``...
+        batch_tiles: Tiles per forward pass.
+    """
+
+    backbone: str = "srenet18"
+    layer: int = 4
+    weights: str | None = None
+    seed: int = 0
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    calibration_tiles: int = 16
+    device: str = "auto"
+    batch_tiles: int = 4
+
+    def __post_init__(self) -> None:
+        if self.layer not in (1, 2, 3, 4):
+            raise ValueError(f"layer={self.layer!r} must be 1, 2, 3 or 4")
+        if self.calibration_tiles < 1:
+            raise ValueError(f"calibration_tiles={self.calibration_tiles} must be >= 1")
+        if self.batch_tiles < 1:
+            raise ValueError(f"batch_tiles={self.batch_tiles} must be >= 1")
+        object.__setattr__(self, "model_kwargs", dict(self.model_kwargs or {}))
+        object.__setattr__(self, "weights", None if self.weights is None else str(self.weights))
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """How features become clusters.
+
+    Attributes:
+        k: Clusters.
+        fit: ``"cohort"`` (one model for all samples) or ``"per-sample"`` (the paper's protocol).
+        backend: K-means backend: ``auto``, ``cuml``, ``torch`` or ``sklearn``.
+        per_sample: Most tissue vectors drawn per sample for a fit.
+        seed: Seeds the vector draws and K-means.
+    """
+
+    k: int = 3
+    fit: FitMode = "cohort"
+    backend: str = "auto"
+    per_sample: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fit not in ("cohort", "per-sample"):
+            raise ValueError(f"fit={self.fit!r}; use 'cohort' or 'per-sample'")
+        if self.k < 2:
+            raise ValueError(f"k={self.k} must be >= 2")
+        if self.per_sample < 1:
+            raise ValueError(f"per_sample={self.per_sample} must be >= 1")
+
+    def kmeans_params(self):
+        """The :class:`~equislide.models.KMeansParams` of every fit of this spec (L2-normalised, CPU)."""
+        from equislide.models.kmeans import KMeansParams
+
+        return KMeansParams(
+            k=int(self.k), backend=self.backend, seed=int(self.seed), l2_normalise=True, device="cpu"
+        )
+
+    def params(self) -> dict[str, Any]:
+        """The parameters a per-sample fit is keyed by."""
+        return {
+            "mode": "per-sample",
+            "k": int(self.k),
+            "per_sample": int(self.per_sample),
+            "backend": self.backend,
+            "seed": self.seed,
+        }
+
+    def key(self) -> str:
+        """Hex SHA-256 of :meth:`params`."""
+        return _hash(self.params())
+
+
+@dataclass(frozen=True)
+class BackboneRef:
+    """A saved network every feature task loads, and how it was made (the backbone stage's result).
+
+    Attributes:
+        path: The ``.safetensors`` checkpoint (a JSON config beside it).
+        sha256: Its SHA-256 (checked when a worker loads it).
+        backbone: Registered model name.
+        layer: Feature stage.
+        weights_random: True for a seeded random initialisation (BatchNorm recalibrated).
+        provenance: How it was made (seed, calibration tiles) or where it came from.
+        status: ``"given"``, ``"written"`` or ``"skipped"`` (reused from an earlier run).
+    """
+
+    path: str
+    sha256: str
+    backbone: str
+    layer: int
+    weights_random: bool
+    provenance: Mapping[str, Any]
+    status: str
+
+    def params(self) -> dict[str, Any]:
+        """The parameter dict keying a store's features: network, weights hash, layer, normalisation."""
+        from equislide.models.extract import NORMALISATION
+
+        return {
+            "format": CLUSTER_FORMAT,
+            "backbone": self.backbone,
+            "weights_sha256": self.sha256,
+            "layer": int(self.layer),
+            "normalisation": dict(NORMALISATION),
+        }
+
+    def key(self) -> str:
+        """Hex SHA-256 of :meth:`params`: the features' done-marker key."""
+        return _hash(self.params())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields, for ``run.json``."""
+        return {**dataclasses.asdict(self), "provenance": dict(self.provenance)}
+
+
+@dataclass(frozen=True)
+class KMeansRef:
+    """A saved cohort K-means model (the cluster stage's result).
+
+    Attributes:
+        path: The ``.safetensors`` centroids (a JSON sidecar beside them).
+        sha256: Its SHA-256.
+        status: ``"written"`` or ``"skipped"`` (reused).
+        backend: The backend that fitted it.
+        n_vectors: Vectors it was fitted on.
+        samples: Samples they came from.
+    """
+
+    path: str
+    sha256: str
+    status: str
+    backend: str | None
+    n_vectors: int | None
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields, for ``run.json``."""
+        return dataclasses.asdict(self)

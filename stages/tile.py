@@ -1,0 +1,252 @@
+"""The tile stage: a slide file becomes per-sample zarr tile stores (:func:`tile_slide`, or its two halves).
+
+:func:`plan_slide` lays out one input (:func:`equislide.tiling.plan_samples`: hash, thumbnail, tissue
+mask, TMA cores, tile grids) and says which of its samples are already finished under the run's
+``tiles/`` folder; :func:`write_samples` reads the tiles of some of the rest
+(:func:`equislide.tiling.read_tile_batches`, one zarr shard at a time) and writes each sample atomically
+(:func:`equislide.storage.open_sample_for_write`). The split lets a cluster write the cores of one TMA
+slide on several workers at once.
+
+A finished sample made from the same input bytes and :class:`~equislide.specs.TilingSpec` is skipped,
+so a rerun over the same folder only does what is missing and the stores are byte-identical to an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from equislide.specs import BATCH_TILES, TILING_FORMAT, TilingSpec
+from equislide.tiling import SamplePlan
+
+__all__ = [
+    "BATCH_TILES",
+    "TILING_FORMAT",
+    "SampleResult",
+    "SlidePlan",
+    "plan_slide",
+    "tile_slide",
+    "write_samples",
+]
+
+#: ``progress(sample_id, tiles_done, tiles_total)``, called after each batch written.
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass
+class SampleResult:
+    """What happened to one sample.
+
+    Attributes:
+        sample_id: ``slide`` or ``slide/core``.
+        store: The finished store, ``<out_root>/<sample_id>.zarr``.
+        status: ``"written"`` or ``"skipped"`` (already finished for this input and parameters).
+        n_tiles: Tiles in the store.
+        side: Stored tile side, halo included (analysis pixels).
+        input_sha256: SHA-256 of the input file.
+        warnings: One-line warnings (e.g. no resolution: native pixels).
+        seconds: Wall time spent on this sample (0 for a skipped one).
+    """
+
+    sample_id: str
+    store: Path
+    status: str
+    n_tiles: int
+    side: int
+    input_sha256: str
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class SlidePlan:
+    """What tiling one input takes: :func:`plan_slide`'s result.
+
+    Attributes:
+        path: The input file.
+        input_sha256: Its SHA-256.
+        sample_ids: Every sample of the input, in order ((row, col) for TMA cores).
+        todo: Samples still to write (picklable: a worker can take them).
+        finished: Samples already finished from the same input bytes and parameters.
+    """
+
+    path: str
+    input_sha256: str
+    sample_ids: list[str]
+    todo: list[SamplePlan]
+    finished: list[SampleResult]
+
+    def ordered(self, written: list[SampleResult]) -> list[SampleResult]:
+        """``finished`` and ``written`` in the input's sample order."""
+        rank = {sid: i for i, sid in enumerate(self.sample_ids)}
+        return sorted([*self.finished, *written], key=lambda r: rank[r.sample_id])
+
+
+def _spec(spec: TilingSpec | None, overrides: dict[str, Any]) -> TilingSpec:
+    """``spec`` with keyword overrides (a notebook's ``tile_slide(path, out, mpp=1.0)``)."""
+    base = spec or TilingSpec()
+    return dataclasses.replace(base, **overrides) if overrides else base
+
+
+def tile_slide(
+    path: str | os.PathLike[str],
+    out_root: str | os.PathLike[str],
+    spec: TilingSpec | None = None,
+    *,
+    sample_id: str | None = None,
+    input_sha256: str | None = None,
+    progress: ProgressCallback | None = None,
+    **overrides: Any,
+) -> list[SampleResult]:
+    """Tile one slide (or plain image) into per-sample zarr stores under ``out_root``.
+
+    The same as :func:`plan_slide` then :func:`write_samples` on every sample in one process; a
+    cluster runs the two apart, one ``write_samples`` per group of TMA cores.
+
+    Args:
+        path: The slide or image file.
+        out_root: Folder of the run's stores; ``<out_root>/<sample_id>.zarr`` per sample.
+        spec: How to tile (default :class:`~equislide.specs.TilingSpec`); keyword ``overrides``
+            (``mpp=``, ``tile=``, ``halo=``, ``input_mpp=``, ``tma=``) replace its fields.
+        sample_id: The slide's ID (default: the file stem made safe with ``safe_sample_id``);
+            pass :func:`~equislide.storage.unique_sample_ids`' value when tiling many files.
+        input_sha256: The file's SHA-256 when the caller already has it (else it is computed).
+        progress: Called as ``progress(sample_id, tiles_done, tiles_total)`` after each batch.
+
+    Returns:
+        One :class:`SampleResult` per sample, in (row, col) order for TMA cores.
+
+    Raises:
+        SlideError: The file cannot be opened or read (a subclass names why).
+        NoTissueError: The tissue mask is empty (or ``tma="yes"`` finds no core).
+        UnsupportedImageError: The image is under 16 analysis pixels on a side.
+        ValueError: A bad parameter (the message names it).
+    """
+    spec = _spec(spec, overrides)
+    plan = plan_slide(path, out_root, spec, sample_id=sample_id, input_sha256=input_sha256)
+    return plan.ordered(write_samples(plan.todo, out_root, progress=progress))
+
+
+def plan_slide(
+    path: str | os.PathLike[str],
+    out_root: str | os.PathLike[str],
+    spec: TilingSpec | None = None,
+    *,
+    sample_id: str | None = None,
+    input_sha256: str | None = None,
+) -> SlidePlan:
+    """Lay out one input's samples; those already finished under ``out_root`` come back in ``finished``.
+
+    Reads only the thumbnail (nothing at all for a finished whole slide). Arguments and errors: as
+    :func:`tile_slide`.
+    """
+    from equislide.storage import is_sample_done, safe_sample_id
+    from equislide.tiling import plan_samples
+
+    spec = spec or TilingSpec()
+    path = Path(path)
+    params = spec.params()
+    slide_id = sample_id or safe_sample_id(path.stem if path.suffix else path.name)
+
+    def is_done(sid: str, sha: str) -> bool:
+        return is_sample_done(out_root, sid, input_sha256=sha, params=params)
+
+    layout = plan_samples(
+        path,
+        sample_id=slide_id,
+        params=params,
+        mpp=spec.mpp,
+        tile=spec.tile,
+        halo=spec.halo,
+        input_mpp=spec.input_mpp,
+        tma=spec.tma,
+        input_sha256=input_sha256,
+        is_done=is_done,
+    )
+    finished = [_skipped(out_root, sid, layout.input_sha256, layout.warnings) for sid in layout.done]
+    return SlidePlan(str(path), layout.input_sha256, list(layout.sample_ids), list(layout.todo), finished)
+
+
+def write_samples(
+    samples: list[SamplePlan],
+    out_root: str | os.PathLike[str],
+    *,
+    progress: ProgressCallback | None = None,
+) -> list[SampleResult]:
+    """Read and store the tiles of planned samples (of one input), each store written atomically.
+
+    Opens the input once for all of ``samples``. A sample finished in the meantime (another run over
+    the same folder) is skipped.
+
+    Raises:
+        SlideError: The input cannot be opened or read.
+        ValueError: The samples come from more than one input.
+    """
+    from equislide.storage import is_sample_done, open_sample_for_write
+    from equislide.tiling import open_slide, read_tile_batches
+
+    if not samples:
+        return []
+    if len({(s.path, s.input_mpp) for s in samples}) > 1:
+        raise ValueError("write_samples takes the samples of one input; got several")
+    results = []
+    with open_slide(samples[0].path, input_mpp=samples[0].input_mpp) as slide:
+        for sample in samples:
+            sha, params = sample.input_sha256, sample.params
+            if is_sample_done(out_root, sample.sample_id, input_sha256=sha, params=params):
+                results.append(_skipped(out_root, sample.sample_id, sha, list(sample.warnings)))
+                continue
+            t0 = time.perf_counter()
+            grid = sample.grid
+            with open_sample_for_write(
+                out_root,
+                sample.sample_id,
+                n_tiles=grid.n_tiles,
+                tile=grid.tile,
+                halo=grid.halo,
+                attrs=sample.attrs,
+                params=params,
+                input_sha256=sha,
+                shard_tiles=BATCH_TILES,
+            ) as writer:
+                for start, batch in read_tile_batches(slide, sample, BATCH_TILES):
+                    stop = start + len(batch)
+                    writer.write_tiles(start, batch, grid.l_xy[start:stop])
+                    if progress is not None:
+                        progress(sample.sample_id, stop, grid.n_tiles)
+                writer.write_tissue_mask(sample.mask, downsample=sample.mask_downsample)
+            results.append(
+                SampleResult(
+                    sample.sample_id,
+                    writer.path,
+                    "written",
+                    grid.n_tiles,
+                    grid.side,
+                    sha,
+                    list(sample.warnings),
+                    time.perf_counter() - t0,
+                )
+            )
+    return results
+
+
+def _skipped(out_root, sample_id: str, sha: str, warnings: list[str] | None = None) -> SampleResult:
+    from equislide.storage import read_sample_meta, sample_store_path
+
+    store = sample_store_path(out_root, sample_id)
+    meta = read_sample_meta(store)
+    return SampleResult(
+        sample_id,
+        store,
+        "skipped",
+        int(meta["n_tiles"]),
+        int(meta["tile_with_halo"]),
+        sha,
+        list(meta.get("warnings") or warnings or []),
+    )
