@@ -102,8 +102,12 @@ class RunManifest:
         error: str | None = None,
         timings: Mapping[str, float] | None = None,
         outputs: Mapping[str, Any] | None = None,
+        consistency: Mapping[str, Any] | None = None,
     ) -> None:
-        """Record a sample's status (one of :data:`SAMPLE_STATUSES`), merging timings and outputs."""
+        """Record a sample's status (one of :data:`SAMPLE_STATUSES`), merging timings and outputs.
+
+        ``consistency``: the sample's rotation-consistency figures (kappa, Dice, ICC), when scored.
+        """
         if status not in SAMPLE_STATUSES:
             raise ValueError(f"status={status!r} must be one of {SAMPLE_STATUSES}")
         entry = self.samples.setdefault(
@@ -113,6 +117,8 @@ class RunManifest:
         entry["error"] = error
         entry["timings"].update({k: float(v) for k, v in (timings or {}).items()})
         entry["outputs"].update(dict(outputs or {}))
+        if consistency is not None:
+            entry["consistency"] = dict(consistency)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (keys in schema order)."""

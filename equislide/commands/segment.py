@@ -81,6 +81,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help=f"existing Dask scheduler, e.g. tcp://host:8786 (default: ${SCHEDULER_ENV})",
     )
     p.add_argument("--workers", type=int, default=None, help="local Dask workers (default: CPU cores)")
+    p.add_argument(
+        "--consistency",
+        action="store_true",
+        help="also score rotation consistency (kappa, Dice, feature ICC) of up to --regions regions or "
+        "cores per input: <sample>.consistency.json, figures in run.json and the summary",
+    )
+    p.add_argument(
+        "--angles",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --consistency: N rotation steps around the circle (12 = every 30°; default: 0 and 30°)",
+    )
+    p.add_argument(
+        "--regions",
+        type=int,
+        default=4,
+        help="with --consistency: regions per whole slide, cores per TMA slide (default 4)",
+    )
     return p
 
 
@@ -100,6 +119,10 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--weights {args.weights}: no such file"
     if args.width is not None and args.width < 1:
         return f"--width {args.width} must be >= 1"
+    if getattr(args, "angles", None) is not None and args.angles < 2:
+        return f"--angles {args.angles} must be >= 2 (0 degrees and at least one other)"
+    if getattr(args, "regions", 4) < 1:
+        return f"--regions {args.regions} must be >= 1"
     return None
 
 
@@ -125,6 +148,9 @@ def run_flow(args: argparse.Namespace, *, command: list[str], prefix: str = _PRE
         "tma": args.tma,
         "seed": args.seed,
         "model_kwargs": {"width": args.width} if args.width else None,
+        "consistency": bool(getattr(args, "consistency", False)),
+        "angles": getattr(args, "angles", None),
+        "regions": getattr(args, "regions", 4),
         "command": command,
     }
     with progress_bar() as bar:

@@ -1,0 +1,420 @@
+"""The consistency stage: how stable a sample's segmentation is when the sample is rotated.
+
+The protocol (Du et al., SRE-Conv, ISBI 2025; per sample and backbone):
+
+1. Take the sample at the analysis resolution as a square image: a TMA core whole (its stored tile),
+   or up to ``regions`` square regions of a whole slide, centred on tissue and spread over it
+   (:func:`slide_regions`), read from the slide.
+2. Rotate the image by every angle (counter-clockwise about the image centre, white fill;
+   :func:`equislide.tiling.rotate_image`) and compute its layer-L features.
+3. Fit K-means on the 0-degree features alone (paper mode: k = 3 on up to 2000 sampled,
+   L2-normalised tissue vectors), or take the cohort model (cohort mode), and label every angle's
+   features with the same centroids: no label matching is needed.
+4. Upsample each label map to analysis pixels (nearest), rotate it back by minus its angle (nearest;
+   :func:`equislide.tiling.unrotate_labels`) and compare it with the 0-degree map on *valid* pixels:
+   tissue at 0 degrees (:func:`equislide.tiling.tissue_mask` of the 0-degree image), inside the disc
+   inscribed in the square (inside the frame at every angle) and with a source inside the rotated
+   frame.
+5. Score Cohen's kappa and mean Dice per angle (:mod:`equislide.evaluate`); the feature-level ICC(3,1)
+   over ``track`` tissue pixels followed through every angle (targets = pixels, raters = angles,
+   averaged over channels); and the clusters' area fractions per angle (their ICC is taken over
+   samples by the study).
+
+Rotations by multiples of 90 degrees of a square image are exact (``numpy.rot90``), so an exactly
+D4-equivariant network scores 1.000 there; other angles interpolate the image (bilinear), which with
+nearest resampling of the label map alone costs about 1 % of agreement.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from equislide.specs import ClusterSpec
+
+__all__ = [
+    "CONSISTENCY_SUFFIX",
+    "SERVICE_SPEC",
+    "choose_samples",
+    "figures",
+    "ConsistencySpec",
+    "rotation_consistency",
+    "sample_images",
+    "slide_regions",
+    "store_consistency",
+]
+
+#: Per-sample result file beside the sample's outputs.
+CONSISTENCY_SUFFIX = ".consistency.json"
+
+
+@dataclass(frozen=True)
+class ConsistencySpec:
+    """How a sample is rotated and scored.
+
+    Attributes:
+        angles: Angles in degrees, counter-clockwise; the first is the reference and should be 0.
+        regions: Most square regions per whole slide (a TMA core is always one region: itself).
+        region: Side of a whole-slide region, analysis pixels (a multiple of 8).
+        track: Tissue pixels followed through every angle for the feature-level ICC.
+        seed: Seeds the choice of regions and of tracked pixels.
+    """
+
+    angles: tuple[float, ...] = tuple(30.0 * i for i in range(12))
+    regions: int = 4
+    region: int = 1024
+    track: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        angles = tuple(float(a) for a in self.angles)
+        if not angles or angles[0] % 360 != 0:
+            raise ValueError(f"angles={self.angles!r} must start at 0 (the reference)")
+        if any(not math.isfinite(a) for a in angles):
+            raise ValueError(f"angles={self.angles!r} must be finite")
+        if self.regions < 1:
+            raise ValueError(f"regions={self.regions} must be >= 1")
+        if self.region < 64 or self.region % 8:
+            raise ValueError(f"region={self.region} must be a multiple of 8, at least 64 px")
+        if self.track < 0:
+            raise ValueError(f"track={self.track} must be >= 0")
+        object.__setattr__(self, "angles", angles)
+
+    @classmethod
+    def steps(cls, n: int, **kwargs: Any) -> ConsistencySpec:
+        """``n`` equal steps around the circle: ``steps(12)`` is 0, 30, ..., 330 degrees."""
+        if n < 2:
+            raise ValueError(f"angles={n} must be >= 2 steps (0 degrees and at least one other)")
+        return cls(angles=tuple(360.0 * i / n for i in range(n)), **kwargs)
+
+
+#: What ``equislide segment --consistency`` scores by default: one off-90 angle (30 degrees; for an
+#: exactly D4-equivariant network every off-90 multiple of 30 is 30 or 60 up to a symmetry of the
+#: square) on up to 4 regions of 512 px per input (TMA slides: 4 cores, spread over the array).
+SERVICE_SPEC = ConsistencySpec(angles=(0.0, 30.0), regions=4, region=512, track=500)
+
+
+def choose_samples(samples: Sequence[str], n: int) -> list[str]:
+    """Up to ``n`` of an input's samples (its TMA cores, in grid order), evenly spread over them."""
+    samples = list(samples)
+    if len(samples) <= n:
+        return samples
+    return [samples[(i * len(samples)) // n + len(samples) // (2 * n)] for i in range(n)]
+
+
+def figures(doc: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers of a sample's consistency document that go into ``run.json`` and the tables."""
+    keys = ("kappa_off90", "dice_off90", "kappa_90", "dice_90", "icc_feature", "seconds")
+    return {k: doc.get(k) for k in keys} | {"path": doc.get("path"), "regions": len(doc.get("regions", []))}
+
+
+def _disc(side: int, margin: float = 0.0) -> np.ndarray:
+    """Pixels whose centre lies inside the disc inscribed in a ``side`` square (less ``margin`` px of
+    radius): inside the frame at any angle."""
+    c = (side - 1) / 2
+    yy, xx = np.mgrid[0:side, 0:side]
+    return (xx - c) ** 2 + (yy - c) ** 2 <= (side / 2 - 1 - margin) ** 2
+
+
+def _features(model: Any, image: np.ndarray, *, layer: int, device: str) -> np.ndarray:
+    from equislide.models.extract import extract_features
+
+    return extract_features(model, image[None], layer=layer, halo=0, device=device)[0]
+
+
+def _tracked(valid: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Up to ``n`` (row, col) of valid pixels, seeded."""
+    rows, cols = np.nonzero(valid)
+    if not len(rows) or n == 0:
+        return np.zeros((0, 2), np.int64)
+    pick = np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False)
+    return np.stack([rows[np.sort(pick)], cols[np.sort(pick)]], 1)
+
+
+def _sample_rotated(features: np.ndarray, points: np.ndarray, degrees: float, side: int) -> np.ndarray:
+    """Features of the rotated image at the rotated positions of 0-degree pixels, ``(n, C)`` (bilinear).
+
+    A pixel at ``(x, y)`` from the centre moves to ``(x cos t + y sin t, -x sin t + y cos t)`` when the
+    image turns counter-clockwise by ``t`` as displayed (y down), the convention of ``rotate_image``.
+    """
+    from scipy.ndimage import map_coordinates
+
+    c = (side - 1) / 2
+    t = math.radians(degrees)
+    x, y = points[:, 1] - c, points[:, 0] - c
+    xr, yr = x * math.cos(t) + y * math.sin(t) + c, -x * math.sin(t) + y * math.cos(t) + c
+    stride = side // features.shape[-1]
+    fr, fc = (yr - (stride - 1) / 2) / stride, (xr - (stride - 1) / 2) / stride
+    coords = np.stack([fr, fc])
+    return np.stack([map_coordinates(ch, coords, order=1, mode="nearest") for ch in features], 1)
+
+
+def rotation_consistency(
+    image: np.ndarray,
+    model: Any,
+    *,
+    layer: int,
+    spec: ConsistencySpec | None = None,
+    cluster: ClusterSpec | None = None,
+    kmeans: Any = None,
+    mpp: float | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The protocol of the module docstring on one square image.
+
+    Args:
+        image: ``(S, S, 3)`` uint8 RGB at the analysis resolution, ``S`` a multiple of the layer's stride.
+        model: A backbone with ``features(x, layer)`` (eval mode), as ``prepare_backbone`` gives it.
+        layer: Feature stage 1-4.
+        spec: Angles and tracking (default :class:`ConsistencySpec`).
+        cluster: The per-sample K-means (k, vectors, seed); used when ``kmeans`` is None.
+        kmeans: A fitted :class:`~equislide.models.KMeansModel` (cohort mode), or None (paper mode).
+        mpp: µm per pixel of ``image`` (for the tissue mask); None = pixel units.
+        device: Feature device.
+
+    Returns:
+        ``{"angles": [{"angle", "kappa", "dice", "valid_pixels"}], "icc_feature", "area_fractions"
+        (angles x k), "valid_pixels", "tissue_pixels", "labels0" (the 0-degree map at analysis px),
+        "labels_back" (each angle's map rotated back), "valid" (each angle's valid pixels), "seconds"}``.
+
+    Raises:
+        ValueError: the image is not square uint8 RGB, or has no tissue inside the inscribed disc.
+    """
+    from equislide.evaluate import cohen_kappa, feature_icc, mean_dice
+    from equislide.models.kmeans import ReservoirSampler, fit_kmeans, masked_vectors
+    from equislide.tiling import rotate_image, tissue_mask, unrotate_labels
+
+    spec = spec or ConsistencySpec()
+    cluster = cluster or ClusterSpec(fit="per-sample")
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[0] != image.shape[1] or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image of shape {image.shape} and dtype {image.dtype}: need square (S, S, 3) uint8")
+    t0 = time.perf_counter()
+    side = image.shape[0]
+    disc = _disc(side)
+    tissue = tissue_mask(image, mpp=mpp) & disc
+    if tissue.sum() < 16:
+        raise ValueError(f"only {int(tissue.sum())} tissue pixels inside the region's inscribed disc")
+
+    feats0 = _features(model, image, layer=layer, device=device)
+    stride = side // feats0.shape[-1]
+    f_tissue = tissue[stride // 2 :: stride, stride // 2 :: stride]  # tissue at feature-pixel centres
+    if kmeans is None:
+        sampler = ReservoirSampler(cluster.per_sample, seed=cluster.seed)
+        sampler.add(masked_vectors(feats0, f_tissue))
+        kmeans = fit_kmeans(sampler.sample, params=cluster.kmeans_params())
+
+    def upsample(f_labels: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(f_labels, stride, 0), stride, 1).astype(np.int32)
+
+    labels0 = upsample(kmeans.predict(feats0))
+    points = _tracked(tissue & _disc(side, margin=stride), spec.track, spec.seed)
+    tracked = [_sample_rotated(feats0, points, 0.0, side)]
+    rows, backs, valids = [], [labels0], [tissue]
+    k = int(kmeans.k)
+    areas = [np.bincount(labels0[tissue], minlength=k)[:k] / max(1, int(tissue.sum()))]
+    for angle in spec.angles[1:]:
+        rotated = rotate_image(image, angle, fill=255)
+        feats = _features(model, rotated, layer=layer, device=device)
+        back, inside = unrotate_labels(upsample(kmeans.predict(feats)), angle, fill=-1)
+        valid = tissue & inside & (back >= 0)
+        rows.append(
+            {
+                "angle": float(angle),
+                "kappa": cohen_kappa(labels0, back, valid=valid),
+                "dice": mean_dice(labels0, back, valid=valid),
+                "valid_pixels": int(valid.sum()),
+            }
+        )
+        tracked.append(_sample_rotated(feats, points, angle, side))
+        backs.append(back)
+        valids.append(valid)
+        areas.append(np.bincount(back[valid], minlength=k)[:k] / max(1, int(valid.sum())))
+    icc = feature_icc(np.stack(tracked)) if len(points) >= 2 else float("nan")
+    return {
+        "angles": rows,
+        "icc_feature": float(icc),
+        "area_fractions": [[float(v) for v in a] for a in areas],
+        "tissue_pixels": int(tissue.sum()),
+        "valid_pixels": int(np.logical_and.reduce(valids).sum()),
+        "tracked_pixels": int(len(points)),
+        "stride": int(stride),
+        "labels0": labels0,
+        "labels_back": backs,
+        "valid": valids,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def slide_regions(store: str | Path, *, n: int, side: int, seed: int = 0) -> list[tuple[int, int]]:
+    """Up to ``n`` region centres ``(l_x, l_y)`` (analysis px) on a whole slide's tissue, spread out.
+
+    Candidates are tissue pixels of the store's thumbnail mask whose ``side`` square lies inside the
+    slide (when the slide is smaller, its centre); the first is drawn (seeded) among the quarter of
+    candidates with the most tissue around them, each next one is the candidate farthest from those
+    already chosen, so the regions cover different parts of the section.
+    """
+    import zarr
+    from scipy.ndimage import uniform_filter
+
+    from equislide.storage import read_sample_meta
+
+    meta = read_sample_meta(store)
+    group = zarr.open_group(zarr.storage.LocalStore(store, read_only=True), mode="r")
+    mask = np.asarray(group["tissue_mask"][:]).astype(bool)
+    per_m = float(group["tissue_mask"].attrs["downsample"])  # analysis px per mask px
+    origin = np.asarray(meta.get("tissue_mask_l_origin") or (0.0, 0.0), float)
+    l0_per_l = meta["l0_per_l"]
+    l_w = meta["source_dimensions"][0] / l0_per_l[0]
+    l_h = meta["source_dimensions"][1] / l0_per_l[1]
+    half = side / 2
+    rows, cols = np.nonzero(mask)
+    l_x = origin[0] + (cols + 0.5) * per_m
+    l_y = origin[1] + (rows + 0.5) * per_m
+    keep = (l_x >= half) & (l_x <= l_w - half) & (l_y >= half) & (l_y <= l_h - half)
+    if not keep.any():
+        return [(int(round(l_w / 2)), int(round(l_h / 2)))]
+    radius = max(1, int(round(half / per_m)))
+    density = uniform_filter(mask.astype(np.float32), size=2 * radius + 1, mode="constant")[rows, cols][keep]
+    pts = np.stack([l_x[keep], l_y[keep]], 1)
+    rng = np.random.default_rng(seed)
+    dense = np.nonzero(density >= np.quantile(density, 0.75))[0]
+    chosen = [int(rng.choice(dense))]
+    dist = np.linalg.norm(pts - pts[chosen[0]], axis=1)
+    while len(chosen) < min(n, len(pts)):
+        nxt = int(np.argmax(dist))
+        if dist[nxt] < half:  # every candidate is inside a chosen region already
+            break
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(pts - pts[nxt], axis=1))
+    return [(int(round(pts[i, 0])), int(round(pts[i, 1]))) for i in chosen]
+
+
+def sample_images(store: str | Path, spec: ConsistencySpec) -> list[tuple[str, np.ndarray, float | None]]:
+    """The square images a sample is scored on: ``[(region name, (S, S, 3) uint8, mpp)]``.
+
+    A TMA core: its stored tile (the whole core at the analysis resolution). A whole slide: up to
+    ``spec.regions`` regions of ``spec.region`` px read from the slide (:func:`slide_regions`).
+    """
+    from equislide.stages.backbone import read_tiles
+    from equislide.storage import read_sample_meta
+    from equislide.tiling import open_slide
+
+    meta = read_sample_meta(store)
+    mpp = meta.get("mpp")
+    if meta.get("kind") == "tma_core" or int(meta["n_tiles"]) == 1 and meta.get("kind") != "slide":
+        return [("core", read_tiles(store, 0, 1)[0], mpp)]
+    side = int(spec.region)
+    centres = slide_regions(store, n=spec.regions, side=side, seed=spec.seed)
+    input_mpp = meta.get("source_mpp") if meta.get("mpp_source") == "override" else None
+    l0_per_l = meta["l0_per_l"]
+    out = []
+    with open_slide(meta["source_path"], input_mpp=input_mpp) as slide:
+        for l_x, l_y in centres:
+            l0_xy = (int(round((l_x - side / 2) * l0_per_l[0])), int(round((l_y - side / 2) * l0_per_l[1])))
+            region = slide.read_region_mpp(l0_xy, (side, side), mpp)
+            out.append((f"region {l_x},{l_y}", np.ascontiguousarray(region), mpp))
+    return out
+
+
+def _summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def mean(key: str, keep) -> float | None:
+        vals = [r[key] for r in rows if keep(r["angle"]) and not math.isnan(r[key])]
+        return float(np.mean(vals)) if vals else None
+
+    def off90(a: float) -> bool:
+        return abs(a / 90 - round(a / 90)) > 1e-9
+
+    return {
+        "kappa_mean": mean("kappa", lambda a: True),
+        "dice_mean": mean("dice", lambda a: True),
+        "kappa_off90": mean("kappa", off90),
+        "dice_off90": mean("dice", off90),
+        "kappa_90": mean("kappa", lambda a: not off90(a)),
+        "dice_90": mean("dice", lambda a: not off90(a)),
+    }
+
+
+def store_consistency(
+    store: str | Path,
+    out_dir: str | Path,
+    backbone: Any,
+    *,
+    spec: ConsistencySpec | None = None,
+    cluster: ClusterSpec | None = None,
+    kmeans: Any = None,
+    device: str = "auto",
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Score one sample (every region of it) and write ``<out_dir>/<sample_id><name>.consistency.json``.
+
+    Args:
+        store: A finished tile store.
+        out_dir: Folder of the result file (the sample's outputs folder).
+        backbone: A :class:`~equislide.specs.BackboneRef` (loaded once per process).
+        spec: Angles, regions and tracking.
+        cluster: Per-sample K-means parameters (paper mode).
+        kmeans: A :class:`~equislide.specs.KMeansRef` of a cohort model (cohort mode), or None.
+        device: Feature device.
+        name: Suffix of the file name before ``.consistency.json`` (the study: ``.<backbone>``).
+
+    Returns:
+        The JSON document written (per-angle means over regions, per-region rows, the summary), with
+        ``"path"`` and ``"regions_data"`` (each region's arrays, not written) added.
+    """
+    from equislide.files import atomic_write_json
+    from equislide.models.kmeans import KMeansModel
+    from equislide.stages.backbone import load_backbone
+    from equislide.storage import read_sample_meta
+
+    spec = spec or ConsistencySpec()
+    cluster = cluster or ClusterSpec(fit="per-sample")
+    t0 = time.perf_counter()
+    meta = read_sample_meta(store)
+    model, info = load_backbone(backbone, device)
+    model_km = KMeansModel.load(kmeans.path) if kmeans is not None else None
+    regions, data = [], []
+    for region_name, image, mpp in sample_images(store, spec):
+        res = rotation_consistency(
+            image, model, layer=int(backbone.layer), spec=spec, cluster=cluster, kmeans=model_km,
+            mpp=mpp, device=info["device"],
+        )
+        data.append({"region": region_name, "image": image, **res})
+        regions.append({k: v for k, v in res.items() if k not in ("labels0", "labels_back", "valid")})
+        regions[-1]["region"] = region_name
+    per_angle = []
+    for i, angle in enumerate(spec.angles[1:]):
+        rows = [r["angles"][i] for r in regions]
+        w = np.asarray([r["valid_pixels"] for r in rows], float)
+        w = w / w.sum() if w.sum() else np.full(len(rows), 1 / len(rows))
+        per_angle.append(
+            {
+                "angle": float(angle),
+                "kappa": float(np.dot(w, [r["kappa"] for r in rows])),
+                "dice": float(np.dot(w, [r["dice"] for r in rows])),
+                "valid_pixels": int(sum(r["valid_pixels"] for r in rows)),
+            }
+        )
+    doc = {
+        "sample_id": meta["sample_id"],
+        "backbone": backbone.backbone,
+        "weights_sha256": backbone.sha256,
+        "layer": int(backbone.layer),
+        "mode": "cohort" if kmeans is not None else "per-sample",
+        "angles": per_angle,
+        **_summary(per_angle),
+        "icc_feature": float(np.nanmean([r["icc_feature"] for r in regions])) if regions else None,
+        "regions": regions,
+        "spec": {"angles": list(spec.angles), "regions": spec.regions, "region": spec.region,
+                 "track": spec.track, "seed": spec.seed},
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    path = Path(out_dir) / f"{meta['sample_id']}{name or ''}{CONSISTENCY_SUFFIX}"
+    atomic_write_json(path, doc)
+    return {**doc, "path": str(path), "regions_data": data}
