@@ -43,6 +43,46 @@ def plausible_mpp(value: float | None) -> float | None:
     return value if _MPP_RANGE[0] <= value <= _MPP_RANGE[1] else None
 
 
+#: Box edges are snapped to 1/_SNAP level pixel, so the area weights are whole numbers (exact sums).
+_SNAP = 1024
+
+
+def _snapped_edges(edges: np.ndarray, limit: int) -> np.ndarray:
+    """int64 box edges in 1/_SNAP pixels, clipped to the source's ``[0, limit)``."""
+    return np.clip(np.rint(edges * _SNAP).astype(np.int64), 0, limit * _SNAP)
+
+
+def _axis_sums(a: np.ndarray, edges: np.ndarray, axis: int, dtype: type) -> np.ndarray:
+    """Sums of ``a`` along ``axis`` over the boxes between consecutive ``edges`` (1/_SNAP px), each
+    source pixel weighted by the length of its overlap with the box, in ``dtype``."""
+    lo, hi = edges[:-1], edges[1:]
+    first = lo // _SNAP
+    taps = int(max(1, (-(-hi // _SNAP) - first).max()))
+    last = a.shape[axis] - 1
+    shape = [1] * a.ndim
+    shape[axis] = len(lo)
+    out = None
+    for t in range(taps):
+        j = first + t
+        weight = np.clip(np.minimum(hi, (j + 1) * _SNAP) - np.maximum(lo, j * _SNAP), 0, None)
+        term = np.take(a, np.minimum(j, last), axis=axis) * weight.astype(dtype).reshape(shape)
+        out = term if out is None else out + term
+    return out
+
+
+def _area_mean(a: np.ndarray, x_edges: np.ndarray, y_edges: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8 area means of ``a`` over the boxes between the given edges (1/_SNAP px).
+
+    Integer arithmetic throughout: each output is the exact weighted sum of its box, rounded half
+    up once, whatever the order of the axes, so it commutes with rotations and flips of ``a``.
+    """
+    # Rows first (whole-row gathers, on the larger array); 255 * _SNAP * rows per box fits int32.
+    sums = _axis_sums(_axis_sums(a, y_edges, axis=0, dtype=np.int32), x_edges, axis=1, dtype=np.int64)
+    area = np.diff(y_edges)[:, None, None] * np.diff(x_edges)[None, :, None]
+    area = np.maximum(area, 1)
+    return ((sums + area // 2) // area).astype(np.uint8)
+
+
 def _as_int_pair(value: tuple[int, int], name: str) -> tuple[int, int]:
     try:
         a, b = value
@@ -204,6 +244,12 @@ class Slide(ABC):
         l0_xy, l_size = self._check_read(l0_xy, level, l_size)
         _, (width, height) = self._check_read(l0_xy, 0, (width, height))
         img = self._read_image(l0_xy, level, l_size)
+        whole = (round(f_x), round(f_y))
+        if l_size == (width * whole[0], height * whole[1]) and min(whole) >= 1:
+            # Whole factors (0.25 -> 2.5 µm/px): PIL's block mean sums each block at once, so the
+            # result commutes with rotations and flips of the slide; resize's two rounded passes
+            # (x then y) are one grey level off here and there once x and y swap.
+            return np.array(img.reduce(whole))
         resample = Image.Resampling.BOX if min(f_x, f_y) >= 1.0 else Image.Resampling.BILINEAR
         box = (0.0, 0.0, min(width * f_x, l_size[0]), min(height * f_y, l_size[1]))
         return np.array(img.resize((width, height), resample, box=box))
@@ -218,7 +264,12 @@ class Slide(ABC):
         Returns:
             ``(rgb, downsample)``: (H, W, 3) uint8 RGB and the level-0 pixels per thumbnail pixel
             along x (y agrees up to the rounding of the thumbnail's height). A thumbnail pixel
-            (row, col) covers level-0 x in ``[col * downsample, (col + 1) * downsample)``.
+            (row, col) is the area mean of level-0 x in ``[col * downsample, (col + 1) * downsample)``
+            (and y alike), partly covered pixels weighted by their share: the same for every
+            pixel and both axes, so the thumbnail of a rotated or mirrored single-level image is
+            the rotated or mirrored thumbnail, exactly (PIL's ``BOX`` resize is not: it gives a
+            pixel on a box edge wholly to the box on its right, and rounds between its x and y
+            passes).
         """
         if operator.index(max_size) < 1:
             raise ValueError(f"max_size={max_size!r} must be a positive number of pixels")
@@ -243,8 +294,9 @@ class Slide(ABC):
             if strip_size == img.size:
                 out[thumb_y0:thumb_y1] = np.asarray(img)
                 continue
-            box = (0.0, l_y0 - l_row0, min(thumb_w * f_x, l_w), min(l_y1 - l_row0, l_row1 - l_row0))
-            out[thumb_y0:thumb_y1] = np.asarray(img.resize(strip_size, Image.Resampling.BOX, box=box))
+            x_edges = _snapped_edges(np.arange(thumb_w + 1) * f_x, l_w)
+            y_edges = _snapped_edges(np.arange(thumb_y0, thumb_y1 + 1) * f_y, l_h) - l_row0 * _SNAP
+            out[thumb_y0:thumb_y1] = _area_mean(np.asarray(img), x_edges, y_edges)
         return out, ds_x
 
     def _check_read(

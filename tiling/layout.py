@@ -207,7 +207,9 @@ def plan_samples(
             if not cores:
                 raise NoTissueError(path, "no TMA cores found", detail=f"tma={tma!r}; try tma='no'")
             side = core_tile_side([c.bbox for c in cores], l_per_m=l_per_m, margin=int(halo))
-            grids = core_grids([c.bbox for c in cores], l_per_m=l_per_m, side=side, l0_per_l=l0_per_l)
+            grids = core_grids(
+                [c.bbox for c in cores], l_per_m=l_per_m, side=side, l0_per_l=l0_per_l, l_size=l_size
+            )
             for core, grid in zip(cores, grids, strict=True):
                 crop, origin = _mask_crop(mask, grid, l_per_m)
                 extra = {

@@ -19,23 +19,27 @@ def test_analysis_scale() -> None:
 def test_only_tiles_over_tissue_are_kept() -> None:
     # 1000 x 600 analysis px, mask at 10 analysis px per mask px (100 x 60 mask px).
     mask = np.zeros((60, 100), bool)
-    mask[5, 5] = True  # in tile (0, 0): interior [0, 256)
-    mask[30, 80] = True  # analysis (800, 300): tile row 1, col 3
+    mask[5, 5] = True  # analysis [50, 60) x [50, 60)
+    mask[30, 80] = True  # analysis [800, 810) x [300, 310)
+    # The tissue box [50, 810) x [50, 310) takes 3 x 2 tiles of 256, centred on it: the grid starts at
+    # x = 430 - 384 = 46, y = 180 - 256 = -76 (it may start off the image).
     grid = tissue_grid(mask, l_size=(1000, 600), l_per_m=(10.0, 10.0), tile=256, halo=16, l0_per_l=(4.0, 4.0))
-    assert grid.grid_shape == (3, 4)
-    assert grid.t_rc.tolist() == [[0, 0], [1, 3]]
-    assert grid.l_xy.tolist() == [[0, 0], [768, 256]]
+    assert grid.grid_shape == (2, 3) and grid.l_origin == (46, -76)
+    assert grid.t_rc.tolist() == [[0, 0], [1, 2]]
+    assert grid.l_xy.tolist() == [[46, -76], [558, 180]]
     assert grid.side == 288 and grid.n_tiles == 2
-    assert grid.l0_xy.tolist() == [[0.0, 0.0], [3072.0, 1024.0]]
-    assert grid.l0_read_xy.tolist() == [[-64, -64], [3008, 960]]  # halo included, level 0
+    assert grid.l0_xy.tolist() == [[184.0, -304.0], [2232.0, 720.0]]
+    assert grid.l0_read_xy.tolist() == [[120, -368], [2168, 656]]  # halo included, level 0
 
 
 def test_tissue_on_a_tile_border_counts_for_both_sides() -> None:
-    # Mask px 25 spans analysis [250, 260): both tiles 0 ([0, 256)) and 1 ([256, 512)) overlap it.
+    # The box [0, 610) takes 3 tiles centred on it, from -79: interiors [-79, 177), [177, 433), [433, 689).
+    # Mask px 17 spans analysis [170, 180): both tiles 0 and 1 overlap it (tile 1 has no other tissue).
     mask = np.zeros((10, 100), bool)
-    mask[0, 25] = True
+    mask[0, [0, 17, 60]] = True
     grid = tissue_grid(mask, l_size=(1000, 100), l_per_m=(10.0, 10.0), tile=256, halo=0)
-    assert grid.t_rc[:, 1].tolist() == [0, 1]
+    assert grid.l_origin == (-79, -123)
+    assert grid.t_rc[:, 1].tolist() == [0, 1, 2]
 
 
 def test_empty_mask_gives_no_tiles_and_full_mask_all() -> None:
@@ -55,7 +59,7 @@ def test_mask_finer_than_tiles_and_non_integer_scale() -> None:
     expected = set()
     for row in range(grid.grid_shape[0]):
         for col in range(grid.grid_shape[1]):
-            x0, y0 = col * 64, row * 64
+            x0, y0 = grid.l_origin[0] + col * 64, grid.l_origin[1] + row * 64
             hit = ((xs + 1) * l_per_m[0] > x0) & (xs * l_per_m[0] < x0 + 64)
             hit &= ((ys + 1) * l_per_m[1] > y0) & (ys * l_per_m[1] < y0 + 64)
             if hit.any():
