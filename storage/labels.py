@@ -173,14 +173,28 @@ def stitch_labels(
 def _sample_mask(
     mask: np.ndarray, shape: tuple[int, int], stride: int, downsample: float, origin: tuple[float, float]
 ) -> np.ndarray:
-    """Nearest sample of ``mask`` at the centre of every feature pixel; outside the mask is False."""
-    centres_y = (np.arange(shape[0]) + 0.5) * stride - origin[1]
-    centres_x = (np.arange(shape[1]) + 0.5) * stride - origin[0]
-    my = np.floor(centres_y / downsample).astype(np.int64)
-    mx = np.floor(centres_x / downsample).astype(np.int64)
-    ok_y = (my >= 0) & (my < mask.shape[0])
-    ok_x = (mx >= 0) & (mx < mask.shape[1])
-    out = mask[np.clip(my, 0, mask.shape[0] - 1)][:, np.clip(mx, 0, mask.shape[1] - 1)]
+    """Nearest sample of ``mask`` at the centre of every feature pixel; outside the mask is False.
+
+    A centre that falls exactly on the edge between two mask pixels (a mask at twice the label
+    resolution, say) takes either of them (logical or): a plain ``floor`` would always pick the
+    right / lower one, and the map of a mirrored or rotated slide would then not be the mirrored or
+    rotated map.
+    """
+
+    def neighbours(centres: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        u = centres / downsample
+        upper = np.floor(u).astype(np.int64)
+        on_edge = np.abs(u - np.rint(u)) < 1e-9
+        lower = np.where(on_edge, upper - 1, upper)
+        inside = ((lower >= 0) & (lower < n)) | ((upper >= 0) & (upper < n))
+        return np.clip(lower, 0, n - 1), np.clip(upper, 0, n - 1), inside
+
+    y0, y1, ok_y = neighbours((np.arange(shape[0]) + 0.5) * stride - origin[1], mask.shape[0])
+    x0, x1, ok_x = neighbours((np.arange(shape[1]) + 0.5) * stride - origin[0], mask.shape[1])
+    out = np.zeros(shape, bool)
+    for ys in (y0, y1):
+        for xs in (x0, x1):
+            out |= mask[ys][:, xs]
     return out & ok_y[:, None] & ok_x[None, :]
 
 
