@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from equislide._version import __version__
 
 # Order is the order shown by --help.
-COMMANDS = ("demo", "selfcheck", "phantom", "tile", "segment")
+COMMANDS = ("demo", "selfcheck", "phantom", "tile", "segment", "consistency")
 
 
 def build_parser() -> argparse.ArgumentParser:

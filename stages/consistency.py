@@ -27,6 +27,7 @@ nearest resampling of the label map alone costs about 1 % of agreement.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -351,6 +352,7 @@ def store_consistency(
     kmeans: Any = None,
     device: str = "auto",
     name: str | None = None,
+    strip: bool = False,
 ) -> dict[str, Any]:
     """Score one sample (every region of it) and write ``<out_dir>/<sample_id><name>.consistency.json``.
 
@@ -363,31 +365,65 @@ def store_consistency(
         kmeans: A :class:`~equislide.specs.KMeansRef` of a cohort model (cohort mode), or None.
         device: Feature device.
         name: Suffix of the file name before ``.consistency.json`` (the study: ``.<backbone>``).
+        strip: Also save the first region's rotated-back maps side by side (``.rotations.png``).
+
+    A result already written for the same store, network, K-means and spec is returned as it is
+    (``status`` ``"skipped"``, no ``regions_data``).
 
     Returns:
         The JSON document written (per-angle means over regions, per-region rows, the summary), with
         ``"path"`` and ``"regions_data"`` (each region's arrays, not written) added.
     """
-    from equislide.files import atomic_write_json
+    from equislide.files import atomic_write_json, read_json
     from equislide.models.kmeans import KMeansModel
     from equislide.stages.backbone import load_backbone
-    from equislide.storage import read_sample_meta
+    from equislide.storage import params_hash, read_sample_meta, store_identity, write_label_strip
 
     spec = spec or ConsistencySpec()
     cluster = cluster or ClusterSpec(fit="per-sample")
     t0 = time.perf_counter()
     meta = read_sample_meta(store)
+    base = Path(out_dir) / f"{meta['sample_id']}{name or ''}"
+    path = base.with_name(base.name + CONSISTENCY_SUFFIX)
+    identity = {
+        "sample": store_identity(store),
+        "backbone": backbone.sha256,
+        "layer": int(backbone.layer),
+        "kmeans": None if kmeans is None else kmeans.sha256,
+        "cluster": cluster.params(),
+        "spec": dataclasses.asdict(spec),
+    }
+    key = params_hash(identity)
+    old = read_json(path)
+    strip_path = base.with_name(base.name + ".rotations.png")
+    if old is not None and old.get("key") == key and (not strip or strip_path.is_file()):
+        return {**old, "path": str(path), "status": "skipped", "regions_data": []}
     model, info = load_backbone(backbone, device)
     model_km = KMeansModel.load(kmeans.path) if kmeans is not None else None
     regions, data = [], []
     for region_name, image, mpp in sample_images(store, spec):
         res = rotation_consistency(
-            image, model, layer=int(backbone.layer), spec=spec, cluster=cluster, kmeans=model_km,
-            mpp=mpp, device=info["device"],
+            image,
+            model,
+            layer=int(backbone.layer),
+            spec=spec,
+            cluster=cluster,
+            kmeans=model_km,
+            mpp=mpp,
+            device=info["device"],
         )
         data.append({"region": region_name, "image": image, **res})
         regions.append({k: v for k, v in res.items() if k not in ("labels0", "labels_back", "valid")})
         regions[-1]["region"] = region_name
+    if strip and data:
+        first = data[0]
+        write_label_strip(
+            strip_path,
+            first["labels_back"],
+            valid=[first["valid"][0]] * len(first["labels_back"]),
+            titles=[f"{a:g}°" for a in spec.angles],
+            label=f"{backbone.backbone} L{backbone.layer}",
+        )
     per_angle = []
     for i, angle in enumerate(spec.angles[1:]):
         rows = [r["angles"][i] for r in regions]
@@ -402,6 +438,7 @@ def store_consistency(
             }
         )
     doc = {
+        "key": key,
         "sample_id": meta["sample_id"],
         "backbone": backbone.backbone,
         "weights_sha256": backbone.sha256,
@@ -415,6 +452,5 @@ def store_consistency(
                  "track": spec.track, "seed": spec.seed},
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    path = Path(out_dir) / f"{meta['sample_id']}{name or ''}{CONSISTENCY_SUFFIX}"
     atomic_write_json(path, doc)
-    return {**doc, "path": str(path), "regions_data": data}
+    return {**doc, "path": str(path), "status": "written", "regions_data": data}

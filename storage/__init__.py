@@ -18,6 +18,9 @@ from equislide.storage.features import is_features_done as is_features_done
 from equislide.storage.features import open_features as open_features
 from equislide.storage.features import open_features_for_write as open_features_for_write
 from equislide.storage.features import read_features_meta as read_features_meta
+from equislide.storage.figures import stack_strips as stack_strips
+from equislide.storage.figures import write_angle_plot as write_angle_plot
+from equislide.storage.figures import write_label_strip as write_label_strip
 from equislide.storage.geojson import labels_to_geojson as labels_to_geojson
 from equislide.storage.geojson import write_geojson as write_geojson
 from equislide.storage.hashing import canonical_json as canonical_json
@@ -57,6 +60,9 @@ from equislide.storage.tile_store import store_identity as store_identity
 
 __all__ = [
     "FEATURES_DONE_MARKER",
+    "stack_strips",
+    "write_angle_plot",
+    "write_label_strip",
     "features_key",
     "store_identity",
     "FEATURES_FORMAT",

@@ -1,0 +1,135 @@
+"""``equislide consistency SLIDE... --out DIR``: the rotation study (the paper's experiment) as one command.
+
+Runs :func:`equislide.flows.consistency.consistency_flow` on the same Dask and Prefect machinery as
+``segment``: every sample (a TMA core, or up to ``--regions`` regions of a whole slide) is rotated by
+``--angles`` steps, segmented (K-means per sample at 0 degrees), rotated back and scored (Cohen's kappa,
+mean Dice, feature-level ICC) for each backbone. Writes ``metrics.csv``, ``summary.csv``,
+``angles.csv``, ``consistency.png`` and ``rotations.png``. Exit status 0 when every sample was scored
+for every backbone, 1 when some failed (one line each on stderr), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from equislide.specs import ClusterSpec, TilingSpec
+
+_PREFIX = "equislide consistency"
+SCHEDULER_ENV = "EQUISLIDE_SCHEDULER"
+_SHORT = {"srenet": "srenet18", "resnet18": "resnet18", "e2cnn": "e2cnn_resnet18"}
+_TILING, _CLUSTER = TilingSpec(), ClusterSpec()
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``consistency`` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "consistency",
+        help="rotation study: kappa, Dice and ICC of each backbone's segmentation under rotation",
+        description=(
+            "Rotate every sample (TMA core, or regions of a whole slide) by --angles steps, segment "
+            "each rotated copy (K-means per sample fitted at 0 degrees), rotate the label maps back and "
+            "score their agreement with the 0-degree map (Cohen's kappa, mean Dice; feature-level "
+            "ICC(3,1)) for each backbone. Writes DIR/metrics.csv, summary.csv, angles.csv, "
+            "consistency.png and rotations.png. Exit status 0 when all were scored, 1 when some "
+            "failed, 2 on a usage error."
+        ),
+    )
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide or image files")
+    p.add_argument("--out", required=True, metavar="DIR", help="study folder")
+    p.add_argument(
+        "--backbones",
+        default="srenet,resnet18,e2cnn",
+        help="comma-separated: srenet, resnet18, e2cnn (default all three)",
+    )
+    p.add_argument("--angles", type=int, default=12, metavar="N", help="rotation steps (default 12: 30°)")
+    p.add_argument("--layer", type=int, choices=(1, 2, 3, 4), default=4, help="feature stage (default 4)")
+    p.add_argument(
+        "--layers", default=None, metavar="L,L", help="several stages, e.g. 1,2,3,4 (overrides --layer)"
+    )
+    p.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="BACKBONE=FILE",
+        help="checkpoint of a backbone, e.g. srenet=srenet.safetensors (repeatable); default random + BN",
+    )
+    p.add_argument("--regions", type=int, default=4, help="regions per whole slide (default 4)")
+    p.add_argument("--region", type=int, default=1024, help="side of a region, analysis px (default 1024)")
+    p.add_argument("--clusters", type=int, default=_CLUSTER.k, help=f"K-means k (default {_CLUSTER.k})")
+    p.add_argument("--mpp", type=float, default=_TILING.mpp, help=f"analysis µm/px (default {_TILING.mpp})")
+    p.add_argument("--input-mpp", type=float, default=None, metavar="X", help="µm per level-0 px, all inputs")
+    p.add_argument("--tma", choices=("auto", "yes", "no"), default=_TILING.tma, help="split TMAs into cores")
+    p.add_argument("--width", type=int, default=None, help="stage-1 channels of random weights (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, regions and K-means")
+    p.add_argument(
+        "--scheduler", default=os.environ.get(SCHEDULER_ENV), metavar="ADDR", help="existing Dask scheduler"
+    )
+    p.add_argument("--workers", type=int, default=None, help="local Dask workers (default: CPU cores)")
+    return p
+
+
+def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
+    """The flow's keyword arguments, or the first problem in words."""
+    names = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    unknown = [b for b in names if b not in _SHORT]
+    if not names or unknown:
+        return {}, f"--backbones {args.backbones}: use srenet, resnet18, e2cnn"
+    try:
+        layers = [int(v) for v in args.layers.split(",")] if args.layers else [args.layer]
+    except ValueError:
+        return {}, f"--layers {args.layers}: give stages as 1,2,3,4"
+    if any(v not in (1, 2, 3, 4) for v in layers):
+        return {}, f"--layers {args.layers}: stages are 1-4"
+    weights = {}
+    for item in args.weights:
+        name, _, path = item.partition("=")
+        if name not in _SHORT or not path:
+            return {}, f"--weights {item}: give BACKBONE=FILE with BACKBONE srenet, resnet18 or e2cnn"
+        if not Path(path).is_file():
+            return {}, f"--weights {item}: no such file"
+        weights[_SHORT[name]] = path
+    if args.angles < 2:
+        return {}, f"--angles {args.angles} must be >= 2"
+    if args.regions < 1 or args.region < 64 or args.region % 8:
+        return {}, f"--regions {args.regions} must be >= 1 and --region {args.region} a multiple of 8, >= 64"
+    if not 0 < args.mpp < 1e6 or (args.input_mpp is not None and not args.input_mpp > 0):
+        return {}, "--mpp and --input-mpp must be positive numbers of µm per pixel"
+    if args.clusters < 2:
+        return {}, f"--clusters {args.clusters} must be >= 2"
+    return {
+        "backbones": [_SHORT[b] for b in names],
+        "weights": weights,
+        "layers": layers,
+        "angles": args.angles,
+        "regions": args.regions,
+        "region": args.region,
+        "clusters": args.clusters,
+        "mpp": args.mpp,
+        "input_mpp": args.input_mpp,
+        "tma": args.tma,
+        "seed": args.seed,
+        "model_kwargs": {"width": args.width} if args.width else None,
+    }, None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the study; print its table and one line per failure; return the exit status."""
+    import logging
+
+    from equislide.commands._common import check_out_dir, usage_error
+
+    options, problem = _options(args)
+    problem = problem or check_out_dir(Path(args.out))
+    if problem:
+        return usage_error(_PREFIX, problem)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    from equislide.flows.consistency import run_study, study_text
+
+    report = run_study(args.slides, args.out, scheduler=args.scheduler, workers=args.workers, **options)
+    print(study_text(report))
+    for what, reason in report["failed"].items():
+        print(f"{_PREFIX}: FAILED {what}: {reason}", file=sys.stderr)
+    return 1 if report["failed"] else 0

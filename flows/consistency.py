@@ -1,0 +1,360 @@
+"""The rotation-consistency study: every sample under 12 rotations, for several backbones, in one run.
+
+Stages (the same Dask and Prefect machinery as the cohort flow, :mod:`equislide.flows._common`):
+
+1. ``plan`` / ``tile``: the inputs into ``OUT/tiles`` (reused when a cohort run or an earlier study
+   over the same folder tiled them with the same parameters).
+2. per backbone and layer: ``backbone`` (given weights, or a seeded random initialisation with
+   BatchNorm recalibrated on the cohort's tiles), then ``consistency`` per group of samples:
+   :func:`equislide.stages.consistency.store_consistency` writes
+   ``OUT/consistency/<sample>.<backbone>-layer<L>.consistency.json`` and its ``.rotations.png``.
+   A backbone that cannot be prepared fails alone (its reason in ``summary.csv``'s log line).
+3. ``report``: ``OUT/metrics.csv`` (``sample,backbone,angle,kappa,dice,valid_pixels``, then ``layer,
+   icc_feature``), ``OUT/summary.csv`` (``backbone,icc_feature,icc_area,kappa_mean,kappa_std,dice_mean,
+   dice_std``, then the same over the non-multiples of 90 degrees, ``layer``, ``samples``),
+   ``OUT/angles.csv`` (mean and std over samples per angle), ``OUT/consistency.png`` (kappa and Dice
+   against angle) and ``OUT/rotations.png`` (one sample's rotated-back maps, a row per backbone), and
+   the same as Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from equislide.flows._common import (
+    TASK_OPTIONS,
+    RunState,
+    backbone_task,
+    collect,
+    deployment_runner,
+    each_sample,
+    failure,
+    groups,
+    label_of,
+    start_run,
+    tile_stage,
+    timed,
+    transient,
+)
+from equislide.flows.cluster import (
+    SCHEDULER_ENV,
+    api_reachable_from,
+    cluster_description,
+    make_task_runner,
+    shared_prefect_api,
+    worker_environment,
+)
+from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, TilingSpec
+from equislide.stages.consistency import ConsistencySpec, store_consistency
+
+__all__ = ["BACKBONE_NAMES", "consistency_flow", "run_study"]
+
+#: ``--backbones`` short names.
+BACKBONE_NAMES = {"srenet": "srenet18", "resnet18": "resnet18", "e2cnn": "e2cnn_resnet18"}
+_LOG = logging.getLogger("equislide")
+
+
+@task(
+    name="consistency",
+    task_run_name="consistency {label}",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    **TASK_OPTIONS,
+)
+def study_task(
+    items: list[tuple[str, str]],
+    out_dir: str,
+    backbone: BackboneRef,
+    spec: ConsistencySpec,
+    cluster: ClusterSpec,
+    device: str,
+    label: str,
+) -> list[dict[str, Any]]:
+    """Rotation consistency of some samples for one backbone (paper mode: K-means per sample at 0°)."""
+    name = f".{backbone.backbone}-layer{backbone.layer}"
+
+    def one(store: str) -> dict[str, Any]:
+        doc = store_consistency(
+            store, out_dir, backbone, spec=spec, cluster=cluster, device=device, name=name, strip=True
+        )
+        doc.pop("regions_data", None)
+        return doc
+
+    return each_sample(items, f"consistency ({backbone.backbone}, layer {backbone.layer})", one)
+
+
+def _rows(docs: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for (sid, name, layer), doc in sorted(docs.items()):
+        for a in doc["angles"]:
+            rows.append(
+                {
+                    "sample": sid,
+                    "backbone": name,
+                    "angle": a["angle"],
+                    "kappa": round(a["kappa"], 6),
+                    "dice": round(a["dice"], 6),
+                    "valid_pixels": a["valid_pixels"],
+                    "layer": layer,
+                    "icc_feature": None if doc.get("icc_feature") is None else round(doc["icc_feature"], 6),
+                }
+            )
+    return rows
+
+
+def _off90(angle: float) -> bool:
+    return abs(angle / 90 - round(angle / 90)) > 1e-9
+
+
+def summarise_study(docs: dict[tuple[str, str, int], dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """``(summary rows per backbone and layer, per-angle rows)``: mean ± std over samples.
+
+    Per sample, kappa and Dice are first averaged over its angles (all, or the non-multiples of 90);
+    the mean and sample standard deviation are then taken over samples. ``icc_area`` is ICC(3,1) of
+    the clusters' area fractions with targets = every sample's clusters, raters = angles.
+    """
+    from equislide.evaluate import icc3_1, summarise
+
+    summary, per_angle = [], []
+    for name, layer in sorted({(b, layer) for _, b, layer in docs}):
+        mine = {sid: d for (sid, b, lay), d in docs.items() if b == name and lay == layer}
+
+        def per_sample(keep, metric: str, mine=mine) -> list[float]:
+            out = []
+            for d in mine.values():
+                vals = [a[metric] for a in d["angles"] if keep(a["angle"])]
+                if vals:
+                    out.append(float(np.mean(vals)))
+            return out
+
+        areas = []
+        for d in mine.values():
+            for region in d["regions"]:
+                a = np.asarray(region["area_fractions"], float)  # angles x k
+                areas.append(a.T)
+        icc_area = icc3_1(np.concatenate(areas)) if areas else float("nan")
+        row = {"backbone": name}
+        icc = [d["icc_feature"] for d in mine.values() if d.get("icc_feature") is not None]
+        row["icc_feature"] = round(float(np.nanmean(icc)), 6) if icc else None
+        row["icc_area"] = round(float(icc_area), 6)
+        for suffix, keep in (("", lambda a: True), ("_off90", _off90)):
+            for metric in ("kappa", "dice"):
+                s = summarise(per_sample(keep, metric))
+                row[f"{metric}_mean{suffix}"] = round(s["mean"], 6) if s["n"] else None
+                row[f"{metric}_std{suffix}"] = round(s["std"], 6) if s["n"] else None
+        row["layer"] = layer
+        row["samples"] = len(mine)
+        summary.append(row)
+        angles = sorted({a["angle"] for d in mine.values() for a in d["angles"]})
+        for angle in angles:
+            entry = {"backbone": name, "layer": layer, "angle": angle}
+            for metric in ("kappa", "dice"):
+                vals = [a[metric] for d in mine.values() for a in d["angles"] if a["angle"] == angle]
+                s = summarise(vals)
+                entry[f"{metric}_mean"] = round(s["mean"], 6)
+                entry[f"{metric}_std"] = round(s["std"], 6)
+            entry["samples"] = len(mine)
+            per_angle.append(entry)
+    return summary, per_angle
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    from equislide.files import atomic_write_bytes
+
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+@task(name="study-report", retries=1, **TASK_OPTIONS)
+def study_report_task(out: str, docs: dict, first_sample: str | None) -> dict[str, Any]:
+    """metrics.csv, summary.csv, angles.csv and the two pictures."""
+    from equislide.storage import stack_strips, write_angle_plot
+
+    root = Path(out)
+    keyed = {tuple(k.split("|")[:2]) + (int(k.split("|")[2]),): v for k, v in docs.items()}
+    rows = _rows(keyed)
+    summary, per_angle = summarise_study(keyed)
+    _write_csv(root / "metrics.csv", rows)
+    _write_csv(root / "summary.csv", summary)
+    _write_csv(root / "angles.csv", per_angle)
+    series: dict[str, dict[float, tuple[float, float]]] = {}
+    for e in per_angle:
+        tag = f"{e['backbone']} L{e['layer']}"
+        series.setdefault(tag, {0.0: (1.0, 0.0)})[e["angle"]] = (e["kappa_mean"], e["kappa_std"])
+        series.setdefault(f"{tag} dice", {0.0: (1.0, 0.0)})[e["angle"]] = (e["dice_mean"], e["dice_std"])
+    if series:
+        write_angle_plot(root / "consistency.png", series, title="agreement with the 0° segmentation")
+    strips = sorted((root / "consistency").glob(f"{first_sample}.*.rotations.png")) if first_sample else []
+    if strips:
+        stack_strips(root / "rotations.png", strips)
+    return {"summary": summary, "angles": per_angle, "metrics": len(rows)}
+
+
+@flow(name="equislide-consistency", persist_result=False, log_prints=False, task_runner=deployment_runner())
+def consistency_flow(
+    inputs: list[str],
+    out: str,
+    *,
+    backbones: list[str] | None = None,
+    weights: dict[str, str] | None = None,
+    layers: list[int] | None = None,
+    angles: int = 12,
+    regions: int = ConsistencySpec.regions,
+    region: int = ConsistencySpec.region,
+    clusters: int = ClusterSpec.k,
+    per_sample: int = ClusterSpec.per_sample,
+    mpp: float = TilingSpec.mpp,
+    tile: int = TilingSpec.tile,
+    halo: int = TilingSpec.halo,
+    input_mpp: float | None = None,
+    tma: str = TilingSpec.tma,
+    seed: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
+    calibration_tiles: int = FeatureSpec.calibration_tiles,
+    device: str = FeatureSpec.device,
+) -> dict[str, Any]:
+    """The rotation study; returns ``{"summary", "angles", "failed", "path"}``.
+
+    Args:
+        inputs: Slide or image files (TMA slides are dearrayed; each core is a sample).
+        out: Study folder: ``tiles/``, ``models/``, ``consistency/``, the CSVs and pictures.
+        backbones: Registered names (default ``srenet18``, ``resnet18``, ``e2cnn_resnet18``).
+        weights: ``{backbone: checkpoint}``; others get seeded random weights (BatchNorm recalibrated).
+        layers: Feature stages (default ``[4]``).
+        angles: Rotation steps around the circle (12: every 30 degrees).
+        regions, region: Regions per whole slide and their side (analysis px).
+        clusters, per_sample: The per-sample K-means at 0 degrees (the paper: 3 and 2000).
+        mpp, tile, halo, input_mpp, tma: Tiling (:class:`~equislide.specs.TilingSpec`).
+        seed: Seeds weights, regions, tracked pixels and K-means.
+        model_kwargs: Builder arguments of random weights (e.g. ``{"width": 16}``), every backbone.
+        calibration_tiles: Tiles BatchNorm is recalibrated on.
+        device: Feature device on the workers.
+    """
+    logger = get_run_logger()
+    t_start = time.perf_counter()
+    names = list(backbones or ["srenet18", "resnet18", "e2cnn_resnet18"])
+    tiling = TilingSpec(mpp=mpp, tile=tile, halo=halo, input_mpp=input_mpp, tma=tma)
+    spec = ConsistencySpec.steps(angles, regions=regions, region=region, seed=seed)
+    cluster = ClusterSpec(k=clusters, fit="per-sample", per_sample=per_sample, seed=seed)
+    state: RunState = start_run(inputs, out)
+    with timed(state, "cluster"):
+        description = cluster_description()
+    state.workers = max(1, int(description.get("workers") or 1))
+    logger.info("rotation study of %d inputs, backbones %s, on %s", len(state.paths), names, description)
+    with timed(state, "tile"):
+        tile_stage(state, tiling)
+    results_dir = state.root / "consistency"
+    docs: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = dict(state.errors)
+    for name in names:
+        for layer in layers or [4]:
+            features = FeatureSpec(
+                backbone=name,
+                layer=layer,
+                weights=(weights or {}).get(name),
+                seed=seed,
+                model_kwargs=model_kwargs or {},
+                calibration_tiles=calibration_tiles,
+                device=device,
+            )
+            live = state.live()
+            if not live:
+                break
+            with timed(state, f"backbone_{name}_{layer}"):
+                fut = backbone_task.submit(sorted(s for _, s in live), str(state.models_dir), features)
+                reason = failure(fut)
+            if reason is not None:
+                failed[f"{name} layer {layer}"] = reason
+                logger.warning("FAILED backbone %s layer %d: %s", name, layer, reason)
+                continue
+            net = fut.result()
+
+            def done(sid: str, doc: dict[str, Any], name=name, layer=layer) -> None:
+                docs[f"{sid}|{name}|{layer}"] = doc
+
+            def fail(sid: str, reason: str, name=name) -> None:
+                failed[f"{sid} ({name})"] = reason
+                logger.warning("FAILED %s (%s): %s", sid, name, reason)
+
+            with timed(state, f"consistency_{name}_{layer}"):
+                submitted = {
+                    study_task.submit(g, str(results_dir), net, spec, cluster, device, label_of(g)): g
+                    for g in groups(live, state.workers)
+                }
+                collect(f"consistency {name}", submitted, done, fail)
+    for path, rec in state.records.items():  # inputs that gave no sample
+        if rec.get("status") == "failed":
+            failed[path] = rec["reason"]
+    first = next((sid for sid, _ in state.live()), None)
+    report = study_report_task.submit(str(state.root), docs, first).result()
+    report["failed"] = failed
+    report["path"] = str(state.root)
+    report["timings"] = {k: round(v, 3) for k, v in state.stage_s.items()}
+    report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+    _artifacts(report)
+    logger.info("\n%s", study_text(report))
+    return report
+
+
+def study_text(report: dict[str, Any]) -> str:
+    """The study's summary table as text."""
+    lines = [
+        f"equislide consistency: {report['path']} ({report['timings']['total_s']:.1f} s)",
+        f"{'backbone':16s}{'layer':>6s}{'n':>4s}{'kappa off-90':>16s}{'Dice off-90':>16s}{'kappa all':>12s}"
+        f"{'ICC feat':>10s}{'ICC area':>10s}",
+    ]
+
+    def pm(row: dict[str, Any], metric: str) -> str:
+        m, s = row.get(f"{metric}_mean_off90"), row.get(f"{metric}_std_off90")
+        return "-" if m is None else f"{m:.3f} ± {s:.3f}"
+
+    for row in report["summary"]:
+        icc = "-" if row["icc_feature"] is None else f"{row['icc_feature']:.3f}"
+        kappa_all = "-" if row["kappa_mean"] is None else f"{row['kappa_mean']:.3f}"
+        lines.append(
+            f"{row['backbone']:16s}{row['layer']:>6d}{row['samples']:>4d}{pm(row, 'kappa'):>16s}"
+            f"{pm(row, 'dice'):>16s}{kappa_all:>12s}{icc:>10s}{row['icc_area']:>10.3f}"
+        )
+    for what, reason in report["failed"].items():
+        lines.append(f"  FAILED {what}: {reason}")
+    return "\n".join(lines)
+
+
+def _artifacts(report: dict[str, Any]) -> None:
+    if report["summary"]:
+        create_table_artifact(
+            report["summary"], key="equislide-consistency-summary", description="per backbone"
+        )
+    if report["angles"]:
+        create_table_artifact(report["angles"], key="equislide-consistency-angles", description="per angle")
+    create_markdown_artifact(
+        "# equislide rotation study\n\n```\n" + study_text(report) + "\n```\n",
+        key="equislide-consistency",
+        description="rotation-consistency study",
+    )
+
+
+def run_study(inputs: list[str], out: str, *, scheduler: str | None = None, workers: int | None = None, **kw):
+    """Run :func:`consistency_flow` on the task runner :func:`make_task_runner` picks; returns the report."""
+    with shared_prefect_api() as api_url:
+        warning = api_reachable_from(scheduler or os.environ.get(SCHEDULER_ENV), api_url)
+        if warning:
+            _LOG.warning(warning)
+        runner = make_task_runner(scheduler=scheduler, workers=workers)
+        with worker_environment():
+            return consistency_flow.with_options(task_runner=runner)([str(p) for p in inputs], str(out), **kw)
