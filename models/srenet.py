@@ -12,11 +12,16 @@ Every piece is equivariant to rotations by multiples of 90 degrees and to flips 
 radial; 1 x 1 convs, BatchNorm, ReLU and 2 x 2 average pooling on even sides commute with the
 grid's symmetries), so ``features(rot90(x)) == rot90(features(x))`` for inputs whose sides are
 multiples of 8. Feature strides are 1, 2, 4, 8 after stages 1-4.
+
+Option ``antialias`` (off by default, as in the reference) blurs with a fixed binomial filter
+before every 2 x 2 average pool (:class:`BlurPool2d`); the filter is odd-length, separable and
+symmetric, so the network stays exactly D4-equivariant.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from equislide.models._backbone import Backbone
@@ -24,7 +29,56 @@ from equislide.models._errors import ModelConfigError
 from equislide.models._registry import register_model
 from equislide.models.sre_conv import Impl, Rings, SREConv2d
 
-__all__ = ["SREBasicBlock", "SRENet", "srenet18"]
+__all__ = ["BlurPool2d", "SREBasicBlock", "SRENet", "srenet18"]
+
+_BINOMIAL = {3: (1.0, 2.0, 1.0), 5: (1.0, 4.0, 6.0, 4.0, 1.0)}
+
+
+def _antialias_taps(antialias: bool | int) -> int:
+    """0 (off), 3 or 5 taps from the ``antialias`` option (``True`` means 3)."""
+    if antialias is False or antialias == 0:
+        return 0
+    if antialias is True:
+        return 3
+    if isinstance(antialias, int) and antialias in _BINOMIAL:
+        return antialias
+    raise ModelConfigError(f"antialias={antialias!r} is not one of False, True, 3, 5")
+
+
+class BlurPool2d(nn.Module):
+    """Binomial blur (``taps`` = 3: [1, 2, 1] / 4, or 5: [1, 4, 6, 4, 1] / 16), then ``AvgPool2d(2)``.
+
+    The blur is the low-pass half of anti-aliased downsampling (Zhang, "Making Convolutional
+    Networks Shift-Invariant Again", ICML 2019): a 2 x 2 mean alone lets fine texture alias into
+    the half-resolution map, where it changes with the sub-pixel phase of the input, i.e. with any
+    rotation that is not a multiple of 90 degrees. An odd, symmetric kernel with reflect padding
+    commutes with every D4 element on any side; the 2 x 2 pool does on even sides.
+    """
+
+    def __init__(self, taps: int = 3) -> None:
+        super().__init__()
+        if taps not in _BINOMIAL:
+            raise ModelConfigError(f"taps={taps!r} is not one of {sorted(_BINOMIAL)}")
+        t = torch.tensor(_BINOMIAL[taps])
+        t = t / t.sum()
+        self.taps = taps
+        # Fixed, not learned: kept out of state_dict so checkpoints hold the same tensors either way.
+        self.register_buffer("kernel", torch.outer(t, t)[None, None], persistent=False)
+        self.pool = nn.AvgPool2d(2)
+
+    def extra_repr(self) -> str:
+        return f"taps={self.taps}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.taps // 2
+        c = x.shape[1]
+        x = F.pad(x, (p, p, p, p), mode="reflect")
+        x = F.conv2d(x, self.kernel.to(x.dtype).expand(c, 1, -1, -1), groups=c)
+        return self.pool(x)
+
+
+def _downsampler(taps: int) -> nn.Module:
+    return BlurPool2d(taps) if taps else nn.AvgPool2d(2)
 
 
 class SREBasicBlock(nn.Module):
@@ -39,9 +93,10 @@ class SREBasicBlock(nn.Module):
         downsample: bool = False,
         rings: Rings = "hard",
         impl: Impl = "auto",
+        antialias: int = 0,
     ) -> None:
         super().__init__()
-        self.pool = nn.AvgPool2d(2) if downsample else nn.Identity()
+        self.pool = _downsampler(antialias) if downsample else nn.Identity()
         self.conv1 = SREConv2d(in_channels, out_channels, kernel_size, rings=rings, impl=impl)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
@@ -49,7 +104,7 @@ class SREBasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         if downsample or in_channels != out_channels:
             self.shortcut: nn.Module = nn.Sequential(
-                nn.AvgPool2d(2) if downsample else nn.Identity(),
+                _downsampler(antialias) if downsample else nn.Identity(),
                 nn.Conv2d(in_channels, out_channels, 1, bias=False),
                 nn.BatchNorm2d(out_channels),
             )
@@ -73,6 +128,8 @@ class SRENet(Backbone):
         width: Channels of stage 1 (doubled at each later stage).
         impl: ``"auto"``, ``"dense"`` or ``"ring"`` for every SRE-Conv.
         in_chans: Input channels.
+        antialias: Blur before every 2 x 2 pool (:class:`BlurPool2d`): ``False``/0 (off, the
+            reference), ``True``/3 ([1, 2, 1] / 4) or 5 ([1, 4, 6, 4, 1] / 16).
     """
 
     def __init__(
@@ -85,8 +142,10 @@ class SRENet(Backbone):
         width: int = 64,
         impl: Impl = "auto",
         in_chans: int = 3,
+        antialias: bool | int = False,
     ) -> None:
         super().__init__()
+        taps = _antialias_taps(antialias)
         kernel_sizes = tuple(int(k) for k in kernel_sizes)  # type: ignore[assignment]
         if len(kernel_sizes) != 4:
             raise ModelConfigError(f"kernel_sizes={kernel_sizes!r} needs one odd size per stage (4 values)")
@@ -101,6 +160,7 @@ class SRENet(Backbone):
             "width": width,
             "impl": impl,
             "in_chans": in_chans,
+            "antialias": taps,
         }
         widths = (width, 2 * width, 4 * width, 8 * width)
         self.feature_channels = widths
@@ -115,7 +175,7 @@ class SRENet(Backbone):
         for i, (out_ch, k) in enumerate(zip(widths, kernel_sizes, strict=True)):
             stages.append(
                 nn.Sequential(
-                    SREBasicBlock(in_ch, out_ch, k, downsample=i > 0, rings=rings, impl=impl),
+                    SREBasicBlock(in_ch, out_ch, k, downsample=i > 0, rings=rings, impl=impl, antialias=taps),
                     SREBasicBlock(out_ch, out_ch, k, rings=rings, impl=impl),
                 )
             )
@@ -143,6 +203,7 @@ def srenet18(
     width: int = 64,
     impl: Impl = "auto",
     in_chans: int = 3,
+    antialias: bool | int = False,
 ) -> SRENet:
     """SRENet-18 with the reference's defaults (about 4.0 M parameters for 9 classes)."""
     return SRENet(
@@ -153,4 +214,5 @@ def srenet18(
         width=width,
         impl=impl,
         in_chans=in_chans,
+        antialias=antialias,
     )
