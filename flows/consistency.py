@@ -150,7 +150,8 @@ def summarise_study(docs: dict[tuple[str, str, int], dict[str, Any]]) -> tuple[l
         row["icc_area"] = round(float(icc_area), 6)
         for suffix, keep in (("", lambda a: True), ("_off90", _off90)):
             for metric in ("kappa", "dice"):
-                s = summarise(per_sample(keep, metric))
+                values = per_sample(keep, metric)
+                s = summarise(values) if values else {"mean": None, "std": None, "n": 0}
                 row[f"{metric}_mean{suffix}"] = round(s["mean"], 6) if s["n"] else None
                 row[f"{metric}_std{suffix}"] = round(s["std"], 6) if s["n"] else None
         row["layer"] = layer

@@ -62,9 +62,19 @@ class ConsistencySpec:
     Attributes:
         angles: Angles in degrees, counter-clockwise; the first is the reference and should be 0.
         regions: Most square regions per whole slide (a TMA core is always one region: itself).
-        region: Side of a whole-slide region, analysis pixels (a multiple of 8).
+        region: Diameter of a whole-slide region's scored disc, analysis pixels (a multiple of 8). The
+            square read around it is ``context`` px larger on every side than the disc's enclosing
+            square rotated by 45 degrees, so at every angle the scored disc sees slide around it, as a
+            rotated slide would, never the white corners of a rotated crop.
         track: Tissue pixels followed through every angle for the feature-level ICC.
         seed: Seeds the choice of regions and of tracked pixels.
+        labels: ``"nearest"``: each feature pixel's nearest centroid, repeated over its stride x stride
+            analysis pixels; ``"upsampled"``: the per-cluster distance maps upsampled bilinearly to
+            analysis pixels before the arg-min (:func:`equislide.models.tta.smoothed_labels`), so
+            boundaries fall between feature pixels. Both are exact under the square's symmetries.
+        disc_input: Whiten the image outside its inscribed disc at every angle, so that every rotated
+            copy shows the network the same tissue (the corners of a square are otherwise tissue at
+            0 degrees and glass at 45).
     """
 
     angles: tuple[float, ...] = tuple(30.0 * i for i in range(12))
@@ -72,6 +82,9 @@ class ConsistencySpec:
     region: int = 1024
     track: int = 1000
     seed: int = 0
+    labels: str = "upsampled"
+    disc_input: bool = False
+    context: int = 64
 
     def __post_init__(self) -> None:
         angles = tuple(float(a) for a in self.angles)
@@ -85,6 +98,8 @@ class ConsistencySpec:
             raise ValueError(f"region={self.region} must be a multiple of 8, at least 64 px")
         if self.track < 0:
             raise ValueError(f"track={self.track} must be >= 0")
+        if self.labels not in ("nearest", "upsampled"):
+            raise ValueError(f"labels={self.labels!r}; use 'nearest' or 'upsampled'")
         object.__setattr__(self, "angles", angles)
 
     @classmethod
@@ -166,6 +181,7 @@ def rotation_consistency(
     kmeans: Any = None,
     mpp: float | None = None,
     device: str = "cpu",
+    score_side: int | None = None,
 ) -> dict[str, Any]:
     """The protocol of the module docstring on one square image.
 
@@ -178,6 +194,7 @@ def rotation_consistency(
         kmeans: A fitted :class:`~equislide.models.KMeansModel` (cohort mode), or None (paper mode).
         mpp: µm per pixel of ``image`` (for the tissue mask); None = pixel units.
         device: Feature device.
+        score_side: Diameter of the scored disc, centred (default: the disc inscribed in the image).
 
     Returns:
         ``{"angles": [{"angle", "kappa", "dice", "valid_pixels"}], "icc_feature", "area_fractions"
@@ -199,10 +216,13 @@ def rotation_consistency(
     t0 = time.perf_counter()
     side = image.shape[0]
     disc = _disc(side)
-    tissue = tissue_mask(image, mpp=mpp) & disc
+    scored = disc if score_side is None else _disc(side, margin=(side - min(score_side, side)) / 2)
+    tissue = tissue_mask(image, mpp=mpp) & scored
     if tissue.sum() < 16:
         raise ValueError(f"only {int(tissue.sum())} tissue pixels inside the region's inscribed disc")
 
+    if spec.disc_input:
+        image = np.where(disc[..., None], image, np.uint8(255))
     feats0 = _features(model, image, layer=layer, device=device)
     stride = side // feats0.shape[-1]
     f_tissue = tissue[stride // 2 :: stride, stride // 2 :: stride]  # tissue at feature-pixel centres
@@ -211,10 +231,17 @@ def rotation_consistency(
         sampler.add(masked_vectors(feats0, f_tissue))
         kmeans = fit_kmeans(sampler.sample, params=cluster.kmeans_params())
 
-    def upsample(f_labels: np.ndarray) -> np.ndarray:
+    def label(features: np.ndarray) -> np.ndarray:
+        if spec.labels == "upsampled":
+            from equislide.models.tta import smoothed_labels
+
+            normalise = bool(kmeans.params.l2_normalise)
+            up = smoothed_labels(features, kmeans.centroids, sigma=0, normalise=normalise, out_size=side)
+            return up.astype(np.int32)
+        f_labels = kmeans.predict(features)
         return np.repeat(np.repeat(f_labels, stride, 0), stride, 1).astype(np.int32)
 
-    labels0 = upsample(kmeans.predict(feats0))
+    labels0 = label(feats0)
     points = _tracked(tissue & _disc(side, margin=stride), spec.track, spec.seed)
     tracked = [_sample_rotated(feats0, points, 0.0, side)]
     rows, backs, valids = [], [labels0], [tissue]
@@ -222,8 +249,10 @@ def rotation_consistency(
     areas = [np.bincount(labels0[tissue], minlength=k)[:k] / max(1, int(tissue.sum()))]
     for angle in spec.angles[1:]:
         rotated = rotate_image(image, angle, fill=255)
+        if spec.disc_input:
+            rotated = np.where(disc[..., None], rotated, np.uint8(255))
         feats = _features(model, rotated, layer=layer, device=device)
-        back, inside = unrotate_labels(upsample(kmeans.predict(feats)), angle, fill=-1)
+        back, inside = unrotate_labels(label(feats), angle, fill=-1)
         valid = tissue & inside & (back >= 0)
         rows.append(
             {
@@ -297,11 +326,15 @@ def slide_regions(store: str | Path, *, n: int, side: int, seed: int = 0) -> lis
     return [(int(round(pts[i, 0])), int(round(pts[i, 1]))) for i in chosen]
 
 
-def sample_images(store: str | Path, spec: ConsistencySpec) -> list[tuple[str, np.ndarray, float | None]]:
-    """The square images a sample is scored on: ``[(region name, (S, S, 3) uint8, mpp)]``.
+def sample_images(
+    store: str | Path, spec: ConsistencySpec
+) -> list[tuple[str, np.ndarray, float | None, int | None]]:
+    """The square images a sample is scored on: ``[(region name, (S, S, 3) uint8, mpp, scored side)]``.
 
-    A TMA core: its stored tile (the whole core at the analysis resolution). A whole slide: up to
-    ``spec.regions`` regions of ``spec.region`` px read from the slide (:func:`slide_regions`).
+    A TMA core: its stored tile (the whole core at the analysis resolution, glass around it), scored on
+    its inscribed disc (``None``). A whole slide: up to ``spec.regions`` regions
+    (:func:`slide_regions`), each a disc of ``spec.region`` px scored inside a square read with context
+    (see :class:`ConsistencySpec`).
     """
     from equislide.stages.backbone import read_tiles
     from equislide.storage import read_sample_meta
@@ -310,9 +343,9 @@ def sample_images(store: str | Path, spec: ConsistencySpec) -> list[tuple[str, n
     meta = read_sample_meta(store)
     mpp = meta.get("mpp")
     if meta.get("kind") == "tma_core" or int(meta["n_tiles"]) == 1 and meta.get("kind") != "slide":
-        return [("core", read_tiles(store, 0, 1)[0], mpp)]
-    side = int(spec.region)
-    centres = slide_regions(store, n=spec.regions, side=side, seed=spec.seed)
+        return [("core", read_tiles(store, 0, 1)[0], mpp, None)]
+    side = 8 * math.ceil((spec.region * math.sqrt(2) + 2 * spec.context) / 8)
+    centres = slide_regions(store, n=spec.regions, side=int(spec.region), seed=spec.seed)
     input_mpp = meta.get("source_mpp") if meta.get("mpp_source") == "override" else None
     l0_per_l = meta["l0_per_l"]
     out = []
@@ -320,7 +353,7 @@ def sample_images(store: str | Path, spec: ConsistencySpec) -> list[tuple[str, n
         for l_x, l_y in centres:
             l0_xy = (int(round((l_x - side / 2) * l0_per_l[0])), int(round((l_y - side / 2) * l0_per_l[1])))
             region = slide.read_region_mpp(l0_xy, (side, side), mpp)
-            out.append((f"region {l_x},{l_y}", np.ascontiguousarray(region), mpp))
+            out.append((f"region {l_x},{l_y}", np.ascontiguousarray(region), mpp, int(spec.region)))
     return out
 
 
@@ -401,7 +434,7 @@ def store_consistency(
     model, info = load_backbone(backbone, device)
     model_km = KMeansModel.load(kmeans.path) if kmeans is not None else None
     regions, data = [], []
-    for region_name, image, mpp in sample_images(store, spec):
+    for region_name, image, mpp, score_side in sample_images(store, spec):
         res = rotation_consistency(
             image,
             model,
@@ -411,6 +444,7 @@ def store_consistency(
             kmeans=model_km,
             mpp=mpp,
             device=info["device"],
+            score_side=score_side,
         )
         data.append({"region": region_name, "image": image, **res})
         regions.append({k: v for k, v in res.items() if k not in ("labels0", "labels_back", "valid")})
