@@ -440,6 +440,16 @@ def _manifest(
     return manifest
 
 
+def _figure(consistency: dict[str, Any] | None) -> str:
+    """A sample's consistency in a few characters: off-90 kappa, else kappa at multiples of 90."""
+    c = consistency or {}
+    if c.get("kappa_off90") is not None:
+        return f"  (off-90 kappa {c['kappa_off90']:.3f})"
+    if c.get("kappa_90") is not None:
+        return f"  (kappa at 90° {c['kappa_90']:.3f})"
+    return ""
+
+
 def summary_text(report: dict[str, Any]) -> str:
     """A few lines a person reads at the end of a run."""
     samples = report["samples"]
@@ -455,19 +465,17 @@ def summary_text(report: dict[str, Any]) -> str:
     scored = [s["consistency"] for s in samples.values() if s.get("consistency")]
     if scored:
         angles = report["parameters"].get("consistency", {}).get("angles", [])
-        kappa = [c["kappa_off90"] for c in scored if c.get("kappa_off90") is not None]
-        dice = [c["dice_off90"] for c in scored if c.get("dice_off90") is not None]
-        if kappa:
-            shown = ", ".join(f"{a:g}" for a in angles)
-            lines.append(
-                f"  rotation consistency ({len(scored)} samples, angles {shown}): "
-                f"off-90 kappa {sum(kappa) / len(kappa):.3f}, Dice {sum(dice) / len(dice):.3f}"
-            )
+        shown = ", ".join(f"{a:g}" for a in angles)
+        parts = []
+        named = (("kappa_off90", "off-90 kappa"), ("dice_off90", "Dice"), ("kappa_90", "kappa at 90°"))
+        for key, what in named:
+            vals = [c[key] for c in scored if c.get(key) is not None]
+            if vals:
+                parts.append(f"{what} {sum(vals) / len(vals):.3f}")
+        lines.append(f"  rotation consistency ({len(scored)} samples, angles {shown}): {', '.join(parts)}")
     for sid, s in samples.items():
         if s["status"] != "failed" and s["outputs"].get("overlay_png"):
-            c = s.get("consistency") or {}
-            figure = f"  (kappa {c['kappa_off90']:.3f})" if c.get("kappa_off90") is not None else ""
-            lines.append(f"  {sid}: {s['outputs']['overlay_png']}{figure}")
+            lines.append(f"  {sid}: {s['outputs']['overlay_png']}{_figure(s.get('consistency'))}")
     for i in failed_inputs:
         lines.append(f"  FAILED {i['path']}: {i['reason']}")
     return "\n".join(lines)

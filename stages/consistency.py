@@ -210,7 +210,7 @@ def rotation_consistency(
 
     spec = spec or ConsistencySpec()
     cluster = cluster or ClusterSpec(fit="per-sample")
-    image = np.asarray(image)
+    image = np.require(image, requirements=["C", "W"])  # torch refuses to wrap read-only arrays quietly
     if image.ndim != 3 or image.shape[0] != image.shape[1] or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image of shape {image.shape} and dtype {image.dtype}: need square (S, S, 3) uint8")
     t0 = time.perf_counter()
