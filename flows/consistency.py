@@ -14,7 +14,9 @@ Stages (the same Dask and Prefect machinery as the cohort flow, :mod:`equislide.
    dice_std``, then the same over the non-multiples of 90 degrees, ``layer``, ``samples``),
    ``OUT/angles.csv`` (mean and std over samples per angle), ``OUT/consistency.png`` (kappa and Dice
    against angle) and ``OUT/rotations.png`` (one sample's rotated-back maps, a row per backbone), and
-   the same as Prefect artifacts.
+   the same as Prefect artifacts. With ``annotations``, ``OUT/annotations.csv``
+   (``sample,backbone,layer,dice_mean,ari,nmi,pixels``): each sample's 0-degree clusters against its
+   annotation after Hungarian matching.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from equislide.flows.cluster import (
     worker_environment,
 )
 from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, TilingSpec
-from equislide.stages.consistency import ConsistencySpec, store_consistency
+from equislide.stages.consistency import ConsistencySpec, find_annotation, store_consistency
 
 __all__ = ["BACKBONE_NAMES", "consistency_flow", "run_study"]
 
@@ -79,14 +81,25 @@ def study_task(
     spec: ConsistencySpec,
     cluster: ClusterSpec,
     device: str,
+    annotations: str | None,
     label: str,
 ) -> list[dict[str, Any]]:
     """Rotation consistency of some samples for one backbone (paper mode: K-means per sample at 0°)."""
     name = f".{backbone.backbone}-layer{backbone.layer}"
+    sample_ids = dict((store, sid) for sid, store in items)
 
     def one(store: str) -> dict[str, Any]:
+        annotation = find_annotation(annotations, sample_ids[store]) if annotations else None
         doc = store_consistency(
-            store, out_dir, backbone, spec=spec, cluster=cluster, device=device, name=name, strip=True
+            store,
+            out_dir,
+            backbone,
+            spec=spec,
+            cluster=cluster,
+            device=device,
+            name=name,
+            strip=True,
+            annotation=annotation,
         )
         doc.pop("regions_data", None)
         return doc
@@ -193,6 +206,19 @@ def study_report_task(out: str, docs: dict, first_sample: str | None) -> dict[st
     _write_csv(root / "metrics.csv", rows)
     _write_csv(root / "summary.csv", summary)
     _write_csv(root / "angles.csv", per_angle)
+    annotated = [
+        {
+            "sample": sid,
+            "backbone": name,
+            "layer": layer,
+            **{k: round(v, 6) for k, v in doc["annotation"].items() if k != "pixels"},
+            "pixels": doc["annotation"]["pixels"],
+        }
+        for (sid, name, layer), doc in sorted(keyed.items())
+        if doc.get("annotation")
+    ]
+    if annotated:
+        _write_csv(root / "annotations.csv", annotated)
     series: dict[str, dict[float, tuple[float, float]]] = {}
     for e in per_angle:
         tag = f"{e['backbone']} L{e['layer']}"
@@ -203,7 +229,7 @@ def study_report_task(out: str, docs: dict, first_sample: str | None) -> dict[st
     strips = sorted((root / "consistency").glob(f"{first_sample}.*.rotations.png")) if first_sample else []
     if strips:
         stack_strips(root / "rotations.png", strips)
-    return {"summary": summary, "angles": per_angle, "metrics": len(rows)}
+    return {"summary": summary, "angles": per_angle, "metrics": len(rows), "annotations": annotated}
 
 
 @flow(name="equislide-consistency", persist_result=False, log_prints=False, task_runner=deployment_runner())
@@ -228,6 +254,7 @@ def consistency_flow(
     model_kwargs: dict[str, Any] | None = None,
     calibration_tiles: int = FeatureSpec.calibration_tiles,
     device: str = FeatureSpec.device,
+    annotations: str | None = None,
 ) -> dict[str, Any]:
     """The rotation study; returns ``{"summary", "angles", "failed", "path"}``.
 
@@ -245,6 +272,10 @@ def consistency_flow(
         model_kwargs: Builder arguments of random weights (e.g. ``{"width": 16}``), every backbone.
         calibration_tiles: Tiles BatchNorm is recalibrated on.
         device: Feature device on the workers.
+        annotations: A folder of label images matched by sample or slide ID
+            (:func:`~equislide.stages.consistency.find_annotation`): each sample's 0-degree clusters are
+            matched to the annotation's classes (Hungarian) and scored (per-class Dice, ARI, NMI) in
+            ``annotations.csv``.
     """
     logger = get_run_logger()
     t_start = time.perf_counter()
@@ -293,10 +324,8 @@ def consistency_flow(
                 logger.warning("FAILED %s (%s): %s", sid, name, reason)
 
             with timed(state, f"consistency_{name}_{layer}"):
-                submitted = {
-                    study_task.submit(g, str(results_dir), net, spec, cluster, device, label_of(g)): g
-                    for g in groups(live, state.workers)
-                }
+                args = (str(results_dir), net, spec, cluster, device, annotations)
+                submitted = {study_task.submit(g, *args, label_of(g)): g for g in groups(live, state.workers)}
                 collect(f"consistency {name}", submitted, done, fail)
     for path, rec in state.records.items():  # inputs that gave no sample
         if rec.get("status") == "failed":

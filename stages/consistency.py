@@ -42,7 +42,10 @@ from equislide.specs import ClusterSpec
 __all__ = [
     "CONSISTENCY_SUFFIX",
     "SERVICE_SPEC",
+    "annotation_agreement",
+    "find_annotation",
     "choose_samples",
+    "read_annotation",
     "figures",
     "ConsistencySpec",
     "rotation_consistency",
@@ -328,33 +331,142 @@ def slide_regions(store: str | Path, *, n: int, side: int, seed: int = 0) -> lis
 
 def sample_images(
     store: str | Path, spec: ConsistencySpec
-) -> list[tuple[str, np.ndarray, float | None, int | None]]:
-    """The square images a sample is scored on: ``[(region name, (S, S, 3) uint8, mpp, scored side)]``.
+) -> list[tuple[str, np.ndarray, float | None, int | None, tuple[float, float, float, float]]]:
+    """The square images a sample is scored on.
+
+    Returns:
+        ``[(region name, (S, S, 3) uint8, mpp, scored side, (l0_x, l0_y, l0_per_l_x, l0_per_l_y))]``:
+        the last item places the image's top-left pixel corner on the slide's level 0 (for
+        annotations).
+
 
     A TMA core: its stored tile (the whole core at the analysis resolution, glass around it), scored on
     its inscribed disc (``None``). A whole slide: up to ``spec.regions`` regions
     (:func:`slide_regions`), each a disc of ``spec.region`` px scored inside a square read with context
     (see :class:`ConsistencySpec`).
     """
+    import zarr
+
     from equislide.stages.backbone import read_tiles
     from equislide.storage import read_sample_meta
     from equislide.tiling import open_slide
 
     meta = read_sample_meta(store)
     mpp = meta.get("mpp")
+    l0_per_l = meta["l0_per_l"]
     if meta.get("kind") == "tma_core" or int(meta["n_tiles"]) == 1 and meta.get("kind") != "slide":
-        return [("core", read_tiles(store, 0, 1)[0], mpp, None)]
+        group = zarr.open_group(zarr.storage.LocalStore(store, read_only=True), mode="r")
+        l_x, l_y = (np.asarray(group["coords"][0], float) - int(meta["halo"])).tolist()
+        window = (l_x * l0_per_l[0], l_y * l0_per_l[1], float(l0_per_l[0]), float(l0_per_l[1]))
+        return [("core", read_tiles(store, 0, 1)[0], mpp, None, window)]
     side = 8 * math.ceil((spec.region * math.sqrt(2) + 2 * spec.context) / 8)
     centres = slide_regions(store, n=spec.regions, side=int(spec.region), seed=spec.seed)
     input_mpp = meta.get("source_mpp") if meta.get("mpp_source") == "override" else None
-    l0_per_l = meta["l0_per_l"]
     out = []
     with open_slide(meta["source_path"], input_mpp=input_mpp) as slide:
         for l_x, l_y in centres:
             l0_xy = (int(round((l_x - side / 2) * l0_per_l[0])), int(round((l_y - side / 2) * l0_per_l[1])))
             region = slide.read_region_mpp(l0_xy, (side, side), mpp)
-            out.append((f"region {l_x},{l_y}", np.ascontiguousarray(region), mpp, int(spec.region)))
+            window = (float(l0_xy[0]), float(l0_xy[1]), float(l0_per_l[0]), float(l0_per_l[1]))
+            out.append((f"region {l_x},{l_y}", np.ascontiguousarray(region), mpp, int(spec.region), window))
     return out
+
+
+#: Annotation file names tried for a sample, in order (``{id}``: the sample ID; ``{slide}``: its slide's).
+ANNOTATION_NAMES = ("{id}", "{slide}", "{slide}.labels")
+_ANNOTATION_SUFFIXES = (".png", ".tif", ".tiff", ".jpg")
+
+
+def find_annotation(folder: str | Path, sample_id: str) -> Path | None:
+    """The annotation of a sample in ``folder``: ``<sample id>`` or its slide's ``<slide id>`` (or the
+    phantom's ``<slide id>.labels``) with a ``.png``, ``.tif``, ``.tiff`` or ``.jpg`` suffix; None if none."""
+    slide = sample_id.split("/")[0]
+    for pattern in ANNOTATION_NAMES:
+        for suffix in _ANNOTATION_SUFFIXES:
+            path = Path(folder) / (pattern.format(id=sample_id, slide=slide) + suffix)
+            if path.is_file():
+                return path
+    return None
+
+
+def read_annotation(path: str | Path) -> np.ndarray:
+    """An annotation as integer classes ``(H, W)``: an integer label image as it is (0 = unannotated), or
+    a colour image whose distinct colours are numbered 1, 2, ... in sorted order (white and black = 0).
+
+    Raises:
+        ValueError: the file cannot be read as an image (the message names it).
+    """
+    import tifffile
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        tiff = path.suffix.lower() in (".tif", ".tiff")
+        arr = tifffile.imread(path) if tiff else np.asarray(Image.open(path))
+    except Exception as err:  # PIL and tifffile raise many kinds
+        raise ValueError(f"{path}: not a readable annotation image ({type(err).__name__})") from None
+    if arr.ndim == 2:
+        return arr.astype(np.int64)
+    rgb = arr[..., :3].astype(np.int64)
+    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    colours, classes = np.unique(code, return_inverse=True)
+    classes = classes.reshape(code.shape) + 1
+    for i, c in enumerate(colours):
+        if c in (0, 0xFFFFFF):
+            classes[classes == i + 1] = 0
+    return classes
+
+
+def annotation_agreement(
+    labels0: np.ndarray,
+    valid: np.ndarray,
+    annotation: str | Path,
+    window: tuple[float, float, float, float],
+    l0_size: Sequence[int],
+) -> dict[str, Any]:
+    """Agreement of a region's 0-degree clusters with an annotation of the whole input.
+
+    The annotation covers the input's level 0 at any scale (``l0_size`` over its own size); each
+    analysis pixel of the region reads it at the pixel's centre (nearest). Clusters are matched to
+    annotation classes by Hungarian matching on the region's valid, annotated pixels.
+
+    Returns:
+        ``{"dice_per_class" {class: Dice}, "dice_mean", "ari", "nmi", "pixels"}`` (None values when no
+        valid pixel is annotated).
+    """
+    from equislide.evaluate import adjusted_rand, nmi, per_class_dice_after_matching
+
+    truth_full = read_annotation(annotation)
+    side = labels0.shape[0]
+    sx, sy = truth_full.shape[1] / float(l0_size[0]), truth_full.shape[0] / float(l0_size[1])
+    centres = np.arange(side) + 0.5
+    cols = np.floor((window[0] + centres * window[2]) * sx).astype(np.int64)
+    rows = np.floor((window[1] + centres * window[3]) * sy).astype(np.int64)
+    inside_r = (rows >= 0) & (rows < truth_full.shape[0])
+    inside_c = (cols >= 0) & (cols < truth_full.shape[1])
+    h, w = truth_full.shape
+    truth = truth_full[np.clip(rows, 0, h - 1)][:, np.clip(cols, 0, w - 1)]
+    keep = valid & (truth > 0) & inside_r[:, None] & inside_c[None, :]
+    if keep.sum() < 2:
+        return {"dice_per_class": {}, "dice_mean": None, "ari": None, "nmi": None, "pixels": int(keep.sum())}
+    dice = per_class_dice_after_matching(labels0, truth, valid=keep)
+    return {
+        "dice_per_class": {str(k): float(v) for k, v in dice.items()},
+        "dice_mean": float(np.mean(list(dice.values()))),
+        "ari": float(adjusted_rand(labels0, truth, valid=keep)),
+        "nmi": float(nmi(labels0, truth, valid=keep)),
+        "pixels": int(keep.sum()),
+    }
+
+
+def _pooled_annotation(regions: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Pixel-weighted means of the regions' annotation scores (None without annotations)."""
+    scored = [r["annotation"] for r in regions if r.get("annotation") and r["annotation"]["pixels"] >= 2]
+    if not scored:
+        return None
+    w = np.asarray([a["pixels"] for a in scored], float)
+    out = {k: float(np.dot(w, [a[k] for a in scored]) / w.sum()) for k in ("dice_mean", "ari", "nmi")}
+    return {**out, "pixels": int(w.sum())}
 
 
 def _summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -386,6 +498,7 @@ def store_consistency(
     device: str = "auto",
     name: str | None = None,
     strip: bool = False,
+    annotation: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score one sample (every region of it) and write ``<out_dir>/<sample_id><name>.consistency.json``.
 
@@ -399,6 +512,8 @@ def store_consistency(
         device: Feature device.
         name: Suffix of the file name before ``.consistency.json`` (the study: ``.<backbone>``).
         strip: Also save the first region's rotated-back maps side by side (``.rotations.png``).
+        annotation: A label image of the sample's input (:func:`annotation_agreement`): the 0-degree
+            clusters are then scored against it (``annotation`` in each region and the summary).
 
     A result already written for the same store, network, K-means and spec is returned as it is
     (``status`` ``"skipped"``, no ``regions_data``).
@@ -407,7 +522,7 @@ def store_consistency(
         The JSON document written (per-angle means over regions, per-region rows, the summary), with
         ``"path"`` and ``"regions_data"`` (each region's arrays, not written) added.
     """
-    from equislide.files import atomic_write_json, read_json
+    from equislide.files import atomic_write_json, read_json, sha256_file
     from equislide.models.kmeans import KMeansModel
     from equislide.stages.backbone import load_backbone
     from equislide.storage import params_hash, read_sample_meta, store_identity, write_label_strip
@@ -419,6 +534,7 @@ def store_consistency(
     base = Path(out_dir) / f"{meta['sample_id']}{name or ''}"
     path = base.with_name(base.name + CONSISTENCY_SUFFIX)
     identity = {
+        "annotation": None if annotation is None else sha256_file(annotation),
         "sample": store_identity(store),
         "backbone": backbone.sha256,
         "layer": int(backbone.layer),
@@ -434,7 +550,7 @@ def store_consistency(
     model, info = load_backbone(backbone, device)
     model_km = KMeansModel.load(kmeans.path) if kmeans is not None else None
     regions, data = [], []
-    for region_name, image, mpp, score_side in sample_images(store, spec):
+    for region_name, image, mpp, score_side, window in sample_images(store, spec):
         res = rotation_consistency(
             image,
             model,
@@ -449,6 +565,10 @@ def store_consistency(
         data.append({"region": region_name, "image": image, **res})
         regions.append({k: v for k, v in res.items() if k not in ("labels0", "labels_back", "valid")})
         regions[-1]["region"] = region_name
+        if annotation is not None:
+            regions[-1]["annotation"] = annotation_agreement(
+                res["labels0"], res["valid"][0], annotation, window, meta["source_dimensions"]
+            )
     if strip and data:
         first = data[0]
         write_label_strip(
@@ -481,6 +601,7 @@ def store_consistency(
         "angles": per_angle,
         **_summary(per_angle),
         "icc_feature": float(np.nanmean([r["icc_feature"] for r in regions])) if regions else None,
+        "annotation": _pooled_annotation(regions),
         "regions": regions,
         "spec": {"angles": list(spec.angles), "regions": spec.regions, "region": spec.region,
                  "track": spec.track, "seed": spec.seed},

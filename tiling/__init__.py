@@ -12,6 +12,19 @@
   (:mod:`equislide.stages.tile`).
 - :func:`rotate_image`, :func:`rotate_labels`, :func:`unrotate_labels`: rotation about the centre.
 
+Coordinate planes, one prefix each, everywhere in the package (as ``openslide/deepzoom.py`` names them):
+
+- ``l0_``: pixel (x, y) in the slide's level 0, the full-resolution image; x to the right, y down.
+- ``lv_``: pixel (x, y) in a pyramid level the readers read from (``level_dimensions[level]``).
+- ``l_``: pixel (x, y) at the *analysis resolution* (``--mpp``, default 2.5 µm/px); one ``l_`` pixel
+  spans ``l0_per_l`` level-0 pixels along (x, y) (that name, in the stores' attributes too).
+- ``m_``: pixel (x, y) of the tissue mask (a thumbnail); one spans ``l_per_m`` analysis pixels.
+- ``t_``: (row, col) of a tile in a grid; ``f_``: feature-map pixel, ``stride`` analysis pixels each.
+- ``thumb_``: pixel of a thumbnail while it is being read.
+
+Before this naming was fixed, ``l_`` meant "pyramid level" in the readers and "analysis plane" in the
+grids; only the readers' local names changed, so every stored attribute keeps its meaning.
+
 Plain numpy / scikit-image / OpenSlide / tifffile code, usable from a notebook: nothing here imports
 ``equislide.stages``, ``equislide.flows``, Prefect or Dask, and nothing here writes a store.
 """

@@ -3,7 +3,8 @@
 Coordinate planes (as in ``openslide/deepzoom.py``):
 
 - ``l0_``: pixel (x, y) in pyramid level 0, the full-resolution image; x to the right, y down.
-- ``l_``: pixel (x, y) in the chosen pyramid level.
+- ``lv_``: pixel (x, y) in the chosen pyramid level (``l_`` is the analysis plane: see
+  :mod:`equislide.tiling`).
 - output pixels: the (row, col) of the returned ``(H, W, 3)`` array.
 
 Sizes are always ``(width, height)``; arrays are always ``(height, width, 3)`` RGB uint8 with
@@ -240,18 +241,18 @@ class Slide(ABC):
         f_x, f_y = ds_x / level_ds, ds_y / level_ds
         if abs(f_x - 1.0) < 1e-3 and abs(f_y - 1.0) < 1e-3:
             return self.read_region(l0_xy, level, (width, height))
-        l_size = (max(1, math.ceil(width * f_x - 1e-6)), max(1, math.ceil(height * f_y - 1e-6)))
-        l0_xy, l_size = self._check_read(l0_xy, level, l_size)
+        lv_size = (max(1, math.ceil(width * f_x - 1e-6)), max(1, math.ceil(height * f_y - 1e-6)))
+        l0_xy, lv_size = self._check_read(l0_xy, level, lv_size)
         _, (width, height) = self._check_read(l0_xy, 0, (width, height))
-        img = self._read_image(l0_xy, level, l_size)
+        img = self._read_image(l0_xy, level, lv_size)
         whole = (round(f_x), round(f_y))
-        if l_size == (width * whole[0], height * whole[1]) and min(whole) >= 1:
+        if lv_size == (width * whole[0], height * whole[1]) and min(whole) >= 1:
             # Whole factors (0.25 -> 2.5 µm/px): PIL's block mean sums each block at once, so the
             # result commutes with rotations and flips of the slide; resize's two rounded passes
             # (x then y) are one grey level off here and there once x and y swap.
             return np.array(img.reduce(whole))
         resample = Image.Resampling.BOX if min(f_x, f_y) >= 1.0 else Image.Resampling.BILINEAR
-        box = (0.0, 0.0, min(width * f_x, l_size[0]), min(height * f_y, l_size[1]))
+        box = (0.0, 0.0, min(width * f_x, lv_size[0]), min(height * f_y, lv_size[1]))
         return np.array(img.resize((width, height), resample, box=box))
 
     def thumbnail(self, *, max_size: int = 2048) -> tuple[np.ndarray, float]:
@@ -275,27 +276,27 @@ class Slide(ABC):
             raise ValueError(f"max_size={max_size!r} must be a positive number of pixels")
         l0_w, l0_h = self.dimensions
         scale = max(1.0, max(l0_w, l0_h) / max_size)
-        # thumb_: pixel (x, y) in the thumbnail; l_: in the pyramid level read.
+        # thumb_: pixel (x, y) in the thumbnail; lv_: in the pyramid level read.
         thumb_w, thumb_h = max(1, round(l0_w / scale)), max(1, round(l0_h / scale))
         ds_x, ds_y = l0_w / thumb_w, l0_h / thumb_h
         level = self.best_level_for_downsample(min(ds_x, ds_y))
         level_ds = self.level_downsamples[level]
-        l_w, l_h = self.level_dimensions[level]
+        lv_w, lv_h = self.level_dimensions[level]
         f_x, f_y = ds_x / level_ds, ds_y / level_ds  # level px per thumbnail px
         out = np.empty((thumb_h, thumb_w, 3), dtype=np.uint8)
-        rows_per_strip = max(1, int(_STRIP_PIXELS / max(1.0, l_w * f_y)))
+        rows_per_strip = max(1, int(_STRIP_PIXELS / max(1.0, lv_w * f_y)))
         for thumb_y0 in range(0, thumb_h, rows_per_strip):
             thumb_y1 = min(thumb_h, thumb_y0 + rows_per_strip)
-            l_y0, l_y1 = thumb_y0 * f_y, thumb_y1 * f_y
-            l_row0 = min(int(math.floor(l_y0)), l_h - 1)
-            l_row1 = max(l_row0 + 1, min(l_h, math.ceil(l_y1 - 1e-6)))
-            img = self._read_image((0, round(l_row0 * level_ds)), level, (l_w, l_row1 - l_row0))
+            lv_y0, lv_y1 = thumb_y0 * f_y, thumb_y1 * f_y
+            lv_row0 = min(int(math.floor(lv_y0)), lv_h - 1)
+            lv_row1 = max(lv_row0 + 1, min(lv_h, math.ceil(lv_y1 - 1e-6)))
+            img = self._read_image((0, round(lv_row0 * level_ds)), level, (lv_w, lv_row1 - lv_row0))
             strip_size = (thumb_w, thumb_y1 - thumb_y0)
             if strip_size == img.size:
                 out[thumb_y0:thumb_y1] = np.asarray(img)
                 continue
-            x_edges = _snapped_edges(np.arange(thumb_w + 1) * f_x, l_w)
-            y_edges = _snapped_edges(np.arange(thumb_y0, thumb_y1 + 1) * f_y, l_h) - l_row0 * _SNAP
+            x_edges = _snapped_edges(np.arange(thumb_w + 1) * f_x, lv_w)
+            y_edges = _snapped_edges(np.arange(thumb_y0, thumb_y1 + 1) * f_y, lv_h) - lv_row0 * _SNAP
             out[thumb_y0:thumb_y1] = _area_mean(np.asarray(img), x_edges, y_edges)
         return out, ds_x
 

@@ -175,12 +175,12 @@ class CuCIMSlide(Slide):
             return None
         return mpp
 
-    def _l0_for_level_px(self, l_px: int, level_ds: float) -> int:
-        """The level-0 coordinate cuCIM maps to level pixel ``l_px`` (it takes ``int(l0 / ds)``)."""
-        l0 = math.ceil(l_px * level_ds)
-        while int(l0 / level_ds) > l_px:  # float rounding at the boundary
+    def _l0_for_level_px(self, lv_px: int, level_ds: float) -> int:
+        """The level-0 coordinate cuCIM maps to level pixel ``lv_px`` (it takes ``int(l0 / ds)``)."""
+        l0 = math.ceil(lv_px * level_ds)
+        while int(l0 / level_ds) > lv_px:  # float rounding at the boundary
             l0 -= 1
-        while int(l0 / level_ds) < l_px:
+        while int(l0 / level_ds) < lv_px:
             l0 += 1
         return l0
 
@@ -190,26 +190,28 @@ class CuCIMSlide(Slide):
         # level and fills outside areas black (TIFF) or white (SVS), so read only the part inside the
         # level and paste it on white.
         level_ds = self._level_downsamples[level]
-        l_w, l_h = self._level_dimensions[level]
-        l_x0, l_y0 = math.floor(l0_xy[0] / level_ds + 0.5), math.floor(l0_xy[1] / level_ds + 0.5)
-        l_x_lo, l_y_lo = max(l_x0, 0), max(l_y0, 0)
-        l_x_hi, l_y_hi = min(l_x0 + size[0], l_w), min(l_y0 + size[1], l_h)
+        lv_w, lv_h = self._level_dimensions[level]
+        lv_x0, lv_y0 = math.floor(l0_xy[0] / level_ds + 0.5), math.floor(l0_xy[1] / level_ds + 0.5)
+        lv_x_lo, lv_y_lo = max(lv_x0, 0), max(lv_y0, 0)
+        lv_x_hi, lv_y_hi = min(lv_x0 + size[0], lv_w), min(lv_y0 + size[1], lv_h)
         out = np.full((size[1], size[0], 3), 255, dtype=np.uint8)
-        if l_x_hi <= l_x_lo or l_y_hi <= l_y_lo:
+        if lv_x_hi <= lv_x_lo or lv_y_hi <= lv_y_lo:
             return Image.fromarray(out)
         if level == 0:
-            location = (l_x_lo, l_y_lo)
+            location = (lv_x_lo, lv_y_lo)
         else:
-            location = (self._l0_for_level_px(l_x_lo, level_ds), self._l0_for_level_px(l_y_lo, level_ds))
+            location = (self._l0_for_level_px(lv_x_lo, level_ds), self._l0_for_level_px(lv_y_lo, level_ds))
         try:
             arr = np.asarray(
-                self._img.read_region(location=location, size=(l_x_hi - l_x_lo, l_y_hi - l_y_lo), level=level)
+                self._img.read_region(
+                    location=location, size=(lv_x_hi - lv_x_lo, lv_y_hi - lv_y_lo), level=level
+                )
             )
         except (ValueError, RuntimeError) as err:
             raise CorruptSlideError(
                 self.path, f"cannot decode region at l0_xy={l0_xy}, level={level}", detail=f"cuCIM: {err}"
             ) from err
-        out[l_y_lo - l_y0 : l_y_hi - l_y0, l_x_lo - l_x0 : l_x_hi - l_x0] = _to_rgb(arr)
+        out[lv_y_lo - lv_y0 : lv_y_hi - lv_y0, lv_x_lo - lv_x0 : lv_x_hi - lv_x0] = _to_rgb(arr)
         return Image.fromarray(out)
 
     def close(self) -> None:

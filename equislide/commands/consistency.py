@@ -56,6 +56,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="BACKBONE=FILE",
         help="checkpoint of a backbone, e.g. srenet=srenet.safetensors (repeatable); default random + BN",
     )
+    p.add_argument(
+        "--annotations",
+        default=None,
+        metavar="DIR",
+        help="label images (<sample or slide id>.png/.tif; integer classes or colours) to score the "
+        "0° clusters against: per-class Dice, ARI, NMI in DIR/annotations.csv",
+    )
     p.add_argument("--regions", type=int, default=4, help="regions per whole slide (default 4)")
     p.add_argument("--region", type=int, default=1024, help="side of a region, analysis px (default 1024)")
     p.add_argument("--clusters", type=int, default=_CLUSTER.k, help=f"K-means k (default {_CLUSTER.k})")
@@ -99,6 +106,8 @@ def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
         return {}, "--mpp and --input-mpp must be positive numbers of µm per pixel"
     if args.clusters < 2:
         return {}, f"--clusters {args.clusters} must be >= 2"
+    if args.annotations is not None and not Path(args.annotations).is_dir():
+        return {}, f"--annotations {args.annotations}: no such folder"
     return {
         "backbones": [_SHORT[b] for b in names],
         "weights": weights,
@@ -112,6 +121,7 @@ def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
         "tma": args.tma,
         "seed": args.seed,
         "model_kwargs": {"width": args.width} if args.width else None,
+        "annotations": args.annotations,
     }, None
 
 

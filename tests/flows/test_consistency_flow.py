@@ -21,7 +21,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     info = write_phantom(folder / "tma.tiff", cores=4, core_diameter_um=800.0, missing=0, seed=2)
     bad = folder / "broken.svs"
     bad.write_bytes(b"this is not a slide\n")
-    return {"phantom": info.image_path, "bad": bad}
+    return {"phantom": info.image_path, "bad": bad, "labels": info.labels_path}
 
 
 def _runner(dask_cluster):
@@ -60,6 +60,7 @@ def test_study_compares_backbones_and_a_bad_input_fails_alone(
         backbones=["srenet18", "resnet18"],
         layers=[2],
         angles=4,
+        annotations=str(Path(inputs["labels"]).parent),  # the phantom's ground truth, tma.labels.tiff
         **OPTIONS,
     )
     assert list(report["failed"]) == [str(inputs["bad"])]
@@ -88,3 +89,14 @@ def test_study_compares_backbones_and_a_bad_input_fails_alone(
     for picture in ("consistency.png", "rotations.png"):
         assert (tmp_path / picture).stat().st_size > 1000
     assert "srenet18" in study_text(report)
+    with (tmp_path / "annotations.csv").open() as fh:
+        scores = list(csv.DictReader(fh))
+    assert len(scores) == 2 * 4 and list(scores[0])[:6] == [
+        "sample",
+        "backbone",
+        "layer",
+        "dice_mean",
+        "ari",
+        "nmi",
+    ]
+    assert all(0.0 < float(r["dice_mean"]) <= 1.0 and int(r["pixels"]) > 100 for r in scores)

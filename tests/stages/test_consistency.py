@@ -117,3 +117,22 @@ def test_store_consistency_writes_and_resumes(tmp_path: Path) -> None:
         device="cpu",
     )
     assert other["status"] == "written"
+
+
+def test_annotation_agreement_matches_clusters_to_classes(tmp_path: Path) -> None:
+    """Colour annotations become classes; permuted cluster IDs score 1 after Hungarian matching."""
+    from equislide.stages.consistency import annotation_agreement, find_annotation, read_annotation
+
+    truth = np.zeros((40, 40), np.int64)
+    truth[:, :20], truth[:, 20:] = 1, 2
+    colours = np.array([[255, 255, 255], [200, 30, 30], [30, 30, 200]], np.uint8)[truth]
+    Image.fromarray(colours).save(tmp_path / "slide.png")
+    read = read_annotation(tmp_path / "slide.png")
+    assert set(np.unique(read)) == {1, 2}  # white is unannotated; the two colours are two classes
+    assert find_annotation(tmp_path, "slide/B3") == tmp_path / "slide.png"
+    assert find_annotation(tmp_path, "other") is None
+    # A 20 px region at level-0 offset (10, 10), 1 level-0 px per analysis px; clusters 0/1 swapped.
+    labels0 = np.where(truth[10:30, 10:30] == 1, 1, 0)
+    valid = np.ones((20, 20), bool)
+    out = annotation_agreement(labels0, valid, tmp_path / "slide.png", (10.0, 10.0, 1.0, 1.0), (40, 40))
+    assert out["dice_mean"] == 1.0 and out["ari"] == 1.0 and out["pixels"] == 400
