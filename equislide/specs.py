@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 __all__ = [
     "BACKBONES",
+    "BACKBONE_ALIASES",
     "BATCH_TILES",
     "CLUSTER_FORMAT",
     "TILING_FORMAT",
@@ -44,6 +45,8 @@ BATCH_TILES = 32
 CLUSTER_FORMAT = "equislide-segment/1"
 #: Registered backbone names the service runs (``--backbone`` short names map onto them).
 BACKBONES = ("srenet18", "resnet18", "e2cnn_resnet18")
+#: The CLI's short backbone names.
+BACKBONE_ALIASES = {"srenet": "srenet18", "resnet18": "resnet18", "e2cnn": "e2cnn_resnet18"}
 
 TmaMode = Literal["auto", "yes", "no"]
 FitMode = Literal["cohort", "per-sample"]

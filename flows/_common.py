@@ -23,8 +23,9 @@ from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 
 from equislide.flows.cluster import SCHEDULER_ENV, all_cores
-from equislide.specs import BackboneRef, FeatureSpec, KMeansRef, TilingSpec
+from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
 from equislide.stages.backbone import calibrated_backbone
+from equislide.stages.consistency import ConsistencySpec, find_annotation, store_consistency
 from equislide.stages.inputs import assign_sample_ids, failed_record, reason_of
 from equislide.stages.tile import SampleResult, SlidePlan, plan_slide, write_samples
 from equislide.storage import clean_partials, sample_store_path, write_manifest
@@ -37,6 +38,7 @@ __all__ = [
     "backbone_task",
     "barrier",
     "collect",
+    "consistency_task",
     "deployment_runner",
     "each_sample",
     "failure",
@@ -361,3 +363,51 @@ def weights_note(backbone: BackboneRef | None, weights: str | None) -> str:
     )
 
 
+@task(
+    name="consistency",
+    task_run_name="consistency {label}",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    **TASK_OPTIONS,
+)
+def consistency_task(
+    items: list[tuple[str, str]],
+    out_dir: str,
+    backbone: BackboneRef,
+    spec: ConsistencySpec,
+    cluster: ClusterSpec,
+    kmeans: KMeansRef | None,
+    device: str,
+    label: str,
+    *,
+    study: bool = False,
+    annotations: str | None = None,
+) -> list[dict[str, Any]]:
+    """Rotation consistency of some samples (``(sample_id, store)``): ``<sample>.consistency.json``.
+
+    ``study``: name the file by backbone and layer and save the rotated-back maps side by side (the
+    study compares several networks in one folder); ``annotations``: a folder of label images.
+    """
+    sample_ids = {store: sid for sid, store in items}
+    name = f".{backbone.backbone}-layer{backbone.layer}" if study else None
+
+    def one(store: str) -> dict[str, Any]:
+        annotation = find_annotation(annotations, sample_ids[store]) if annotations else None
+        doc = store_consistency(
+            store,
+            out_dir,
+            backbone,
+            spec=spec,
+            cluster=cluster,
+            kmeans=kmeans,
+            device=device,
+            name=name,
+            strip=study,
+            annotation=annotation,
+        )
+        doc.pop("regions_data", None)
+        return doc
+
+    verb = f"consistency ({backbone.backbone}, layer {backbone.layer})"
+    return each_sample(items, verb, one)

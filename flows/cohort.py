@@ -64,6 +64,7 @@ from equislide.flows._common import (
     backbone_stage,
     barrier,
     collect,
+    consistency_task,
     deployment_runner,
     each_sample,
     groups,
@@ -94,7 +95,6 @@ from equislide.stages.consistency import (
     ConsistencySpec,
     choose_samples,
     figures,
-    store_consistency,
 )
 from equislide.stages.features import DRAWS_DIR, draw_store_vectors, extract_store_features
 from equislide.stages.segment import segment_store
@@ -167,35 +167,6 @@ def segment_task(
     )
 
 
-@task(
-    name="consistency",
-    task_run_name="consistency {label}",
-    retries=1,
-    retry_delay_seconds=5,
-    retry_condition_fn=transient,
-    **TASK_OPTIONS,
-)
-def consistency_task(
-    items: list[tuple[str, str]],
-    samples_dir: str,
-    backbone: BackboneRef,
-    spec: ConsistencySpec,
-    cluster: ClusterSpec,
-    kmeans: KMeansRef | None,
-    device: str,
-    label: str,
-) -> list[dict[str, Any]]:
-    """Rotation consistency of some samples: ``<sample>.consistency.json`` beside their outputs."""
-
-    def one(store: str) -> dict[str, Any]:
-        doc = store_consistency(
-            store, samples_dir, backbone, spec=spec, cluster=cluster, kmeans=kmeans, device=device
-        )
-        return figures(doc)
-
-    return each_sample(items, "consistency", one)
-
-
 def _consistency_stage(
     state: RunState, spec: ConsistencySpec, cluster: ClusterSpec, device: str
 ) -> None:
@@ -207,9 +178,9 @@ def _consistency_stage(
     chosen = {sid for sids in by_input.values() for sid in choose_samples(sids, spec.regions)}
     items = [(sid, store) for sid, store in state.live() if sid in chosen]
 
-    def done(sid: str, res: dict[str, Any]) -> None:
-        state.samples[sid]["consistency"] = res
-        state.timings[sid]["consistency_s"] = res["seconds"]
+    def done(sid: str, doc: dict[str, Any]) -> None:
+        state.samples[sid]["consistency"] = figures(doc)
+        state.timings[sid]["consistency_s"] = doc["seconds"]
 
     kmeans = state.kmeans if cluster.fit == "cohort" else None
     samples_dir = str(state.samples_dir)

@@ -38,15 +38,14 @@ from equislide.flows._common import (
     RunState,
     backbone_task,
     collect,
+    consistency_task,
     deployment_runner,
-    each_sample,
     failure,
     groups,
     label_of,
     start_run,
     tile_stage,
     timed,
-    transient,
 )
 from equislide.flows.cluster import (
     SCHEDULER_ENV,
@@ -56,55 +55,11 @@ from equislide.flows.cluster import (
     shared_prefect_api,
     worker_environment,
 )
-from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, TilingSpec
-from equislide.stages.consistency import ConsistencySpec, find_annotation, store_consistency
+from equislide.specs import ClusterSpec, FeatureSpec, TilingSpec
+from equislide.stages.consistency import ConsistencySpec
 
-__all__ = ["BACKBONE_NAMES", "consistency_flow", "run_study"]
-
-#: ``--backbones`` short names.
-BACKBONE_NAMES = {"srenet": "srenet18", "resnet18": "resnet18", "e2cnn": "e2cnn_resnet18"}
+__all__ = ["consistency_flow", "run_study", "study_text", "summarise_study"]
 _LOG = logging.getLogger("equislide")
-
-
-@task(
-    name="consistency",
-    task_run_name="consistency {label}",
-    retries=1,
-    retry_delay_seconds=5,
-    retry_condition_fn=transient,
-    **TASK_OPTIONS,
-)
-def study_task(
-    items: list[tuple[str, str]],
-    out_dir: str,
-    backbone: BackboneRef,
-    spec: ConsistencySpec,
-    cluster: ClusterSpec,
-    device: str,
-    annotations: str | None,
-    label: str,
-) -> list[dict[str, Any]]:
-    """Rotation consistency of some samples for one backbone (paper mode: K-means per sample at 0°)."""
-    name = f".{backbone.backbone}-layer{backbone.layer}"
-    sample_ids = dict((store, sid) for sid, store in items)
-
-    def one(store: str) -> dict[str, Any]:
-        annotation = find_annotation(annotations, sample_ids[store]) if annotations else None
-        doc = store_consistency(
-            store,
-            out_dir,
-            backbone,
-            spec=spec,
-            cluster=cluster,
-            device=device,
-            name=name,
-            strip=True,
-            annotation=annotation,
-        )
-        doc.pop("regions_data", None)
-        return doc
-
-    return each_sample(items, f"consistency ({backbone.backbone}, layer {backbone.layer})", one)
 
 
 def _rows(docs: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
@@ -324,8 +279,21 @@ def consistency_flow(
                 logger.warning("FAILED %s (%s): %s", sid, name, reason)
 
             with timed(state, f"consistency_{name}_{layer}"):
-                args = (str(results_dir), net, spec, cluster, device, annotations)
-                submitted = {study_task.submit(g, *args, label_of(g)): g for g in groups(live, state.workers)}
+                submitted = {
+                    consistency_task.submit(
+                        g,
+                        str(results_dir),
+                        net,
+                        spec,
+                        cluster,
+                        None,
+                        device,
+                        label_of(g),
+                        study=True,
+                        annotations=annotations,
+                    ): g
+                    for g in groups(live, state.workers)
+                }
                 collect(f"consistency {name}", submitted, done, fail)
     for path, rec in state.records.items():  # inputs that gave no sample
         if rec.get("status") == "failed":

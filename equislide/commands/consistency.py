@@ -15,11 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-from equislide.specs import ClusterSpec, TilingSpec
+from equislide.specs import BACKBONE_ALIASES, ClusterSpec, TilingSpec
 
 _PREFIX = "equislide consistency"
 SCHEDULER_ENV = "EQUISLIDE_SCHEDULER"
-_SHORT = {"srenet": "srenet18", "resnet18": "resnet18", "e2cnn": "e2cnn_resnet18"}
 _TILING, _CLUSTER = TilingSpec(), ClusterSpec()
 
 
@@ -81,7 +80,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
     """The flow's keyword arguments, or the first problem in words."""
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    unknown = [b for b in names if b not in _SHORT]
+    unknown = [b for b in names if b not in BACKBONE_ALIASES]
     if not names or unknown:
         return {}, f"--backbones {args.backbones}: use srenet, resnet18, e2cnn"
     try:
@@ -93,11 +92,11 @@ def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
     weights = {}
     for item in args.weights:
         name, _, path = item.partition("=")
-        if name not in _SHORT or not path:
+        if name not in BACKBONE_ALIASES or not path:
             return {}, f"--weights {item}: give BACKBONE=FILE with BACKBONE srenet, resnet18 or e2cnn"
         if not Path(path).is_file():
             return {}, f"--weights {item}: no such file"
-        weights[_SHORT[name]] = path
+        weights[BACKBONE_ALIASES[name]] = path
     if args.angles < 2:
         return {}, f"--angles {args.angles} must be >= 2"
     if args.regions < 1 or args.region < 64 or args.region % 8:
@@ -109,7 +108,7 @@ def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
     if args.annotations is not None and not Path(args.annotations).is_dir():
         return {}, f"--annotations {args.annotations}: no such folder"
     return {
-        "backbones": [_SHORT[b] for b in names],
+        "backbones": [BACKBONE_ALIASES[b] for b in names],
         "weights": weights,
         "layers": layers,
         "angles": args.angles,

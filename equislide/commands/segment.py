@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from equislide.specs import ClusterSpec, FeatureSpec, TilingSpec
+from equislide.specs import BACKBONE_ALIASES, ClusterSpec, FeatureSpec, TilingSpec
 
 _TILING, _FEATURES, _CLUSTER = TilingSpec(), FeatureSpec(), ClusterSpec()
 _PREFIX = "equislide segment"
 SCHEDULER_ENV = "EQUISLIDE_SCHEDULER"
-_BACKBONES = {"srenet": "srenet18", "resnet18": "resnet18", "e2cnn": "e2cnn_resnet18"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,7 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="backbone checkpoint (.safetensors); default: a seeded random initialisation with "
         "BatchNorm recalibrated on the cohort's tiles (no trained weights ship yet)",
     )
-    p.add_argument("--backbone", choices=sorted(_BACKBONES), default="srenet", help="default srenet")
+    p.add_argument("--backbone", choices=sorted(BACKBONE_ALIASES), default="srenet", help="default srenet")
     p.add_argument(
         "--layer",
         type=int,
@@ -135,7 +134,7 @@ def run_flow(args: argparse.Namespace, *, command: list[str], prefix: str = _PRE
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
     options: dict[str, Any] = {
-        "backbone": _BACKBONES[args.backbone],
+        "backbone": BACKBONE_ALIASES[args.backbone],
         "weights": args.weights,
         "layer": args.layer,
         "clusters": args.clusters,
