@@ -10,6 +10,7 @@ resumes from its own done-markers, and arrays are never pickled into Prefect's r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -161,7 +162,6 @@ def backbone_task(stores: list[str], models_dir: str, spec: FeatureSpec) -> Back
         return calibrated_backbone(stores, models_dir, spec)
 
 
-
 @task(name="report", retries=2, retry_delay_seconds=2, **TASK_OPTIONS)
 def report_task(out: str, manifest: dict[str, Any]) -> str:
     """Write ``run.json`` atomically."""
@@ -182,7 +182,6 @@ def deployment_runner() -> DaskTaskRunner | None:
     """A deployed run (no CLI to pick a runner) uses ``$EQUISLIDE_SCHEDULER`` when it is set."""
     address = os.environ.get(SCHEDULER_ENV)
     return DaskTaskRunner(address=address) if address else None
-
 
 
 @dataclass
@@ -262,7 +261,6 @@ def backbone_stage(state: RunState, spec: FeatureSpec) -> None:
         state.backbone = barrier(state, "backbone", fut)
 
 
-
 def start_run(inputs: list[str], out: str) -> RunState:
     """The run folder made and cleaned of a killed run's leftovers; every input's sample ID."""
     root = Path(out)
@@ -271,7 +269,6 @@ def start_run(inputs: list[str], out: str) -> RunState:
     paths = list(dict.fromkeys(str(p) for p in inputs))
     ids, records = assign_sample_ids(paths)
     return RunState(root=root, paths=paths, ids=ids, records=records)
-
 
 
 def collect(
@@ -383,22 +380,29 @@ def consistency_task(
     *,
     study: bool = False,
     annotations: str | None = None,
+    regions: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Rotation consistency of some samples (``(sample_id, store)``): ``<sample>.consistency.json``.
 
     ``study``: name the file by backbone and layer and save the rotated-back maps side by side (the
-    study compares several networks in one folder); ``annotations``: a folder of label images.
+    study compares several networks in one folder); ``annotations``: a folder of label images;
+    ``regions``: regions per sample ID, overriding ``spec.regions`` (the service's budget).
     """
     sample_ids = {store: sid for sid, store in items}
     name = f".{backbone.backbone}-layer{backbone.layer}" if study else None
 
     def one(store: str) -> dict[str, Any]:
         annotation = find_annotation(annotations, sample_ids[store]) if annotations else None
+        mine = (
+            spec
+            if not regions
+            else dataclasses.replace(spec, regions=regions.get(sample_ids[store], spec.regions))
+        )
         doc = store_consistency(
             store,
             out_dir,
             backbone,
-            spec=spec,
+            spec=mine,
             cluster=cluster,
             kmeans=kmeans,
             device=device,

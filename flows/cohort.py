@@ -90,12 +90,7 @@ from equislide.flows.cluster import (
 )
 from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
 from equislide.stages.cluster import fit_cohort_stores
-from equislide.stages.consistency import (
-    SERVICE_SPEC,
-    ConsistencySpec,
-    choose_samples,
-    figures,
-)
+from equislide.stages.consistency import SERVICE_SPEC, ConsistencySpec, budget_plan, figures
 from equislide.stages.features import DRAWS_DIR, draw_store_vectors, extract_store_features
 from equislide.stages.segment import segment_store
 from equislide.storage import RunManifest, thumbnail_data_uri
@@ -105,6 +100,7 @@ from equislide.text import one_line
 _MAX_THUMBNAILS = 48
 
 __all__ = ["SCHEDULER_ENV", "cohort_flow", "make_task_runner", "run_cohort", "set_progress_callback"]
+
 
 @task(
     name="features",
@@ -167,16 +163,27 @@ def segment_task(
     )
 
 
-def _consistency_stage(
-    state: RunState, spec: ConsistencySpec, cluster: ClusterSpec, device: str
-) -> None:
-    """Score up to ``spec.regions`` samples of every input (all regions of a whole slide, or spread
-    cores of a TMA) with the run's own network and K-means (cohort mode) or per-sample fits."""
-    by_input: dict[str, list[str]] = {}
-    for sid, _ in state.live():
-        by_input.setdefault(state.samples[sid]["input"], []).append(sid)
-    chosen = {sid for sids in by_input.values() for sid in choose_samples(sids, spec.regions)}
-    items = [(sid, store) for sid, store in state.live() if sid in chosen]
+def _consistency_stage(state: RunState, spec: ConsistencySpec, cluster: ClusterSpec, device: str) -> None:
+    """Score the samples :func:`~equislide.stages.consistency.budget_plan` picks (a whole slide's regions,
+    or a TMA's cores spread over the array; about a quarter of the feature work) with the run's own
+    network and K-means (cohort mode) or per-sample fits."""
+    from equislide.storage import read_sample_meta
+
+    described = []
+    for sid, store in state.live():
+        meta = read_sample_meta(store)
+        described.append(
+            (
+                sid,
+                state.samples[sid]["input"],
+                int(meta["n_tiles"]),
+                int(meta["tile_with_halo"]),
+                meta.get("kind"),
+            )
+        )
+    plan = budget_plan(described, spec)
+    items = [(sid, store) for sid, store in state.live() if sid in plan]
+    regions = {sid: plan[sid] for sid, _ in items}
 
     def done(sid: str, doc: dict[str, Any]) -> None:
         state.samples[sid]["consistency"] = figures(doc)
@@ -186,7 +193,15 @@ def _consistency_stage(
     samples_dir = str(state.samples_dir)
     submitted = {
         consistency_task.submit(
-            group, samples_dir, state.backbone, spec, cluster, kmeans, device, label_of(group)
+            group,
+            samples_dir,
+            state.backbone,
+            spec,
+            cluster,
+            kmeans,
+            device,
+            label_of(group),
+            regions=regions,
         ): group
         for group in groups(items, state.workers)
     }

@@ -42,7 +42,10 @@ from equislide.specs import ClusterSpec
 __all__ = [
     "CONSISTENCY_SUFFIX",
     "SERVICE_SPEC",
+    "BUDGET",
     "annotation_agreement",
+    "budget_plan",
+    "region_side",
     "find_annotation",
     "choose_samples",
     "read_annotation",
@@ -125,6 +128,46 @@ def choose_samples(samples: Sequence[str], n: int) -> list[str]:
     if len(samples) <= n:
         return samples
     return [samples[(i * len(samples)) // n + len(samples) // (2 * n)] for i in range(n)]
+
+
+#: Share of a run's feature work ``segment --consistency`` may add (the issue's "about a quarter").
+BUDGET = 0.25
+
+
+def region_side(spec: ConsistencySpec) -> int:
+    """Side of the square read around a whole-slide region (its scored disc plus context)."""
+    return 8 * math.ceil((spec.region * math.sqrt(2) + 2 * spec.context) / 8)
+
+
+def budget_plan(
+    samples: Sequence[tuple[str, str, int, int, str]], spec: ConsistencySpec, *, budget: float = BUDGET
+) -> dict[str, int]:
+    """Which samples ``segment --consistency`` scores, and how many regions each: ``{sample_id: regions}``.
+
+    ``samples`` are ``(sample_id, input, n_tiles, stored tile side, kind)``. Work is counted in
+    network pixels: a sample's features cost ``n_tiles x side²``; scoring costs ``len(angles)`` forward
+    passes of each region (a TMA core: the core; a whole-slide region: :func:`region_side` squared).
+    Per input, as many regions as keep the added work within ``budget`` of the input's feature work,
+    at least one and at most ``spec.regions`` (TMA cores: :func:`choose_samples`, spread over the
+    array). Small inputs therefore pay more than the budget for their one region.
+    """
+    by_input: dict[str, list[tuple[str, int, int, str]]] = {}
+    for sid, source, n_tiles, side, kind in samples:
+        by_input.setdefault(source, []).append((sid, n_tiles, side, kind))
+    plan: dict[str, int] = {}
+    n_angles = len(spec.angles)
+    for members in by_input.values():
+        work = sum(n * side**2 for _, n, side, _ in members)
+        if len(members) == 1 and members[0][3] != "tma_core":
+            sid, _, _, _ = members[0]
+            per_region = n_angles * region_side(spec) ** 2
+            plan[sid] = max(1, min(spec.regions, int(budget * work // per_region)))
+            continue
+        per_core = n_angles * max(side for _, _, side, _ in members) ** 2
+        k = max(1, min(spec.regions, int(budget * work // per_core)))
+        for sid in choose_samples([m[0] for m in members], k):
+            plan[sid] = 1
+    return plan
 
 
 def figures(doc: dict[str, Any]) -> dict[str, Any]:
@@ -359,7 +402,7 @@ def sample_images(
         l_x, l_y = (np.asarray(group["coords"][0], float) - int(meta["halo"])).tolist()
         window = (l_x * l0_per_l[0], l_y * l0_per_l[1], float(l0_per_l[0]), float(l0_per_l[1]))
         return [("core", read_tiles(store, 0, 1)[0], mpp, None, window)]
-    side = 8 * math.ceil((spec.region * math.sqrt(2) + 2 * spec.context) / 8)
+    side = region_side(spec)
     centres = slide_regions(store, n=spec.regions, side=int(spec.region), seed=spec.seed)
     input_mpp = meta.get("source_mpp") if meta.get("mpp_source") == "override" else None
     out = []

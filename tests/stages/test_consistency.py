@@ -84,6 +84,22 @@ def test_choose_samples_spreads_over_the_array() -> None:
     assert choose_samples(cores[:3], 4) == cores[:3]
 
 
+def test_budget_plan_keeps_scoring_near_a_quarter_of_the_feature_work() -> None:
+    from equislide.stages.consistency import SERVICE_SPEC, budget_plan, region_side
+
+    tma = [(f"t/{i}", "t.svs", 1, 272, "tma_core") for i in range(64)]
+    plan = budget_plan(tma, SERVICE_SPEC)
+    assert len(plan) == 4 and set(plan.values()) == {1}  # 0.25 * 64 / 2 angles = 8, capped at 4 regions
+    small = budget_plan(tma[:16], SERVICE_SPEC)
+    assert len(small) == 2  # 0.25 * 16 / 2
+    side = region_side(SERVICE_SPEC)
+    assert side % 8 == 0 and side >= SERVICE_SPEC.region * 2**0.5
+    big = budget_plan([("wsi", "wsi.svs", 400, 576, "slide")], SERVICE_SPEC)
+    assert big == {"wsi": 4}
+    tiny = budget_plan([("s", "s.svs", 2, 576, "slide")], SERVICE_SPEC)
+    assert tiny == {"s": 1}  # always one region, even over budget
+
+
 def test_store_consistency_writes_and_resumes(tmp_path: Path) -> None:
     """A phantom core from its tile store: written once, skipped on the rerun with the same key."""
     from equislide import stages
