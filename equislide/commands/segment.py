@@ -83,8 +83,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--consistency",
         action="store_true",
-        help="also score rotation consistency (kappa, Dice, feature ICC) of up to --regions regions or "
-        "cores per input: <sample>.consistency.json, figures in run.json and the summary",
+        help="also score rotation consistency (kappa, Dice, feature ICC) of whole-slide regions or TMA "
+        "cores, as many per input as keep it near a quarter of the feature work (at least one, at most "
+        "--regions): <sample>.consistency.json, figures in run.json and the summary",
     )
     p.add_argument(
         "--angles",
@@ -97,7 +98,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--regions",
         type=int,
         default=4,
-        help="with --consistency: regions per whole slide, cores per TMA slide (default 4)",
+        help="with --consistency: most regions per whole slide, cores per TMA slide (default 4)",
     )
     return p
 
