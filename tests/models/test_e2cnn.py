@@ -94,6 +94,12 @@ def test_features_shapes_and_finite(small, group: str) -> None:
         model.features(torch.randn(1, 1, 64, 64), 1)
 
 
+def test_defaults_are_d4_and_pool(e2cnn) -> None:
+    # D4: SRENet's exact symmetry group (see the module docstring for the measured comparison).
+    config = e2cnn_resnet18(width=1).config
+    assert (config["group"], config["downsample"]) == ("D4", "pool")
+
+
 def test_unknown_group_bad_width_and_bad_downsample(e2cnn) -> None:
     with pytest.raises(ModelConfigError, match="C4"):
         e2cnn_resnet18("C4")
