@@ -44,15 +44,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     x = load(args.image, args.size)
-    # e2cnn's stride-2 grids are symmetric only for sides 16k + 1: crop one pixel more for it.
-    x_e2 = torch.nn.functional.pad(x, (0, 1, 0, 1), mode="replicate")
     backbones = {
         "ResNet-18": (resnet18(), x),
         "SRENet-18 hard": (srenet18(rings="hard"), x),
         "SRENet-18 soft": (srenet18(rings="soft"), x),
     }
     try:
-        backbones["E2CNN C8"] = (e2cnn_resnet18("C8", width=args.e2cnn_width), x_e2)
+        backbones["E2CNN C8"] = (e2cnn_resnet18("C8", width=args.e2cnn_width), x)
     except ImportError as err:
         print(f"skipping E2CNN: {err}")
     results = {}
@@ -68,6 +66,7 @@ def main() -> None:
         for name, res in results.items():
             cells = "".join(f"{res[a][i]:8.3f} ({res[a][i] / base[a][i]:4.2f})" for i in range(4))
             print(f"{name:18s}{cells}")
+
 
 if __name__ == "__main__":
     main()
