@@ -222,9 +222,15 @@ def _check_document(document: Any, source: Path) -> None:
         raise CheckpointError(f"{source}: config has no 'model' entry with an 'arch'")
 
 
+#: Builder arguments whose default changed, with the value every checkpoint written before it meant.
+_LEGACY_DEFAULTS = {"e2cnn_resnet18": {"downsample": "stride", "group": "C8"}}
+
+
 def _build(document: dict[str, Any], source: Path) -> nn.Module:
     kwargs = dict(document["model"])
     arch = kwargs.pop("arch")
+    for key, value in _LEGACY_DEFAULTS.get(arch, {}).items():
+        kwargs.setdefault(key, value)  # a config from before the option existed: build what it was
     try:
         return create_model(arch, **kwargs)
     except ModelConfigError as err:

@@ -135,8 +135,9 @@ BUDGET = 0.25
 
 
 def region_side(spec: ConsistencySpec) -> int:
-    """Side of the square read around a whole-slide region (its scored disc plus context)."""
-    return 8 * math.ceil((spec.region * math.sqrt(2) + 2 * spec.context) / 8)
+    """Side of the square read around a whole-slide region (its scored disc plus context), a multiple of
+    16: the largest feature stride of the baselines (ResNet-18 and E2CNN at layer 4)."""
+    return 16 * math.ceil((spec.region * math.sqrt(2) + 2 * spec.context) / 16)
 
 
 def budget_plan(
