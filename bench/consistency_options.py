@@ -1,67 +1,89 @@
-"""Measure: which options make the K-means segmentation of SRENet features more rotation-consistent.
+"""Measure: rotation consistency of per-sample K-means segmentations of real H&E, per backbone and option.
 
-The paper's protocol on square crops of real H&E: rotate the input about its centre (white fill),
-compute layer-L features, fit K-means at 0 degrees (k = 3 on 2000 seeded, L2-normalised tissue
-vectors), label every angle with those centroids, upsample (nearest) and rotate each label map back
-to the 0-degree frame, and score Cohen's kappa and mean Dice over clusters against the 0-degree map
-on pixels that are tissue at 0 degrees and inside the disc inscribed in the square (valid at every
-angle).
+Scoring is the product's protocol, :func:`equislide.stages.consistency.rotation_consistency` (rotate
+the square input about its centre with white fill, layer-L features, K-means k = 3 fitted at 0 degrees
+on 2000 seeded L2-normalised tissue vectors, every angle labelled with those centroids, rotated back,
+Cohen's kappa and mean Dice against 0 degrees on tissue inside the scored disc). This bench only
+chooses the inputs and the model-side options, and tabulates.
 
-SRENet is exactly D4-equivariant, so of the 12 angles 0, 30, ..., 330 only 30 and 60 carry
-information (120/210/300 repeat 30, 150/240/330 repeat 60); 90 is computed as an exactness check.
-ResNet-18 is not equivariant and is measured at all 12 angles. Off-90 scores average the angles off
-multiples of 90; each seed's score is the mean over the inputs; the table gives mean +- std over
-network seeds (K-means seed fixed at 0). BatchNorm is recalibrated per network seed on all inputs
-at 0 degrees.
+Options measured:
 
-Options: rings (hard/soft), antialias (blur before every pool: srenet18(antialias=3|5)),
-TTA over 0 and 45 degrees (``equislide.models.tta.rotation_averaged_features``), distance-map
-smoothing (``equislide.models.tta.smoothed_labels``, sigma in feature pixels; "up" = distance maps
-upsampled bilinearly to input resolution before the argmin), and stage 1-4.
+* backbone: ``srenet18``, ``resnet18``, ``e2cnn_resnet18`` at default builder args, plus SRENet
+  variants (``srenet18-soft`` rings, ``srenet18-aa3``/``-aa5`` antialias) with ``--nets``; untrained,
+  BatchNorm recalibrated per seed on the 9 inputs at 0 degrees (``prepare_backbone``).
+* ``ConsistencySpec.labels``: ``nearest`` / ``upsampled``; ``ConsistencySpec.disc_input``: off / on.
+* context (whole-slide regions only): the region read as the stage's ``sample_images`` reads a whole
+  slide, a square of side ``8 * ceil((R * sqrt(2) + 2 * 64) / 8)`` around the same centre at the same
+  resolution (rounded up to the layer's stride: 856 px for SRENet layer 4, 864 for stride-16 nets),
+  scored on the central disc of diameter R = 512 (``score_side=R``); "no context" is the 512-px
+  square alone (same pixels), scored on its inscribed disc. (The stage's own side, 856 px, is not a
+  multiple of 16: ``rotation_consistency`` refuses it for ResNet-18 / E2CNN at layer 4.) With
+  context, ``disc_input`` is measured off only: it whitens outside the read square's disc, far from
+  the scored one (a quick run gave kappas equal to 3 decimals for srenet18 and resnet18, L3 and L4).
+* ``--tta NET``: features averaged over the input at 0 and 45 degrees
+  (``equislide.models.tta.rotation_averaged_features``), given to the stage as a wrapper backbone.
 
-Baseline: "srenet18 hard, layer 4, no options" in the same run; ResNet-18 in the same run.
+Angles: SRENet is exactly D4-equivariant, so 0/30/60/90 suffice (120..330 repeat 30 or 60 up to a
+symmetry of the square; 90 is an exactness check); the other nets get 0/30/60/90/180. Features of
+identical inputs are computed once per (input, disc_input) and reused for both labellings and layers;
+the seconds reported include that pass.
 
-    python bench/consistency_options.py [DATA] [--quick] [--seeds 0 1 2] [--nets hard soft hard-aa3]
-        [--tta hard-aa3] [--sigmas 0 1] [--json out.json]
+Groups (each with its own baseline "srenet18, nearest labels, no disc, no context", same run):
+``images`` = the 9 inputs without context; ``slides`` = the 2 SVS regions, context off / on.
+
+E2CNN (about 13 s per 512-px pass on one CPU thread) is measured with disc_input off and without
+context unless ``--e2cnn-disc`` / ``--e2cnn-context``. It can run as a part run beside the main one
+(``--nets e2cnn_resnet18 --no-baseline --json b.json``; one seed a run if need be) and be printed in
+one table with ``--merge a.json b.json ..`` (rows of the same configuration pool their seeds; kappas
+are deterministic, so the baseline of the other part applies; the seconds come from two processes).
+
+    python bench/consistency_options.py [DATA] [--quick] [--seeds 0 1] [--nets srenet18 resnet18 ..]
+        [--tta NET ..] [--layers 4 3] [--e2cnn-disc] [--e2cnn-context] [--no-baseline] [--json out.json]
+    python bench/consistency_options.py --merge a.json b.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.metrics import cohen_kappa_score
 
-from equislide.models.calibration import recalibrate_batchnorm
-from equislide.models.extract import normalise_tiles, prepare_backbone
-from equislide.models.kmeans import fit_per_sample
-from equislide.models.tta import gaussian_blur, rotation_averaged_features, smoothed_labels
-from equislide.tiling import open_slide, rotate_image, tissue_mask, unrotate_labels
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _data import data_dir  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-K = 3
-N_VECTORS = 2000
+from equislide.models.extract import prepare_backbone  # noqa: E402
+from equislide.specs import ClusterSpec  # noqa: E402
+from equislide.stages.consistency import ConsistencySpec, rotation_consistency  # noqa: E402
+from equislide.tiling import open_slide, tissue_mask  # noqa: E402
+
 SRE_ANGLES = (0.0, 30.0, 60.0, 90.0)
-# Scored region: the disc inscribed in the square (--disc shrinks it, a diagnostic of border effects).
-DISC_FRACTION = 1.0
-ALL_ANGLES = tuple(float(a) for a in range(0, 360, 30))
+OTHER_ANGLES = (0.0, 30.0, 60.0, 90.0, 180.0)
+REGION = 512  # scored disc of a whole-slide region (the service's SERVICE_SPEC.region)
+CONTEXT = 64
+BASE = ("srenet18", "nearest", False, False)
 # name -> (builder, model kwargs)
 NETS: dict[str, tuple[str, dict]] = {
-    "hard": ("srenet18", {"rings": "hard"}),
-    "soft": ("srenet18", {"rings": "soft"}),
-    "hard-aa3": ("srenet18", {"rings": "hard", "antialias": 3}),
-    "hard-aa5": ("srenet18", {"rings": "hard", "antialias": 5}),
-    "soft-aa3": ("srenet18", {"rings": "soft", "antialias": 3}),
-    "soft-aa5": ("srenet18", {"rings": "soft", "antialias": 5}),
+    "srenet18": ("srenet18", {}),
+    "srenet18-soft": ("srenet18", {"rings": "soft"}),
+    "srenet18-aa3": ("srenet18", {"antialias": 3}),
+    "srenet18-aa5": ("srenet18", {"antialias": 5}),
+    "srenet18-soft-aa3": ("srenet18", {"rings": "soft", "antialias": 3}),
     "resnet18": ("resnet18", {}),
+    "e2cnn_resnet18": ("e2cnn_resnet18", {}),
 }
+
+
+def context_side(region: int, stride: int) -> int:
+    """The stage's whole-slide read side for a ``region`` disc, rounded up to a multiple of ``stride``."""
+    side = 8 * math.ceil((region * math.sqrt(2) + 2 * CONTEXT) / 8)
+    return stride * math.ceil(side / stride)
 
 
 def _square(rgb: np.ndarray, side: int) -> np.ndarray:
@@ -83,22 +105,31 @@ def _image(path: Path, side: int) -> np.ndarray:
         return _square(np.asarray(im.convert("RGB")), side)
 
 
-def _slide_region(path: Path, side: int, read: int = 1024) -> np.ndarray:
-    """A ``read``-px level-0 region centred on the tissue's centre of mass, resized to ``side``."""
+def _slide_square(path: Path, side: int, down: int = 2) -> np.ndarray:
+    """A ``side``-px square at level-0 px / ``down`` (box filter), centred on the tissue's centre of
+    mass (the centre clipped so the square lies inside the slide)."""
     with open_slide(path) as slide:
-        thumb, down = slide.thumbnail(max_size=512)
+        thumb, tdown = slide.thumbnail(max_size=512)
         mask = tissue_mask(thumb, mpp=None)
         yy, xx = np.nonzero(mask)
         cy, cx = (yy.mean(), xx.mean()) if len(yy) else (thumb.shape[0] / 2, thumb.shape[1] / 2)
         w, h = slide.dimensions
-        x0 = int(np.clip(cx * down - read / 2, 0, w - read))
-        y0 = int(np.clip(cy * down - read / 2, 0, h - read))
-        rgb = slide.read_region((x0, y0), 0, (read, read))
-    return _square(rgb[..., :3], side)
+        read = side * down
+        x0 = int(np.clip(cx * tdown - read / 2, 0, w - read))
+        y0 = int(np.clip(cy * tdown - read / 2, 0, h - read))
+        rgb = slide.read_region((x0, y0), 0, (read, read))[..., :3].astype(np.float32)
+    rgb = rgb.reshape(side, down, side, down, 3).mean((1, 3))
+    return np.ascontiguousarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
 
 
-def load_inputs(data: Path, quick: bool) -> dict[str, np.ndarray]:
-    """Square uint8 crops of the shared real H&E data, sides multiples of 8."""
+def _centre(im: np.ndarray, side: int) -> np.ndarray:
+    o = (im.shape[0] - side) // 2
+    return np.ascontiguousarray(im[o : o + side, o : o + side])
+
+
+def load_inputs(data: Path, quick: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(images, slide_squares)``: square uint8 crops (sides multiples of 8) and, per SVS, the square
+    of the widest context (stride 16) around the same centre; ``images`` holds its central 512 px."""
     img, tiles, slides = data / "images", data / "tiles", data / "slides"
     specs = {
         "he-carcinoma-512": lambda: _image(img / "he-carcinoma-1000.png", 512),
@@ -108,253 +139,224 @@ def load_inputs(data: Path, quick: bool) -> dict[str, np.ndarray]:
         "nct-NORM-224": lambda: _image(tiles / "nct-crc/NORM-TCGA-YLVCMEHK.tif", 224),
         "tcga-chol-256": lambda: _image(tiles / "tcga/TCGA-3X-AAVA-01Z-00-DX1__0_0_0_506.jpg", 256),
         "tcga-crc-512": lambda: _image(tiles / "tcga/TCGA-AD-6964-01Z-00-DX1__Tile_16896_20480.jpg", 512),
-        "cmu-svs-512": lambda: _slide_region(slides / "CMU-1-Small-Region.svs", 512),
-        "tcga-svs-512": lambda: _slide_region(slides / "TCGA-CR-7395-01A-01-TS1.svs", 512),
     }
+    svs = {"cmu-svs-512": "CMU-1-Small-Region.svs", "tcga-svs-512": "TCGA-CR-7395-01A-01-TS1.svs"}
     if quick:
-        keep = ("he-carcinoma-512", "histoqc-t1-496", "nct-TUM-224", "cmu-svs-512")
-        specs = {k: specs[k] for k in keep}
-    return {name: fn() for name, fn in specs.items()}
+        specs = {k: specs[k] for k in ("he-carcinoma-512", "nct-TUM-224")}
+        svs = {"cmu-svs-512": svs["cmu-svs-512"]}
+    images = {name: fn() for name, fn in specs.items()}
+    squares = {}
+    for name, file in svs.items():
+        squares[name] = _slide_square(slides / file, context_side(REGION, 16))
+        images[name] = _centre(squares[name], REGION)
+    return images, squares
 
 
-def _disc(side: int, fraction: float = 1.0) -> np.ndarray:
-    c = (side - 1) / 2.0
-    yy, xx = np.mgrid[:side, :side]
-    return (yy - c) ** 2 + (xx - c) ** 2 <= (fraction * side / 2.0) ** 2
+class CachedBackbone:
+    """A backbone for the stage that computes ``forward_intermediates(x, layers)`` once per distinct
+    input (optionally 0/45-degree TTA) and answers ``features(x, layer)`` from that pass.
 
-
-def mean_dice(a: np.ndarray, b: np.ndarray, k: int = K) -> float:
-    """Mean Dice over clusters present in ``a`` or ``b``."""
-    scores = []
-    for c in range(k):
-        pa, pb = a == c, b == c
-        n = int(pa.sum() + pb.sum())
-        if n:
-            scores.append(2.0 * float((pa & pb).sum()) / n)
-    return float(np.mean(scores)) if scores else 1.0
-
-
-def _disc_input(im: np.ndarray) -> np.ndarray:
-    """Diagnostic: white outside the inscribed disc, so every angle sees the same tissue."""
-    out = im.copy()
-    out[~_disc(im.shape[0])] = 255
-    return out
-
-
-@dataclass
-class Scores:
-    """Per-(option, seed) kappa and Dice per input and angle, and timings."""
-
-    kappa: dict[str, dict[float, float]] = field(default_factory=dict)
-    dice: dict[str, dict[float, float]] = field(default_factory=dict)
-    feat_s: float = 0.0
-    label_s: float = 0.0
-    n_passes: int = 0
-
-
-def _labels_full(model_labels: np.ndarray, side: int) -> np.ndarray:
-    s = side // model_labels.shape[-1]
-    return np.repeat(np.repeat(model_labels, s, 0), s, 1) if s > 1 else model_labels
-
-
-def score_input(
-    feats: dict[float, np.ndarray], tissue: np.ndarray, side: int, sigmas: list[float | str]
-) -> dict[float | str, tuple[dict[float, float], dict[float, float], float]]:
-    """Kappa and Dice of every angle against 0 degrees for one input and layer, per labelling.
-
-    One K-means fit at 0 degrees serves every labelling; the time returned per labelling is the
-    labelling alone (predict, upsample), not the fit or the scoring.
+    ``charged`` accumulates, for every cache hit, the seconds the original pass took, so a hit's
+    stage time plus its charge is what an uncached call would have cost.
     """
-    f0 = feats[0.0]
-    s = side // f0.shape[-1]
-    t_f = tissue.reshape(side // s, s, side // s, s).mean((1, 3)) > 0.5 if s > 1 else tissue
-    km = fit_per_sample(f0, t_f, k=K, n_vectors=N_VECTORS, seed=0, backend="torch", device="cpu")
-    region = tissue & _disc(side, DISC_FRACTION)
-    out = {}
-    for sigma in sigmas:
 
-        def label(f: np.ndarray, sigma=sigma) -> np.ndarray:
-            if sigma == 0:
-                return _labels_full(km.predict(f), side)
-            if isinstance(sigma, str):  # "up" or "up<sigma>": distance maps upsampled to the input
-                blur = float(sigma[2:]) if len(sigma) > 2 else 0.0
-                return smoothed_labels(f, km.centroids, sigma=blur, out_size=side)
-            return _labels_full(smoothed_labels(f, km.centroids, sigma=float(sigma)), side)
+    def __init__(self, model: torch.nn.Module, layers: tuple[int, ...], tta: bool = False) -> None:
+        self.model, self.layers, self.tta = model, tuple(sorted(layers)), tta
+        self.feature_strides = model.feature_strides
+        self.cache: dict[tuple, tuple[dict[int, torch.Tensor], float]] = {}
+        self.charged = 0.0
 
-        lt = 0.0
+    def to(self, device):  # noqa: ANN001 - the stage's extract_features calls .to(dev).eval()
+        self.model.to(device)
+        return self
+
+    def eval(self):  # noqa: ANN201
+        self.model.eval()
+        return self
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+    def features(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        key = (tuple(x.shape), hash(x.detach().cpu().numpy().tobytes()))
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.charged += hit[1]
+            return hit[0][layer]
         t0 = time.perf_counter()
-        ref = label(f0)
-        lt += time.perf_counter() - t0
-        kap, dic = {}, {}
-        for a, f in feats.items():
-            if a == 0.0:
-                continue
-            t0 = time.perf_counter()
-            lab = label(f).astype(np.int64)
-            lt += time.perf_counter() - t0
-            back, valid = unrotate_labels(lab, a)
-            m = region & valid
-            x, y = ref[m], back[m]
-            kap[a] = 1.0 if np.array_equal(x, y) else float(cohen_kappa_score(x, y))
-            dic[a] = mean_dice(x, y)
-        out[sigma] = (kap, dic, lt / len(feats))
-    return out
+        with torch.inference_mode():
+            if self.tta:
+                from equislide.models.tta import rotation_averaged_features
+
+                fn = lambda t: self.model.forward_intermediates(t, self.layers)  # noqa: E731
+                outs = rotation_averaged_features(fn, x)
+            else:
+                outs = self.model.forward_intermediates(x, self.layers)
+        maps = dict(zip(self.layers, outs, strict=True))
+        self.cache[key] = (maps, time.perf_counter() - t0)
+        return maps[layer]
+
+
+def _off90(a: float) -> bool:
+    return abs(a / 90 - round(a / 90)) > 1e-9
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    inputs = load_inputs(args.data, args.quick)
-    tissue = {n: tissue_mask(im, mpp=None) for n, im in inputs.items()}
-    for n, im in inputs.items():
-        print(f"input {n}: {im.shape[0]} px, tissue {tissue[n].mean():.0%}", flush=True)
-    calib = [im[None] for im in inputs.values()]
-    layers = (1, 2, 3, 4) if args.layers is None else tuple(args.layers)
-    sigmas: list[float | str] = [float(s) if s[0].isdigit() else s for s in args.sigmas]
-    # scores[(net, tta, layer, sigma)][seed] -> Scores
-    results: dict[tuple, dict[int, Scores]] = {}
-    nets = list(dict.fromkeys(["hard", *args.nets, "resnet18"]))
-    for net in nets:
-        # "<net>+ib<sigma>": the input is blurred (Gaussian, sigma px) at every angle, BN included.
-        base_net, _, ib = net.partition("+ib")
-        builder, kwargs = NETS[base_net]
-        ib_sigma = float(ib) if ib else 0.0
-        angles = ALL_ANGLES if builder == "resnet18" or args.all_angles else SRE_ANGLES
+    images, squares = load_inputs(args.data, args.quick)
+    for n, im in images.items():
+        print(f"input {n}: {im.shape[0]} px, tissue {tissue_mask(im, mpp=None).mean():.0%}", flush=True)
+    calib = [im[None] for im in images.values()]
+    cluster = ClusterSpec(fit="per-sample", backend="torch")
+    # per[(group, net, tta, layer, labels, disc, context)][seed][input] = (off90 k, off90 d, min k90, s)
+    per: dict[tuple, dict[int, dict[str, tuple]]] = {}
+    nets = list(dict.fromkeys(args.nets))
+    runs = [(n, False) for n in nets] + [(n, True) for n in args.tta]
+    for net, tta in runs:
+        builder, kwargs = NETS[net]
+        sre = builder == "srenet18"
+        angles = SRE_ANGLES if sre else OTHER_ANGLES
+        layers = tuple(args.layers) if sre else (4,)
+        discs = (False, True) if sre or builder == "resnet18" or args.e2cnn_disc else (False,)
+        contexts = (False, True) if sre or builder == "resnet18" or args.e2cnn_context else (False,)
         for seed in args.seeds:
-            t_cal = time.perf_counter()
+            t0 = time.perf_counter()
             model, _ = prepare_backbone(
                 builder, layer=4, calibration_tiles=calib, seed=seed, device="cpu", model_kwargs=kwargs
             )
-            if ib_sigma:
-                recalibrate_batchnorm(
-                    model, [gaussian_blur(normalise_tiles(c), ib_sigma) for c in calib], layer=4
-                )
-            t_cal = time.perf_counter() - t_cal
-            ttas = [False, True] if net in args.tta else [False]
-            for tta in ttas:
-
-                def fn(t: torch.Tensor, model=model, ib_sigma=ib_sigma) -> list[torch.Tensor]:
-                    return model.forward_intermediates(gaussian_blur(t, ib_sigma), layers)
-
-                for name, im in inputs.items():
-                    side = im.shape[0]
-                    feats: dict[int, dict[float, np.ndarray]] = {L: {} for L in layers}
-                    t0 = time.perf_counter()
-                    with torch.inference_mode():
-                        for a in angles:
-                            src = _disc_input(im) if args.disc_input else im
-                            x = normalise_tiles(rotate_image(src, a)[None])
-                            outs = rotation_averaged_features(fn, x) if tta else fn(x)
-                            for L, o in zip(layers, outs, strict=True):
-                                feats[L][a] = o[0].float().numpy()
-                    dt = time.perf_counter() - t0
-                    for L in layers:
-                        scored = score_input(feats[L], tissue[name], side, sigmas)
-                        for sg, (kap, dic, lt) in scored.items():
-                            sc = results.setdefault((net, tta, L, sg), {}).setdefault(seed, Scores())
-                            sc.kappa[name], sc.dice[name] = kap, dic
-                            sc.feat_s += dt / len(angles)
-                            sc.label_s += lt
-                            sc.n_passes += 1
-                last = results[(net, tta, layers[-1], sigmas[0])][seed]
-                print(
-                    f"  {net} seed={seed} tta={tta}: calib {t_cal:.0f} s, "
-                    f"L{layers[-1]} kappa {_seed_mean(last)[0]:.3f}",
-                    flush=True,
-                )
-    return _table(results, args)
-
-
-def _seed_mean(sc: Scores) -> tuple[float, float, float]:
-    """(off-90 kappa, off-90 Dice, min 90-multiple kappa) averaged over inputs."""
-    ks, ds, k90 = [], [], []
-    for name in sc.kappa:
-        off = [a for a in sc.kappa[name] if a % 90]
-        ks.append(np.mean([sc.kappa[name][a] for a in off]))
-        ds.append(np.mean([sc.dice[name][a] for a in off]))
-        k90 += [sc.kappa[name][a] for a in sc.kappa[name] if a % 90 == 0]
-    return float(np.mean(ks)), float(np.mean(ds)), float(min(k90))
+            cal_s = time.perf_counter() - t0
+            wrapped = CachedBackbone(model, layers, tta=tta)
+            jobs = [("images", n, im, None, False) for n, im in images.items()]
+            for n, sq in squares.items():  # no context: the "images" job of the same square, reused
+                if True in contexts:
+                    ctx = _centre(sq, context_side(REGION, model.feature_strides[3]))
+                    jobs.append(("slides", n, ctx, REGION, True))
+            for group, name, im, score_side, context in jobs:
+                # With context, disc_input whitens outside the read square's disc, far from the scored
+                # disc: a quick run gave kappas equal to 3 decimals (srenet18, resnet18; L3, L4).
+                for disc in discs if not context else (False,):
+                    wrapped.clear()
+                    for labels in ("nearest", "upsampled"):
+                        for layer in sorted(layers, reverse=True):
+                            spec = ConsistencySpec(angles=angles, labels=labels, disc_input=disc, track=500)
+                            c0 = wrapped.charged
+                            res = rotation_consistency(
+                                im, wrapped, layer=layer, spec=spec, cluster=cluster, mpp=None,
+                                device="cpu", score_side=score_side,
+                            )
+                            rows = res["angles"]
+                            k_off = float(np.mean([r["kappa"] for r in rows if _off90(r["angle"])]))
+                            d_off = float(np.mean([r["dice"] for r in rows if _off90(r["angle"])]))
+                            k90 = min(r["kappa"] for r in rows if not _off90(r["angle"]))
+                            secs = res["seconds"] + wrapped.charged - c0
+                            key = (group, net, tta, layer, labels, disc, context)
+                            per.setdefault(key, {}).setdefault(seed, {})[name] = (k_off, d_off, k90, secs)
+                            if group == "images" and name in squares:
+                                key = ("slides", *key[1:])
+                                per.setdefault(key, {}).setdefault(seed, {})[name] = (k_off, d_off, k90, secs)
+                            if group == "images" and name == "he-carcinoma-512" and layer == 4:
+                                print(
+                                    f"  {net}{'+tta' if tta else ''} s{seed} {labels} disc={disc} "
+                                    f"{name}: kappa {k_off:.3f} ({secs:.1f} s)",
+                                    flush=True,
+                                )
+            print(f"{net}{'+tta' if tta else ''} seed {seed}: calib {cal_s:.0f} s, "
+                  f"done {time.perf_counter() - t0:.0f} s", flush=True)
+    return _table(per, args)
 
 
-def _table(results: dict[tuple, dict[int, Scores]], args: argparse.Namespace) -> list[dict]:
+def _table(per: dict[tuple, dict[int, dict[str, tuple]]], args: argparse.Namespace) -> list[dict]:
     rows = []
-    layers_max = max(key[2] for key in results)
-    for (net, tta, layer, sigma), per_seed in results.items():
-        means = [_seed_mean(sc) for sc in per_seed.values()]
-        k = np.array([m[0] for m in means])
-        d = np.array([m[1] for m in means])
-        n_inputs = len(next(iter(per_seed.values())).kappa)
-        passes = sum(sc.n_passes for sc in per_seed.values())
-        feat = sum(sc.feat_s for sc in per_seed.values())
-        lab = sum(sc.label_s for sc in per_seed.values())
-        label = f"{net}{' +tta45' if tta else ''} L{layer}" + (f" smooth={sigma}" if sigma != 0 else "")
-        rows.append(
-            {
-                "option": label,
-                "net": net,
-                "tta": tta,
-                "layer": layer,
-                "sigma": sigma,
-                "seeds": list(per_seed),
-                "inputs": n_inputs,
-                "kappa_mean": float(k.mean()),
-                "kappa_std": float(k.std()),
-                "dice_mean": float(d.mean()),
-                "dice_std": float(d.std()),
-                "kappa90_min": float(min(m[2] for m in means)),
-                # Seconds per image and angle (TTA's two passes count as one angle).
-                "feat_s_per_angle": feat / max(1, passes),
-                "label_s_per_angle": lab / max(1, passes),
-                "per_seed": {s: {"kappa": sc.kappa, "dice": sc.dice} for s, sc in per_seed.items()},
-            }
-        )
-    base = next(
-        r for r in rows if r["net"] == "hard" and not r["tta"] and r["layer"] == 4 and r["sigma"] == 0
-    )
-    hdr = (
-        f"{'option':<34} {'seeds':>7} {'kappa off-90':>15} {'Dice off-90':>15} {'k90 min':>8} "
-        f"{'s/angle':>8} {'kappa/base':>10} {'cost/base':>9}"
-    )
-    print("\n" + hdr + "\n" + "-" * len(hdr))
-    for r in sorted(rows, key=lambda r: (-r["layer"], r["net"] == "resnet18", -r["kappa_mean"])):
-        cost = (r["feat_s_per_angle"] + r["label_s_per_angle"]) / (
-            base["feat_s_per_angle"] + base["label_s_per_angle"]
-        )
-        seeds = ",".join(str(s) for s in r["seeds"])
-        print(
-            f"{r['option']:<34} {seeds:>7} {r['kappa_mean']:.3f} ± {r['kappa_std']:.3f}   "
-            f"{r['dice_mean']:.3f} ± {r['dice_std']:.3f}   {r['kappa90_min']:8.3f} "
-            f"{r['feat_s_per_angle'] + r['label_s_per_angle']:8.2f} "
-            f"{r['kappa_mean'] / base['kappa_mean']:10.3f} {cost:9.2f}"
-        )
-    print(
-        f"baseline: srenet18 hard, layer {layers_max}, no options; "
-        "resnet18 at 12 angles, SRENet at 0/30/60/90"
-    )
+    for key, seeds in per.items():
+        group, net, tta, layer, labels, disc, context = key
+        means = np.array([np.mean([v[:3] for v in by_in.values()], axis=0) for by_in in seeds.values()])
+        secs = [v[3] for by_in in seeds.values() for v in by_in.values()]
+        rows.append({
+            "group": group, "net": net, "tta": tta, "layer": layer, "labels": labels, "disc": disc,
+            "context": context, "seeds": sorted(seeds), "inputs": len(next(iter(seeds.values()))),
+            "kappa_mean": float(means[:, 0].mean()), "kappa_std": float(means[:, 0].std()),
+            "dice_mean": float(means[:, 1].mean()), "dice_std": float(means[:, 1].std()),
+            "kappa90_min": float(min(v[2] for by_in in seeds.values() for v in by_in.values())),
+            "seconds_per_image": float(np.mean(secs)),
+            "per_seed": {s: by_in for s, by_in in seeds.items()},
+        })
+    print_table(rows)
     return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """One table per group; ``kappa_ratio`` (added to the rows) is against the group's baseline at the
+    same layer (layer 4 where that layer has none)."""
+    order = {n: i for i, n in enumerate(NETS)}
+    seeds = sorted({int(s) for r in rows for s in r["seeds"]})
+    for group in ("images", "slides"):
+        grows = [r for r in rows if r["group"] == group]
+        if not grows:
+            continue
+        base = {}
+        for r in grows:
+            if (r["net"], r["labels"], r["disc"], r["context"]) == BASE and not r["tta"]:
+                base[r["layer"]] = r
+        n_in = max(r["inputs"] for r in grows)
+        title = {
+            "images": f"images and tiles, no context ({n_in} inputs)",
+            "slides": f"whole-slide regions ({n_in} SVS), disc {REGION} px, context off/on",
+        }[group]
+        hdr = (f"{'backbone':<20} {'L':>1} {'labels':<9} {'disc':<4} {'ctx':<4} {'kappa off-90':>14} "
+               f"{'Dice off-90':>14} {'k90 min':>7} {'s/img':>6} {'k/base':>6} {'seeds':>5}")
+        print(f"\n## {title}\n" + hdr + "\n" + "-" * len(hdr))
+        grows.sort(key=lambda r: (-r["layer"], order[r["net"]], r["tta"], r["context"], r["disc"],
+                                  r["labels"] != "nearest"))
+        for r in grows:
+            b = base.get(r["layer"], base.get(4))
+            r["kappa_ratio"] = r["kappa_mean"] / b["kappa_mean"] if b else float("nan")
+            print(
+                f"{r['net'] + (' +tta45' if r['tta'] else ''):<20} {r['layer']:>1} {r['labels']:<9} "
+                f"{'on' if r['disc'] else 'off':<4} {'on' if r['context'] else 'off':<4} "
+                f"{r['kappa_mean']:.3f} ± {r['kappa_std']:.3f} {r['dice_mean']:.3f} ± {r['dice_std']:.3f} "
+                f"{r['kappa90_min']:7.3f} {r['seconds_per_image']:6.1f} {r['kappa_ratio']:6.3f} "
+                f"{','.join(str(x) for x in r['seeds']):>5}"
+            )
+    print(
+        f"\nbaseline per group and layer: srenet18, nearest labels, no disc, no context; seeds {seeds} "
+        "(mean ± std over a row's seeds of the mean over inputs); SRENet at 0/30/60/90 degrees (exactly "
+        "D4-equivariant: other multiples of 30 repeat 30 or 60), others at 0/30/60/90/180; k90 min: "
+        "lowest kappa at a multiple of 90 over inputs and seeds; s/img: one stage call (all angles, "
+        "features included)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_data = Path(os.environ.get("EQUISLIDE_DATA", ROOT.parent / "shared/data"))
-    parser.add_argument("data", nargs="?", type=Path, default=default_data)
-    parser.add_argument("--quick", action="store_true", help="4 inputs instead of 9")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--nets", nargs="*", default=["soft"], help=f"{sorted(NETS)}, '+ib<sigma>' suffix")
-    parser.add_argument("--tta", nargs="*", default=[], help="nets also run with TTA")
-    parser.add_argument("--sigmas", nargs="+", default=["0", "1"], help="smoothing sigmas; 'up', 'up1'")
-    parser.add_argument("--layers", type=int, nargs="+", default=None)
-    parser.add_argument("--all-angles", action="store_true", help="all 12 angles for SRENet too")
+    parser.add_argument("data", nargs="?", type=Path, default=data_dir())
+    parser.add_argument("--quick", action="store_true", help="3 inputs instead of 9")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--nets", nargs="+", default=["srenet18", "resnet18", "e2cnn_resnet18"],
+                        choices=sorted(NETS))
+    parser.add_argument("--tta", nargs="*", default=[], choices=sorted(NETS), help="nets also run with TTA")
+    parser.add_argument("--layers", type=int, nargs="+", default=[4], help="SRENet layers (others: 4)")
+    parser.add_argument("--e2cnn-disc", action="store_true", help="also disc_input=on for e2cnn (slow)")
+    parser.add_argument("--e2cnn-context", action="store_true", help="also context for e2cnn (slow)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--disc", type=float, default=1.0, help="diagnostic: score inside a smaller disc")
-    parser.add_argument("--disc-input", action="store_true", help="diagnostic: white outside the disc")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="do not add srenet18 (a part run, to be --merge'd with one that has it)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="print one table from the --json files of part runs, measure nothing")
     args = parser.parse_args()
-    for net in args.nets + args.tta:
-        if net.partition("+ib")[0] not in NETS:
-            parser.error(f"unknown net {net!r}; choose from {sorted(NETS)} (optionally with '+ib<sigma>')")
-    torch.set_num_threads(args.threads)
-    global DISC_FRACTION
-    DISC_FRACTION = args.disc
-    rows = run(args)
+    if args.merge:
+        per: dict[tuple, dict[int, dict[str, tuple]]] = {}
+        for path in args.merge:
+            for r in json.loads(path.read_text()):
+                key = (r["group"], r["net"], r["tta"], r["layer"], r["labels"], r["disc"], r["context"])
+                for seed, by_in in r["per_seed"].items():
+                    per.setdefault(key, {})[int(seed)] = {n: tuple(v) for n, v in by_in.items()}
+        args.seeds = sorted({s for v in per.values() for s in v})
+        rows = _table(per, args)
+    else:
+        if "srenet18" not in args.nets and not args.no_baseline:
+            args.nets = ["srenet18", *args.nets]  # the baseline
+        torch.set_num_threads(args.threads)
+        rows = run(args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str) + "\n")
 
