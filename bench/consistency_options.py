@@ -13,11 +13,10 @@ Options measured:
   BatchNorm recalibrated per seed on the 9 inputs at 0 degrees (``prepare_backbone``).
 * ``ConsistencySpec.labels``: ``nearest`` / ``upsampled``; ``ConsistencySpec.disc_input``: off / on.
 * context (whole-slide regions only): the region read as the stage's ``sample_images`` reads a whole
-  slide, a square of side ``8 * ceil((R * sqrt(2) + 2 * 64) / 8)`` around the same centre at the same
-  resolution (rounded up to the layer's stride: 856 px for SRENet layer 4, 864 for stride-16 nets),
+  slide, a square of side ``stages.consistency.region_side`` (864 px for R = 512) around the same
+  centre at the same resolution (the table in bench/README.md was measured with 856 px for SRENet),
   scored on the central disc of diameter R = 512 (``score_side=R``); "no context" is the 512-px
-  square alone (same pixels), scored on its inscribed disc. (The stage's own side, 856 px, is not a
-  multiple of 16: ``rotation_consistency`` refuses it for ResNet-18 / E2CNN at layer 4.) With
+  square alone (same pixels), scored on its inscribed disc. With
   context, ``disc_input`` is measured off only: it whitens outside the read square's disc, far from
   the scored one (a quick run gave kappas equal to 3 decimals for srenet18 and resnet18, L3 and L4).
 * ``--tta NET``: features averaged over the input at 0 and 45 degrees
@@ -81,8 +80,10 @@ NETS: dict[str, tuple[str, dict]] = {
 
 
 def context_side(region: int, stride: int) -> int:
-    """The stage's whole-slide read side for a ``region`` disc, rounded up to a multiple of ``stride``."""
-    side = 8 * math.ceil((region * math.sqrt(2) + 2 * CONTEXT) / 8)
+    """The stage's whole-slide read side for a ``region`` disc (a multiple of 16, so of every stride)."""
+    from equislide.stages.consistency import ConsistencySpec, region_side
+
+    side = region_side(ConsistencySpec(region=region, context=CONTEXT))
     return stride * math.ceil(side / stride)
 
 
