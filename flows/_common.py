@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 
-from equislide.flows.cluster import SCHEDULER_ENV, all_cores
+from equislide.flows.cluster import (
+    SCHEDULER_ENV,
+    all_cores,
+    api_reachable_from,
+    cluster_description,
+    make_task_runner,
+    shared_prefect_api,
+    worker_environment,
+    worker_warnings,
+)
 from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
 from equislide.stages.backbone import calibrated_backbone
 from equislide.stages.consistency import ConsistencySpec, find_annotation, store_consistency
@@ -48,6 +58,7 @@ __all__ = [
     "notify",
     "plan_task",
     "report_task",
+    "run_flow",
     "set_progress_callback",
     "start_run",
     "tile_stage",
@@ -200,6 +211,7 @@ class RunState:
         stage_s: Seconds per stage of the whole run.
         backbone: The network of the run (after the backbone stage).
         kmeans: The cohort model (after the K-means stage, ``fit="cohort"``).
+        cluster: The cluster's description (workers, GPUs, scheduler), for the report.
     """
 
     root: Path
@@ -213,6 +225,7 @@ class RunState:
     stage_s: dict[str, float] = field(default_factory=dict)
     backbone: BackboneRef | None = None
     kmeans: KMeansRef | None = None
+    cluster: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tiles_root(self) -> Path:
@@ -262,13 +275,40 @@ def backbone_stage(state: RunState, spec: FeatureSpec) -> None:
 
 
 def start_run(inputs: list[str], out: str) -> RunState:
-    """The run folder made and cleaned of a killed run's leftovers; every input's sample ID."""
+    """The run folder made and cleaned of a killed run's leftovers, every input's sample ID, and the
+    cluster started (its first use: a local one starts here, timed as the ``cluster`` stage) and
+    described; warnings about its workers are logged."""
     root = Path(out)
     (root / "tiles").mkdir(parents=True, exist_ok=True)
     clean_partials(root / "tiles")  # leftovers of a killed run; this run owns OUT
     paths = list(dict.fromkeys(str(p) for p in inputs))
     ids, records = assign_sample_ids(paths)
-    return RunState(root=root, paths=paths, ids=ids, records=records)
+    state = RunState(root=root, paths=paths, ids=ids, records=records)
+    with timed(state, "cluster"):
+        state.cluster = cluster_description()
+    state.workers = max(1, int(state.cluster.get("workers") or 1))
+    logger = get_run_logger()
+    logger.info("%d inputs on %s -> %s", len(paths), state.cluster, root)
+    for warning in worker_warnings():
+        logger.warning(warning)
+    return state
+
+
+def run_flow(
+    flow_: Any, inputs: list[str], out: str, *, scheduler: str | None = None, workers: int | None = None, **kw
+) -> Any:
+    """Run a flow on the task runner :func:`~equislide.flows.cluster.make_task_runner` picks.
+
+    The flow and every task report to one Prefect API: ``PREFECT_API_URL`` when set, else one temporary
+    local server started here (see :mod:`equislide.flows.cluster`).
+    """
+    with shared_prefect_api() as api_url:
+        warning = api_reachable_from(scheduler or os.environ.get(SCHEDULER_ENV), api_url)
+        if warning:
+            logging.getLogger("equislide").warning(warning)
+        runner = make_task_runner(scheduler=scheduler, workers=workers)
+        with worker_environment():  # a local cluster starts inside the flow
+            return flow_.with_options(task_runner=runner)([str(p) for p in inputs], str(out), **kw)
 
 
 def collect(

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +68,7 @@ from equislide.flows._common import (
     groups,
     label_of,
     report_task,
+    run_flow,
     set_progress_callback,
     start_run,
     tile_stage,
@@ -80,13 +79,8 @@ from equislide.flows._common import (
 from equislide.flows.cluster import (
     SCHEDULER_ENV,
     all_cores,
-    api_reachable_from,
-    cluster_description,
     gpu_workers,
     make_task_runner,
-    shared_prefect_api,
-    worker_environment,
-    worker_warnings,
 )
 from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
 from equislide.stages.cluster import fit_cohort_stores
@@ -321,12 +315,6 @@ def cohort_flow(
     logger = get_run_logger()
     t_start = time.perf_counter()
     state = start_run(inputs, out)
-    with timed(state, "cluster"):
-        description = cluster_description()  # the first use of the cluster: a local one starts here
-    state.workers = max(1, int(description.get("workers") or 1))
-    logger.info("cohort of %d inputs on %s -> %s", len(state.paths), description, state.root)
-    for warning in worker_warnings():
-        logger.warning(warning)
     progress_id = create_progress_artifact(0.0, key="equislide-progress", description="samples done / total")
 
     with timed(state, "tile"):
@@ -346,7 +334,7 @@ def cohort_flow(
         with timed(state, "consistency"):
             _consistency_stage(state, rotations, cluster, device)
 
-    manifest = _manifest(state, tiling, features, cluster, description, command)
+    manifest = _manifest(state, tiling, features, cluster, command)
     if consistency:
         manifest.parameters["consistency"] = {
             "angles": list(rotations.angles),
@@ -367,7 +355,6 @@ def _manifest(
     tiling: TilingSpec,
     features: FeatureSpec,
     cluster: ClusterSpec,
-    description: dict[str, Any],
     command: list[str] | None,
 ) -> RunManifest:
     """``run.json``: parameters, inputs, per-sample status, timings."""
@@ -400,7 +387,7 @@ def _manifest(
             for p in state.paths
         ],
         command=list(command or []),
-        device={**description, "feature_device": features.device},
+        device={**state.cluster, "feature_device": features.device},
     )
     for sid in sorted(state.samples):
         sample = state.samples[sid]
@@ -510,26 +497,12 @@ def _artifacts(report: dict[str, Any]) -> None:
     create_markdown_artifact("\n".join(md), key="equislide-summary", description="run summary")
 
 
-def run_cohort(
-    inputs: list[str],
-    out: str,
-    *,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    **options: Any,
-) -> dict[str, Any]:
-    """Run :func:`cohort_flow` on the task runner :func:`make_task_runner` picks; returns the report.
+def run_cohort(inputs: list[str], out: str, **options: Any) -> dict[str, Any]:
+    """Run :func:`cohort_flow` (``scheduler=``, ``workers=`` pick the cluster); returns the report.
 
-    The flow and every task report to one Prefect API: ``PREFECT_API_URL`` when set, else one temporary
-    local server started here (see :mod:`equislide.flows.cluster`).
+    See :func:`~equislide.flows._common.run_flow` for the Prefect API the flow and its tasks use.
     """
-    with shared_prefect_api() as api_url:
-        warning = api_reachable_from(scheduler or os.environ.get(SCHEDULER_ENV), api_url)
-        if warning:
-            logging.getLogger("equislide").warning(warning)
-        runner = make_task_runner(scheduler=scheduler, workers=workers)
-        with worker_environment():  # a local cluster starts inside the flow
-            return cohort_flow.with_options(task_runner=runner)([str(p) for p in inputs], str(out), **options)
+    return run_flow(cohort_flow, inputs, out, **options)
 
 
 if __name__ == "__main__":  # DaskTaskRunner's worker processes re-import the main module

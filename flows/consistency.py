@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,23 +41,15 @@ from equislide.flows._common import (
     failure,
     groups,
     label_of,
+    run_flow,
     start_run,
     tile_stage,
     timed,
 )
-from equislide.flows.cluster import (
-    SCHEDULER_ENV,
-    api_reachable_from,
-    cluster_description,
-    make_task_runner,
-    shared_prefect_api,
-    worker_environment,
-)
 from equislide.specs import ClusterSpec, FeatureSpec, TilingSpec
-from equislide.stages.consistency import ConsistencySpec
+from equislide.stages.consistency import ConsistencySpec, is_off90
 
 __all__ = ["consistency_flow", "run_study", "study_text", "summarise_study"]
-_LOG = logging.getLogger("equislide")
 
 
 def _rows(docs: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
@@ -79,10 +69,6 @@ def _rows(docs: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, An
                 }
             )
     return rows
-
-
-def _off90(angle: float) -> bool:
-    return abs(angle / 90 - round(angle / 90)) > 1e-9
 
 
 def summarise_study(docs: dict[tuple[str, str, int], dict[str, Any]]) -> tuple[list[dict], list[dict]]:
@@ -116,7 +102,7 @@ def summarise_study(docs: dict[tuple[str, str, int], dict[str, Any]]) -> tuple[l
         icc = [d["icc_feature"] for d in mine.values() if d.get("icc_feature") is not None]
         row["icc_feature"] = round(float(np.nanmean(icc)), 6) if icc else None
         row["icc_area"] = round(float(icc_area), 6)
-        for suffix, keep in (("", lambda a: True), ("_off90", _off90)):
+        for suffix, keep in (("", lambda a: True), ("_off90", is_off90)):
             for metric in ("kappa", "dice"):
                 values = per_sample(keep, metric)
                 s = summarise(values) if values else {"mean": None, "std": None, "n": 0}
@@ -239,10 +225,7 @@ def consistency_flow(
     spec = ConsistencySpec.steps(angles, regions=regions, region=region, seed=seed)
     cluster = ClusterSpec(k=clusters, fit="per-sample", per_sample=per_sample, seed=seed)
     state: RunState = start_run(inputs, out)
-    with timed(state, "cluster"):
-        description = cluster_description()
-    state.workers = max(1, int(description.get("workers") or 1))
-    logger.info("rotation study of %d inputs, backbones %s, on %s", len(state.paths), names, description)
+    logger.info("rotation study, backbones %s", names)
     with timed(state, "tile"):
         tile_stage(state, tiling)
     results_dir = state.root / "consistency"
@@ -347,12 +330,6 @@ def _artifacts(report: dict[str, Any]) -> None:
     )
 
 
-def run_study(inputs: list[str], out: str, *, scheduler: str | None = None, workers: int | None = None, **kw):
-    """Run :func:`consistency_flow` on the task runner :func:`make_task_runner` picks; returns the report."""
-    with shared_prefect_api() as api_url:
-        warning = api_reachable_from(scheduler or os.environ.get(SCHEDULER_ENV), api_url)
-        if warning:
-            _LOG.warning(warning)
-        runner = make_task_runner(scheduler=scheduler, workers=workers)
-        with worker_environment():
-            return consistency_flow.with_options(task_runner=runner)([str(p) for p in inputs], str(out), **kw)
+def run_study(inputs: list[str], out: str, **options: Any) -> dict[str, Any]:
+    """Run :func:`consistency_flow` (``scheduler=``, ``workers=`` pick the cluster); returns the report."""
+    return run_flow(consistency_flow, inputs, out, **options)

@@ -47,6 +47,7 @@ __all__ = [
     "budget_plan",
     "region_side",
     "find_annotation",
+    "is_off90",
     "choose_samples",
     "read_annotation",
     "figures",
@@ -513,21 +514,23 @@ def _pooled_annotation(regions: Sequence[dict[str, Any]]) -> dict[str, Any] | No
     return {**out, "pixels": int(w.sum())}
 
 
+def is_off90(angle: float) -> bool:
+    """True for an angle that is not a multiple of 90 degrees (where rotation interpolates)."""
+    return abs(angle / 90 - round(angle / 90)) > 1e-9
+
+
 def _summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     def mean(key: str, keep) -> float | None:
         vals = [r[key] for r in rows if keep(r["angle"]) and not math.isnan(r[key])]
         return float(np.mean(vals)) if vals else None
 
-    def off90(a: float) -> bool:
-        return abs(a / 90 - round(a / 90)) > 1e-9
-
     return {
         "kappa_mean": mean("kappa", lambda a: True),
         "dice_mean": mean("dice", lambda a: True),
-        "kappa_off90": mean("kappa", off90),
-        "dice_off90": mean("dice", off90),
-        "kappa_90": mean("kappa", lambda a: not off90(a)),
-        "dice_90": mean("dice", lambda a: not off90(a)),
+        "kappa_off90": mean("kappa", is_off90),
+        "dice_off90": mean("dice", is_off90),
+        "kappa_90": mean("kappa", lambda a: not is_off90(a)),
+        "dice_90": mean("dice", lambda a: not is_off90(a)),
     }
 
 
