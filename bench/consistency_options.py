@@ -19,6 +19,9 @@ Options measured:
   square alone (same pixels), scored on its inscribed disc. With
   context, ``disc_input`` is measured off only: it whitens outside the read square's disc, far from
   the scored one (a quick run gave kappas equal to 3 decimals for srenet18 and resnet18, L3 and L4).
+* canvas (images and tiles, the ``ctx`` column of their table): ``ConsistencySpec.canvas``, the bare
+  square centred on a white canvas that holds it whole at every angle, scored on all its tissue
+  (on) / the square rotated alone, its corners cut off, scored on its inscribed disc (off).
 * ``--tta NET``: features averaged over the input at 0 and 45 degrees
   (``equislide.models.tta.rotation_averaged_features``), given to the stage as a wrapper backbone.
 
@@ -37,7 +40,8 @@ one table with ``--merge a.json b.json ..`` (rows of the same configuration pool
 are deterministic, so the baseline of the other part applies; the seconds come from two processes).
 
     python bench/consistency_options.py [DATA] [--quick] [--seeds 0 1] [--nets srenet18 resnet18 ..]
-        [--tta NET ..] [--layers 4 3] [--e2cnn-disc] [--e2cnn-context] [--no-baseline] [--json out.json]
+        [--tta NET ..] [--layers 4 3] [--e2cnn-disc] [--e2cnn-context] [--context-only] [--no-disc]
+        [--no-baseline] [--json out.json]
     python bench/consistency_options.py --merge a.json b.json
 """
 
@@ -219,6 +223,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         layers = tuple(args.layers) if sre else (4,)
         discs = (False, True) if sre or builder == "resnet18" or args.e2cnn_disc else (False,)
         contexts = (False, True) if sre or builder == "resnet18" or args.e2cnn_context else (False,)
+        if args.context_only:
+            contexts = (True,)
         for seed in args.seeds:
             t0 = time.perf_counter()
             model, _ = prepare_backbone(
@@ -227,6 +233,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             cal_s = time.perf_counter() - t0
             wrapped = CachedBackbone(model, layers, tta=tta)
             jobs = [("images", n, im, None, False) for n, im in images.items()]
+            if True in contexts:  # a bare square's "context" is the stage's white canvas
+                jobs += [("images", n, im, None, True) for n, im in images.items()]
             for n, sq in squares.items():  # no context: the "images" job of the same square, reused
                 if True in contexts:
                     ctx = _centre(sq, context_side(REGION, model.feature_strides[3]))
@@ -234,11 +242,14 @@ def run(args: argparse.Namespace) -> list[dict]:
             for group, name, im, score_side, context in jobs:
                 # With context, disc_input whitens outside the read square's disc, far from the scored
                 # disc: a quick run gave kappas equal to 3 decimals (srenet18, resnet18; L3, L4).
-                for disc in discs if not context else (False,):
+                for disc in discs if not context and not args.no_disc else (False,):
                     wrapped.clear()
                     for labels in ("nearest", "upsampled"):
                         for layer in sorted(layers, reverse=True):
-                            spec = ConsistencySpec(angles=angles, labels=labels, disc_input=disc, track=500)
+                            spec = ConsistencySpec(
+                                angles=angles, labels=labels, disc_input=disc, track=500,
+                                canvas=context and group == "images",
+                            )
                             c0 = wrapped.charged
                             res = rotation_consistency(
                                 im, wrapped, layer=layer, spec=spec, cluster=cluster, mpp=None,
@@ -251,7 +262,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                             secs = res["seconds"] + wrapped.charged - c0
                             key = (group, net, tta, layer, labels, disc, context)
                             per.setdefault(key, {}).setdefault(seed, {})[name] = (k_off, d_off, k90, secs)
-                            if group == "images" and name in squares:
+                            if group == "images" and name in squares and not context:
                                 key = ("slides", *key[1:])
                                 per.setdefault(key, {}).setdefault(seed, {})[name] = (k_off, d_off, k90, secs)
                             if group == "images" and name == "he-carcinoma-512" and layer == 4:
@@ -299,7 +310,7 @@ def print_table(rows: list[dict]) -> None:
                 base[r["layer"]] = r
         n_in = max(r["inputs"] for r in grows)
         title = {
-            "images": f"images and tiles, no context ({n_in} inputs)",
+            "images": f"images and tiles ({n_in} inputs); ctx: on a white canvas (the stage's default)",
             "slides": f"whole-slide regions ({n_in} SVS), disc {REGION} px, context off/on",
         }[group]
         hdr = (f"{'backbone':<20} {'L':>1} {'labels':<9} {'disc':<4} {'ctx':<4} {'kappa off-90':>14} "
@@ -338,6 +349,9 @@ def main() -> None:
     parser.add_argument("--e2cnn-disc", action="store_true", help="also disc_input=on for e2cnn (slow)")
     parser.add_argument("--e2cnn-context", action="store_true", help="also context for e2cnn (slow)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--context-only", action="store_true",
+                        help="only context on (slides) / the white canvas (images): the stage's defaults")
+    parser.add_argument("--no-disc", action="store_true", help="disc_input off only")
     parser.add_argument("--no-baseline", action="store_true",
                         help="do not add srenet18 (a part run, to be --merge'd with one that has it)")
     parser.add_argument("--json", type=Path, default=None)

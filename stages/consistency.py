@@ -2,19 +2,21 @@
 
 The protocol (Du et al., SRE-Conv, ISBI 2025; per sample and backbone):
 
-1. Take the sample at the analysis resolution as a square image: a TMA core whole (its stored tile),
-   or up to ``regions`` square regions of a whole slide, centred on tissue and spread over it
-   (:func:`slide_regions`), read from the slide.
+1. Take the sample at the analysis resolution as a square image: a TMA core whole (its stored tile,
+   centred on a white canvas that holds it at every angle: :func:`canvas_side`), or up to
+   ``regions`` square regions of a whole slide, centred on tissue and spread over it
+   (:func:`slide_regions`), read from the slide with slide around the scored disc.
 2. Rotate the image by every angle (counter-clockwise about the image centre, white fill;
-   :func:`equislide.tiling.rotate_image`) and compute its layer-L features.
+   :func:`equislide.tiling.rotate_image`) and compute its layer-L features. Either way the network
+   sees the same content turned at every angle, never a square with its corners cut off.
 3. Fit K-means on the 0-degree features alone (paper mode: k = 3 on up to 2000 sampled,
    L2-normalised tissue vectors), or take the cohort model (cohort mode), and label every angle's
    features with the same centroids: no label matching is needed.
 4. Upsample each label map to analysis pixels (nearest), rotate it back by minus its angle (nearest;
    :func:`equislide.tiling.unrotate_labels`) and compare it with the 0-degree map on *valid* pixels:
-   tissue at 0 degrees (:func:`equislide.tiling.tissue_mask` of the 0-degree image), inside the disc
-   inscribed in the square (inside the frame at every angle) and with a source inside the rotated
-   frame.
+   tissue at 0 degrees (:func:`equislide.tiling.tissue_mask` of the 0-degree image), inside the
+   scored area (a core: all of it; a whole-slide region: its central disc, inside the frame at
+   every angle) and with a source inside the rotated frame.
 5. Score Cohen's kappa and mean Dice per angle (:mod:`equislide.evaluate`); the feature-level ICC(3,1)
    over ``track`` tissue pixels followed through every angle (targets = pixels, raters = angles,
    averaged over channels); and the clusters' area fractions per angle (their ICC is taken over
@@ -45,6 +47,7 @@ __all__ = [
     "BUDGET",
     "annotation_agreement",
     "budget_plan",
+    "canvas_side",
     "region_side",
     "find_annotation",
     "is_off90",
@@ -82,6 +85,11 @@ class ConsistencySpec:
         disc_input: Whiten the image outside its inscribed disc at every angle, so that every rotated
             copy shows the network the same tissue (the corners of a square are otherwise tissue at
             0 degrees and glass at 45).
+        canvas: A bare square (a TMA core, an image or tile: no slide around it) is centred on a white
+            canvas that holds it whole at every angle (:func:`canvas_side`) before it is rotated, so
+            each rotated copy is the same square turned, never one with its corners cut off and
+            glass put in; it is then scored on all its tissue, corners included. Whole-slide regions
+            are read with slide around them instead (``context``) and are never padded.
     """
 
     angles: tuple[float, ...] = tuple(30.0 * i for i in range(12))
@@ -92,6 +100,7 @@ class ConsistencySpec:
     labels: str = "upsampled"
     disc_input: bool = False
     context: int = 64
+    canvas: bool = True
 
     def __post_init__(self) -> None:
         angles = tuple(float(a) for a in self.angles)
@@ -141,6 +150,27 @@ def region_side(spec: ConsistencySpec) -> int:
     return 16 * math.ceil((spec.region * math.sqrt(2) + 2 * spec.context) / 16)
 
 
+#: The bare-square canvas is a multiple of this (every backbone's largest feature stride), so its
+#: feature grid is centred and 90-degree turns stay exact.
+CANVAS_MULTIPLE = 32
+
+
+def canvas_side(side: int) -> int:
+    """Side of the white canvas that holds a ``side``-px square at every angle: at least its diagonal,
+    a multiple of :data:`CANVAS_MULTIPLE`, with the same margin on every side."""
+    out = CANVAS_MULTIPLE * math.ceil(side * math.sqrt(2) / CANVAS_MULTIPLE)
+    return out + CANVAS_MULTIPLE if (out - side) % 2 else out
+
+
+def _on_canvas(image: np.ndarray) -> tuple[np.ndarray, slice]:
+    side = image.shape[0]
+    big = canvas_side(side)
+    o = (big - side) // 2
+    out = np.full((big, big, 3), 255, np.uint8)
+    out[o : o + side, o : o + side] = image
+    return out, slice(o, o + side)
+
+
 def budget_plan(
     samples: Sequence[tuple[str, str, int, int, str]], spec: ConsistencySpec, *, budget: float = BUDGET
 ) -> dict[str, int]:
@@ -165,7 +195,8 @@ def budget_plan(
             per_region = n_angles * region_side(spec) ** 2
             plan[sid] = max(1, min(spec.regions, int(budget * work // per_region)))
             continue
-        per_core = n_angles * max(side for _, _, side, _ in members) ** 2
+        core = max(side for _, _, side, _ in members)
+        per_core = n_angles * (canvas_side(core) if spec.canvas else core) ** 2
         k = max(1, min(spec.regions, int(budget * work // per_core)))
         for sid in choose_samples([m[0] for m in members], k):
             plan[sid] = 1
@@ -242,7 +273,8 @@ def rotation_consistency(
         kmeans: A fitted :class:`~equislide.models.KMeansModel` (cohort mode), or None (paper mode).
         mpp: µm per pixel of ``image`` (for the tissue mask); None = pixel units.
         device: Feature device.
-        score_side: Diameter of the scored disc, centred (default: the disc inscribed in the image).
+        score_side: Diameter of the scored disc, centred (a whole-slide region read with context), or
+            None: a bare square, scored on its inscribed disc, or whole on a canvas (``spec.canvas``).
 
     Returns:
         ``{"angles": [{"angle", "kappa", "dice", "valid_pixels"}], "icc_feature", "area_fractions"
@@ -262,12 +294,22 @@ def rotation_consistency(
     if image.ndim != 3 or image.shape[0] != image.shape[1] or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image of shape {image.shape} and dtype {image.dtype}: need square (S, S, 3) uint8")
     t0 = time.perf_counter()
+    box = slice(None)
+    if spec.canvas and score_side is None:
+        image, box = _on_canvas(image)
     side = image.shape[0]
     disc = _disc(side)
-    scored = disc if score_side is None else _disc(side, margin=(side - min(score_side, side)) / 2)
+    if box != slice(None):
+        scored = np.zeros((side, side), bool)
+        scored[box, box] = True
+    elif score_side is None:
+        scored = disc
+    else:
+        scored = _disc(side, margin=(side - min(score_side, side)) / 2)
     tissue = tissue_mask(image, mpp=mpp) & scored
     if tissue.sum() < 16:
-        raise ValueError(f"only {int(tissue.sum())} tissue pixels inside the region's inscribed disc")
+        where = "the image" if box != slice(None) else "the region's inscribed disc"
+        raise ValueError(f"only {int(tissue.sum())} tissue pixels inside {where}")
 
     if spec.disc_input:
         image = np.where(disc[..., None], image, np.uint8(255))
@@ -315,6 +357,7 @@ def rotation_consistency(
         valids.append(valid)
         areas.append(np.bincount(back[valid], minlength=k)[:k] / max(1, int(valid.sum())))
     icc = feature_icc(np.stack(tracked)) if len(points) >= 2 else float("nan")
+    crop = (box, box)  # the caller's square: the maps line up with the image it gave
     return {
         "angles": rows,
         "icc_feature": float(icc),
@@ -323,9 +366,10 @@ def rotation_consistency(
         "valid_pixels": int(np.logical_and.reduce(valids).sum()),
         "tracked_pixels": int(len(points)),
         "stride": int(stride),
-        "labels0": labels0,
-        "labels_back": backs,
-        "valid": valids,
+        "canvas": int(side) if box != slice(None) else None,
+        "labels0": labels0[crop],
+        "labels_back": [b[crop] for b in backs],
+        "valid": [v[crop] for v in valids],
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
@@ -651,7 +695,7 @@ def store_consistency(
         "annotation": _pooled_annotation(regions),
         "regions": regions,
         "spec": {"angles": list(spec.angles), "regions": spec.regions, "region": spec.region,
-                 "track": spec.track, "seed": spec.seed},
+                 "track": spec.track, "seed": spec.seed, "canvas": spec.canvas},
         "seconds": round(time.perf_counter() - t0, 3),
     }
     atomic_write_json(path, doc)
