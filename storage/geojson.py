@@ -203,7 +203,7 @@ def tma_cores_to_geojson(
 
     Args:
         cores: Every grid position, row-major (as :func:`~equislide.tiling.fill_grid` gives them):
-            ``{"name": "B3", "row": 1, "col": 2, "l0_bbox": (x0, y0, x1, y1), "missing": False}``,
+            ``{"name": "B3", "row": 1, "col": 2, "bbox": (l0_x0, l0_y0, l0_x1, l0_y1), "missing": False}``,
             optionally ``"sample_id"`` (kept in the object's metadata).
         slide_id: Seeds each Feature's UUID ``id`` (:func:`feature_id` of slide and core name).
         decimals: Round coordinates to this many decimals.
@@ -211,7 +211,7 @@ def tma_cores_to_geojson(
 
     Returns:
         ``{"type": "FeatureCollection", "features": [...]}``, one Polygon Feature per position, in
-        the order given, each the ellipse inscribed in ``l0_bbox`` (QuPath keeps only its bounds).
+        the order given, each the ellipse inscribed in ``bbox`` (QuPath keeps only its bounds).
     """
     if vertices < 8 or vertices % 4:
         raise ValueError(f"vertices={vertices} must be a multiple of 4, at least 8")
@@ -220,9 +220,9 @@ def tma_cores_to_geojson(
     unit = np.round(np.stack([np.cos(angle), np.sin(angle)], axis=1), 15)
     features = []
     for core in cores:
-        x0, y0, x1, y1 = (float(v) for v in core["l0_bbox"])
+        x0, y0, x1, y1 = (float(v) for v in core["bbox"])
         if not (x1 > x0 and y1 > y0):
-            raise ValueError(f"core {core.get('name')!r}: empty l0_bbox {core['l0_bbox']!r}")
+            raise ValueError(f"core {core.get('name')!r}: empty bbox {core['bbox']!r}")
         centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
         ring = np.round(centre + unit * [(x1 - x0) / 2, (y1 - y0) / 2], decimals)
         ring = np.vstack([ring, ring[:1]])
