@@ -141,7 +141,7 @@ def test_real_slide_clusters_give_valid_geojson(shared_data):
     from equislide.tiling import open_slide, tissue_mask
 
     with open_slide(shared_data / "slides" / "CMU-1-Small-Region.svs") as slide:
-        rgb, downsample = slide.thumbnail(max_size=1024)
+        rgb, downsample = slide.thumbnail(max_size=512)
         mask = tissue_mask(rgb, mpp=slide.mpp[0] * downsample)
     pixels = rgb[mask].astype(np.float32)
     km = KMeans(n_clusters=4, n_init=1, random_state=0).fit(pixels[::7])
