@@ -17,7 +17,9 @@ task run costs API calls and state changes, while a group's samples still succee
 4. ``kmeans`` once (``fit="cohort"``): :func:`equislide.stages.cluster.fit_cohort_stores` stacks the
    draws and fits.
 5. ``segment`` per group: :func:`equislide.stages.segment.segment_store` -> ``OUT/samples/<sample>``
-   ``.ome.zarr`` / ``.png`` / ``.geojson`` (fitting K-means per sample first when ``fit="per-sample"``).
+   ``.ome.zarr`` / ``.png`` / ``.geojson`` (fitting K-means per sample first when ``fit="per-sample"``);
+   then ``tma`` once: :func:`equislide.stages.segment.write_tma_geojson` -> ``OUT/samples/<slide>``
+   ``.tma.geojson`` per TMA slide (its grid as QuPath ``tmaCore`` objects).
 6. ``report``: :func:`equislide.storage.write_manifest` -> ``OUT/run.json``; Prefect artifacts (progress,
    a per-sample table, a markdown summary with overlay thumbnails).
 
@@ -65,6 +67,7 @@ from equislide.flows._common import (
     consistency_task,
     deployment_runner,
     each_sample,
+    failure,
     groups,
     label_of,
     report_task,
@@ -86,7 +89,7 @@ from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, Ti
 from equislide.stages.cluster import fit_cohort_stores
 from equislide.stages.consistency import SERVICE_SPEC, ConsistencySpec, budget_plan, figures
 from equislide.stages.features import DRAWS_DIR, draw_store_vectors, extract_store_features
-from equislide.stages.segment import segment_store
+from equislide.stages.segment import segment_store, tma_slides, write_tma_geojson
 from equislide.storage import RunManifest, thumbnail_data_uri
 from equislide.text import one_line
 
@@ -155,6 +158,35 @@ def segment_task(
         "segmenting",
         lambda store: segment_store(store, samples_dir, layer=layer, spec=spec, kmeans=kmeans),
     )
+
+
+@task(name="tma", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, **TASK_OPTIONS)
+def tma_task(items: list[tuple[str, str]], samples_dir: str) -> list[dict[str, Any]]:
+    """Each TMA slide's grid (``<slide>.tma.geojson``) from its tiled cores (``(sample_id, store)``)."""
+    slides = tma_slides([store for _, store in items])
+    return each_sample(
+        [(slide, (slide, stores)) for slide, stores in slides.items()],
+        "writing the TMA grid of",
+        lambda job: {"path": write_tma_geojson(job[0], job[1], samples_dir), "stores": job[1]},
+    )
+
+
+def _tma_stage(state: RunState) -> None:
+    """The TMA grids, from every tiled core (a core failing later is still on the slide); a grid that
+    cannot be written is a warning of its input, not a failed sample."""
+    tiled = [(sid, s["store"]) for sid, s in sorted(state.samples.items()) if "tiles" in s]
+    by_store = {store: sid for sid, store in tiled}
+    fut = tma_task.submit(tiled, str(state.samples_dir))
+    reason = failure(fut)
+    if reason is not None:
+        get_run_logger().warning("TMA grids not written: %s", reason)
+        return
+    for item in fut.result():
+        if "reason" in item:
+            get_run_logger().warning("TMA grid of %s not written: %s", item["sample_id"], item["reason"])
+            continue
+        for store in item["result"]["stores"]:
+            state.samples[by_store[store]]["tma_geojson"] = item["result"]["path"]
 
 
 def _consistency_stage(state: RunState, spec: ConsistencySpec, cluster: ClusterSpec, device: str) -> None:
@@ -330,6 +362,7 @@ def cohort_flow(
         _kmeans_stage(state, layer, cluster)
     with timed(state, "segment"):
         _segment_stage(state, layer, cluster, progress_id)
+        _tma_stage(state)
     if consistency and state.backbone is not None:
         with timed(state, "consistency"):
             _consistency_stage(state, rotations, cluster, device)
@@ -403,6 +436,7 @@ def _manifest(
             timings=state.timings.get(sid, {}),
             outputs=seg_res.get("outputs", {})
             | {"tiles": sample["store"]}
+            | ({"tma_geojson": sample["tma_geojson"]} if "tma_geojson" in sample else {})
             | ({"consistency": sample["consistency"]["path"]} if "consistency" in sample else {}),
             consistency=sample.get("consistency"),
         )

@@ -4,6 +4,9 @@
 alone first in the paper's mode), stitches the label map, and writes OME-Zarr (image +
 ``labels/clusters`` + ``labels/tissue``), an overlay PNG and a QuPath GeoJSON, then the done-marker
 ``<sample>.segment.json`` (last). A marker with the same key means the sample is finished.
+
+A TMA slide also gets its dearrayed grid as QuPath ``tmaCore`` objects, ``<slide>.tma.geojson``
+(:func:`write_tma_geojson`, once the slide's cores are tiled; :func:`tma_slides` groups the stores).
 """
 
 from __future__ import annotations
@@ -18,12 +21,22 @@ import numpy as np
 
 from equislide.specs import CLUSTER_FORMAT, ClusterSpec, KMeansRef
 
-__all__ = ["OVERLAY_MAX", "SEGMENT_MARKER_SUFFIX", "clip_to_slide", "segment_store"]
+__all__ = [
+    "OVERLAY_MAX",
+    "SEGMENT_MARKER_SUFFIX",
+    "TMA_GEOJSON_SUFFIX",
+    "clip_to_slide",
+    "segment_store",
+    "tma_slides",
+    "write_tma_geojson",
+]
 
 #: A sample's outputs are finished when ``<out>/<sample_id>.segment.json`` exists with the same key.
 SEGMENT_MARKER_SUFFIX = ".segment.json"
 #: Longest side of an overlay PNG, px: drawn from the tiles at the finest resolution that fits.
 OVERLAY_MAX = 2048
+#: A TMA slide's cores as QuPath ``tmaCore`` objects: ``<out>/<slide sample ID>.tma.geojson``.
+TMA_GEOJSON_SUFFIX = ".tma.geojson"
 
 
 def clip_to_slide(geojson: dict[str, Any], l0_size: Sequence[int] | None) -> dict[str, Any]:
@@ -146,6 +159,7 @@ def segment_store(
         l0_per_l=stitched["l0_per_l"],
         l0_offset=stitched["l0_origin"],
         names=names,
+        sample_id=sample_id,
     )
     write_geojson(outputs["geojson"], clip_to_slide(geojson, meta.get("source_dimensions")))
     values, counts = np.unique(labels, return_counts=True)
@@ -164,3 +178,74 @@ def segment_store(
     marker_doc = {"format": CLUSTER_FORMAT, "key": key, "identity": identity, "result": stored}
     atomic_write_json(marker_path, marker_doc)
     return {**result, "status": "written", "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def tma_slides(stores: Sequence[str | Path]) -> dict[str, list[str]]:
+    """The TMA core stores among ``stores``, grouped by their slide's sample ID (in the order given).
+
+    Whole-slide stores are left out. Raises :class:`~equislide.storage.StoreLayoutError` for a store
+    that is not a finished one.
+    """
+    from equislide.storage import read_sample_meta
+
+    out: dict[str, list[str]] = {}
+    for store in stores:
+        meta = read_sample_meta(store)
+        if meta.get("kind") == "tma_core":
+            out.setdefault(str(meta["slide_sample_id"]), []).append(str(store))
+    return out
+
+
+def write_tma_geojson(slide_id: str, stores: Sequence[str | Path], out_dir: str | Path) -> str:
+    """Write one TMA slide's grid as QuPath ``tmaCore`` objects: ``<out_dir>/<slide_id>.tma.geojson``.
+
+    Each core found is the ellipse inscribed in its tile less the tiling margin (``halo``), in level-0
+    px: the same diameter for every core, as QuPath's own dearrayer draws them. Grid positions without
+    a core (inside the ``rows x cols`` box of the cores found) are written too, ``isMissing`` true,
+    placed on the lattice fitted through the others (:func:`~equislide.tiling.fill_grid`). The file
+    depends only on the stores, so a rerun writes the same bytes.
+
+    Args:
+        slide_id: The slide's sample ID (``tma01`` for cores ``tma01/B3``).
+        stores: The finished stores of the slide's cores (:func:`tma_slides`).
+        out_dir: The run's ``samples/`` folder.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: A store is not a core of ``slide_id``, or two stores claim one grid position.
+    """
+    from equislide.storage import read_sample_meta, tma_cores_to_geojson, write_geojson
+    from equislide.storage.tile_store import open_finished
+    from equislide.tiling import fill_grid
+
+    boxes: dict[tuple[int, int], tuple[float, float, float, float]] = {}
+    sample_of: dict[tuple[int, int], str] = {}
+    l0_size = None
+    for store in stores:
+        meta = read_sample_meta(store)
+        if meta.get("kind") != "tma_core" or meta.get("slide_sample_id") != slide_id:
+            raise ValueError(f"{store}: not a TMA core of slide {slide_id!r}")
+        group, _ = open_finished(store)
+        l_x, l_y = (float(v) for v in np.asarray(group["coords"][0]))
+        side = float(meta["tile"])
+        margin = float((meta.get("params") or {}).get("halo") or 0)
+        if side - 2 * margin <= 0:  # a margin wider than the core: take the whole tile
+            margin = 0.0
+        fx, fy = (float(v) for v in meta["l0_per_l"])
+        key = (int(meta["core"]["row"]), int(meta["core"]["col"]))
+        if key in boxes:
+            raise ValueError(f"{store}: grid position {meta['core']['name']} of {slide_id!r} given twice")
+        boxes[key] = (
+            (l_x + margin) * fx,
+            (l_y + margin) * fy,
+            (l_x + side - margin) * fx,
+            (l_y + side - margin) * fy,
+        )
+        sample_of[key] = str(meta["sample_id"])
+        l0_size = meta.get("source_dimensions") or l0_size
+    cores = [{**c, "sample_id": sample_of.get((c["row"], c["col"]))} for c in fill_grid(boxes)]
+    collection = clip_to_slide(tma_cores_to_geojson(cores, slide_id=slide_id), l0_size)
+    path = Path(out_dir) / f"{slide_id}{TMA_GEOJSON_SUFFIX}"
+    return str(write_geojson(path, collection))

@@ -21,7 +21,9 @@ from equislide.storage.features import read_features_meta as read_features_meta
 from equislide.storage.figures import stack_strips as stack_strips
 from equislide.storage.figures import write_angle_plot as write_angle_plot
 from equislide.storage.figures import write_label_strip as write_label_strip
+from equislide.storage.geojson import feature_id as feature_id
 from equislide.storage.geojson import labels_to_geojson as labels_to_geojson
+from equislide.storage.geojson import tma_cores_to_geojson as tma_cores_to_geojson
 from equislide.storage.geojson import write_geojson as write_geojson
 from equislide.storage.hashing import canonical_json as canonical_json
 from equislide.storage.hashing import params_hash as params_hash
@@ -72,7 +74,9 @@ __all__ = [
     "open_features",
     "open_features_for_write",
     "read_features_meta",
+    "feature_id",
     "labels_to_geojson",
+    "tma_cores_to_geojson",
     "write_geojson",
     "NO_TISSUE",
     "PALETTE",

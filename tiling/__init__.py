@@ -5,7 +5,8 @@
   (:meth:`Slide.read_region_mpp`), and thumbnails; every failure is a :class:`SlideError` subclass
   with a one-line message.
 - :func:`tissue_mask`, :func:`pen_mask`: boolean masks on thumbnails.
-- :func:`find_cores`, :func:`is_tma`, :class:`Core`: TMA dearraying with grid names ("B3").
+- :func:`find_cores`, :func:`is_tma`, :class:`Core`: TMA dearraying with grid names ("B3");
+  :func:`fill_grid`: every grid position, missing cores placed on the fitted lattice.
 - :func:`tissue_grid`, :func:`core_grids`, :class:`TileGrid`: tile grids at the analysis resolution.
 - :func:`plan_samples` -> :class:`SlideLayout` of :class:`SamplePlan` (thumbnail, mask, cores, grids)
   and :func:`read_tile_batches` (a planned sample's tiles); storing them is the tile stage's job
@@ -45,7 +46,7 @@ from ._image_slide import MAX_PLAIN_PIXELS
 from .rotation import rotate_image, rotate_labels, unrotate_labels
 from .slide import CuCIMSlide, ImageSlide, OpenSlideSlide, Slide, open_slide
 from .tissue import pen_mask, tissue_mask
-from .tma import Core, core_name, find_cores, is_tma
+from .tma import Core, core_name, fill_grid, find_cores, is_tma
 
 __all__ = [
     "MAX_PLAIN_PIXELS",
@@ -63,6 +64,7 @@ __all__ = [
     "SlideTooLargeError",
     "UnsupportedImageError",
     "core_name",
+    "fill_grid",
     "find_cores",
     "is_tma",
     "open_slide",

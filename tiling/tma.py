@@ -14,13 +14,15 @@ edge cannot be told from the data: names then start at the first row / column pr
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from skimage.measure import label as label_components
 from skimage.measure import regionprops
 
-__all__ = ["Core", "core_name", "find_cores", "is_tma"]
+__all__ = ["Core", "core_name", "fill_grid", "find_cores", "is_tma"]
 
 
 @dataclass(frozen=True)
@@ -319,3 +321,48 @@ def is_tma(mask: np.ndarray, mpp: float | None, *, min_cores: int = 4) -> bool:
     n_rows, n_cols = int(rows.max()) + 1, int(cols.max()) + 1
     occupancy = len(set(zip(rows.tolist(), cols.tolist(), strict=True))) / (n_rows * n_cols)
     return n_rows >= 2 and n_cols >= 2 and occupancy >= 0.5 and residual < 0.15
+
+
+def fill_grid(
+    boxes: Mapping[tuple[int, int], tuple[float, float, float, float]],
+) -> list[dict[str, Any]]:
+    """Every position of a dearrayed grid, row-major, with a box for the missing ones too.
+
+    The grid spans rows ``0..max row`` and columns ``0..max col`` of the cores found (as
+    :func:`find_cores` names them, a row or column missing at the top or left edge is not known). A
+    missing core's box is centred where a least-squares affine lattice through the found cores' centres
+    (``centre = a + col * u + row * v``: a rotated or sheared array fits too) puts its node, with the
+    found cores' median width and height.
+
+    Args:
+        boxes: ``{(row, col): (x0, y0, x1, y1)}`` of each core found, in any one plane.
+
+    Returns:
+        ``[{"name", "row", "col", "bbox", "missing"}, ...]`` for ``rows * cols`` positions, row-major;
+        found cores keep their box.
+    """
+    if not boxes:
+        return []
+    if min(min(rc) for rc in boxes) < 0:
+        raise ValueError(f"grid positions must be >= 0, got {sorted(boxes)}")
+    keys = sorted(boxes)
+    b = np.array([boxes[k] for k in keys], dtype=np.float64)
+    centres = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], axis=1)
+    design = np.array([[1.0, col, row] for row, col in keys])
+    # Minimum-norm solution: with one row (or column) only, the unknown direction stays zero.
+    lattice, *_ = np.linalg.lstsq(design, centres, rcond=None)
+    half = np.median(b[:, 2:] - b[:, :2], axis=0) / 2
+    n_rows, n_cols = max(r for r, _ in keys) + 1, max(c for _, c in keys) + 1
+    out = []
+    for row in range(n_rows):
+        for col in range(n_cols):
+            if (row, col) in boxes:
+                bbox = tuple(float(v) for v in boxes[(row, col)])
+                missing = False
+            else:
+                cx, cy = np.array([1.0, col, row]) @ lattice
+                bbox = (float(cx - half[0]), float(cy - half[1]), float(cx + half[0]), float(cy + half[1]))
+                missing = True
+            name = core_name(row, col)
+            out.append({"name": name, "row": row, "col": col, "bbox": bbox, "missing": missing})
+    return out

@@ -29,7 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Tile every input, extract rotation-equivariant features on Dask workers, fit K-means "
             "(one model for the cohort, or one per sample), and write per sample an OME-Zarr with "
-            "labels/clusters and labels/tissue, an overlay PNG and a QuPath GeoJSON, plus DIR/run.json. "
+            "labels/clusters and labels/tissue, an overlay PNG and a QuPath GeoJSON (valid polygons, UUID "
+            "ids), per TMA slide its grid as QuPath tmaCore objects (DIR/samples/<slide>.tma.geojson), "
+            "plus DIR/run.json. "
             "Rerunning over the same DIR resumes. Runs report to the Prefect server PREFECT_API_URL "
             "names, else to one temporary local server (flow and workers alike). Exit status 0 when "
             "every input succeeded, 1 when some failed, 2 on a usage error."

@@ -48,6 +48,7 @@ def cohort_run(inputs, prefect_harness, dask_cluster, tmp_path_factory):
 def test_outputs_open_with_plain_tools(cohort_run, inputs):
     import zarr
     from PIL import Image
+    from shapely.geometry import shape
 
     from equislide.tiling import read_phantom_info
 
@@ -81,10 +82,21 @@ def test_outputs_open_with_plain_tools(cohort_run, inputs):
             assert 1 <= feat["properties"]["label_value"] <= 3
             ring = np.asarray(feat["geometry"]["coordinates"][0][0])
             assert (ring[0] == ring[-1]).all() and len(ring) >= 4
+            assert shape(feat["geometry"]).is_valid, (sid, feat["properties"])
         with Image.open(s["outputs"]["overlay_png"]) as png:
             assert png.mode == "RGB" and png.width > labels.shape[1]
         feats = zarr.open_array(str(Path(s["outputs"]["tiles"]) / "features/layer3"))
         assert feats.dtype == np.float16 and np.isfinite(feats[:]).all()
+
+    # The slide's grid for QuPath: every position as a tmaCore object, the empty one isMissing.
+    (tma_path,) = {s["outputs"]["tma_geojson"] for s in ok.values()}
+    assert tma_path == str(out / "samples" / "tma.tma.geojson")
+    cores = {f["properties"]["name"]: f for f in json.loads(Path(tma_path).read_text())["features"]}
+    assert set(present) <= set(cores) and len(cores) == len(present) + 1
+    assert {n for n, f in cores.items() if f["properties"]["isMissing"]} == set(cores) - set(present)
+    assert all(
+        f["properties"]["objectType"] == "tmaCore" and shape(f["geometry"]).is_valid for f in cores.values()
+    )
 
 
 def test_bad_input_is_named_and_the_others_finish(cohort_run, inputs):

@@ -65,6 +65,7 @@ def test_real_slides_end_to_end(shared_data, prefect_harness, dask_cluster, tmp_
     0.499 (0.2 %), which is what ``equislide segment --input-mpp 0.5 CMU... TCGA...`` does.
     """
     import zarr
+    from shapely.geometry import shape
 
     from equislide.tiling import open_slide
 
@@ -122,6 +123,7 @@ def test_real_slides_end_to_end(shared_data, prefect_harness, dask_cluster, tmp_
             assert np.isfinite(xy).all()
             assert xy[:, 0].min() >= 0 and xy[:, 0].max() <= l0_w, (sid, xy[:, 0].min(), xy[:, 0].max(), l0_w)
             assert xy[:, 1].min() >= 0 and xy[:, 1].max() <= l0_h, (sid, xy[:, 1].min(), xy[:, 1].max(), l0_h)
+            assert shape(feat["geometry"]).is_valid, (sid, feat["properties"])  # JTS in QuPath needs it
 
         # features beside the tiles: float16, finite
         feats = zarr.open_array(str(Path(outs["tiles"]) / "features/layer3"), mode="r")
