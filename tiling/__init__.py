@@ -35,13 +35,16 @@ from ._errors import (
     CorruptSlideError,
     NotASlideError,
     NoTissueError,
+    NoUsableMppError,
     PermissionDeniedError,
     SlideError,
     SlideNotFoundError,
     SlideTooLargeError,
     UnsupportedImageError,
 )
+from ._base import MAX_THUMBNAIL_READ_PIXELS
 from ._image_slide import MAX_PLAIN_PIXELS
+from ._mpp import MPP_RANGE
 from .rotation import rotate_image, rotate_labels, unrotate_labels
 from .slide import CuCIMSlide, ImageSlide, OpenSlideSlide, Slide, open_slide
 from .tissue import pen_mask, tissue_mask
@@ -49,11 +52,14 @@ from .tma import Core, core_name, find_cores, is_tma
 
 __all__ = [
     "MAX_PLAIN_PIXELS",
+    "MAX_THUMBNAIL_READ_PIXELS",
+    "MPP_RANGE",
     "Core",
     "CorruptSlideError",
     "CuCIMSlide",
     "ImageSlide",
     "NoTissueError",
+    "NoUsableMppError",
     "NotASlideError",
     "OpenSlideSlide",
     "PermissionDeniedError",
@@ -88,6 +94,7 @@ from equislide.tiling.grid import analysis_scale as analysis_scale  # noqa: E402
 from equislide.tiling.grid import core_grids as core_grids  # noqa: E402
 from equislide.tiling.grid import core_tile_side as core_tile_side  # noqa: E402
 from equislide.tiling.grid import tissue_grid as tissue_grid  # noqa: E402
+from equislide.tiling.layout import MAX_TILES as MAX_TILES  # noqa: E402
 from equislide.tiling.layout import MIN_SIDE as MIN_SIDE  # noqa: E402
 from equislide.tiling.layout import NO_MPP_WARNING as NO_MPP_WARNING  # noqa: E402
 from equislide.tiling.layout import THUMBNAIL_MAX as THUMBNAIL_MAX  # noqa: E402
@@ -97,6 +104,7 @@ from equislide.tiling.layout import plan_samples as plan_samples  # noqa: E402
 from equislide.tiling.layout import read_tile_batches as read_tile_batches  # noqa: E402
 
 __all__ += [
+    "MAX_TILES",
     "MIN_SIDE",
     "NO_MPP_WARNING",
     "THUMBNAIL_MAX",
