@@ -98,10 +98,14 @@ class TilingSpec:
             raise ValueError(f"mpp={self.mpp!r} must be a positive number of µm per pixel")
         for name in ("input_mpp", "force_mpp"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if value is not None and not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+            ):
                 raise ValueError(f"{name}={value!r} must be a positive number of µm per pixel")
         if self.input_mpp is not None and self.force_mpp is not None:
-            raise ValueError("give input_mpp (fills in missing metadata) or force_mpp (overrides it), not both")
+            raise ValueError(
+                "give input_mpp (fills in missing metadata) or force_mpp (overrides it), not both"
+            )
         if isinstance(self.max_tiles, bool) or int(self.max_tiles) != self.max_tiles or self.max_tiles < 1:
             raise ValueError(f"max_tiles={self.max_tiles!r} must be an integer >= 1")
         object.__setattr__(self, "max_tiles", int(self.max_tiles))
@@ -187,6 +191,8 @@ class ClusterSpec:
         backend: K-means backend: ``auto``, ``cuml``, ``torch`` or ``sklearn``.
         per_sample: Most tissue vectors drawn per sample for a fit.
         seed: Seeds the vector draws and K-means.
+        fit_native: Pool samples tiled at native pixels (no usable resolution) into a cohort fit;
+            by default they are left out of it and labelled by the model of the others.
     """
 
     k: int = 3
@@ -194,6 +200,7 @@ class ClusterSpec:
     backend: str = "auto"
     per_sample: int = 2000
     seed: int = 0
+    fit_native: bool = False
 
     def __post_init__(self) -> None:
         if self.fit not in ("cohort", "per-sample"):

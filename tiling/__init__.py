@@ -31,6 +31,7 @@ Plain numpy / scikit-image / OpenSlide / tifffile code, usable from a notebook: 
 
 from __future__ import annotations
 
+from ._base import MAX_THUMBNAIL_READ_PIXELS
 from ._errors import (
     CorruptSlideError,
     NotASlideError,
@@ -42,7 +43,6 @@ from ._errors import (
     SlideTooLargeError,
     UnsupportedImageError,
 )
-from ._base import MAX_THUMBNAIL_READ_PIXELS
 from ._image_slide import MAX_PLAIN_PIXELS
 from ._mpp import MPP_RANGE
 from .rotation import rotate_image, rotate_labels, unrotate_labels

@@ -110,7 +110,9 @@ class Slide(ABC):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} must be a positive number of µm per pixel")
         if input_mpp is not None and force_mpp is not None:
-            raise ValueError("give input_mpp (fills in missing metadata) or force_mpp (overrides it), not both")
+            raise ValueError(
+                "give input_mpp (fills in missing metadata) or force_mpp (overrides it), not both"
+            )
         self.path = path
         self._input_mpp = None if input_mpp is None else float(input_mpp)
         self._force_mpp = None if force_mpp is None else float(force_mpp)
@@ -321,7 +323,9 @@ class Slide(ABC):
         level_ds = self.level_downsamples[level]
         lv_w, lv_h = self.level_dimensions[level]
         if lv_w * lv_h > max_read_pixels:
-            pyramid = "no pyramid" if self.level_count == 1 else f"no pyramid level under {max_read_pixels} px"
+            pyramid = (
+                "no pyramid" if self.level_count == 1 else f"no pyramid level under {max_read_pixels} px"
+            )
             raise SlideTooLargeError(
                 self.path,
                 f"{l0_w}x{l0_h} px with {pyramid}: a thumbnail would decode {lv_w}x{lv_h} px, "

@@ -446,7 +446,9 @@ class _TiffPixels:
         from skimage.color import lab2rgb
 
         if raw.ndim != 3 or raw.shape[-1] < 3:
-            raise UnsupportedPixels(f"{self.photometric} TIFF with {raw.shape[-1] if raw.ndim == 3 else 1} samples")
+            raise UnsupportedPixels(
+                f"{self.photometric} TIFF with {raw.shape[-1] if raw.ndim == 3 else 1} samples"
+            )
         if raw.dtype.itemsize not in (1, 2) or raw.dtype.kind not in "ui":
             raise UnsupportedPixels(f"{self.photometric} TIFF of {raw.dtype} samples")
         bits = 8 * raw.dtype.itemsize
@@ -495,7 +497,8 @@ def _tiff_mpp(page: tifffile.TiffPage) -> tuple[float, float] | str | None:
         (xn, xd), (yn, yd) = x_tag.value, y_tag.value
         x_res, y_res = xn / xd, yn / yd
     except (TypeError, ValueError, ZeroDivisionError):
-        return f"TIFF resolution {_ratio(x_tag.value)} x {_ratio(y_tag.value)} pixels per {unit_name} is not a number"
+        values = f"{_ratio(x_tag.value)} x {_ratio(y_tag.value)}"
+        return f"TIFF resolution {values} pixels per {unit_name} is not a number"
     if not (math.isfinite(x_res) and math.isfinite(y_res) and x_res > 0 and y_res > 0):
         return f"TIFF resolution {x_res:g} x {y_res:g} pixels per {unit_name} is not a positive number"
     return (unit / x_res, unit / y_res)

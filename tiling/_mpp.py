@@ -47,6 +47,7 @@ AGREE_FACTOR = 1.05
 #: mpp_source values: where :attr:`MppChoice.mpp` came from.
 SOURCE_METADATA, SOURCE_INPUT, SOURCE_FORCED = "metadata", "input_mpp", "override"
 
+
 @dataclass(frozen=True)
 class MppChoice:
     """The resolution a slide is read at.
@@ -138,9 +139,7 @@ def resolve_mpp(
         forced = (float(force_mpp), float(force_mpp))
         warnings = []
         if meta is not None and _disagree(meta[0], forced[0]):
-            warnings.append(
-                f"--force-mpp {_fmt(forced[0])} replaces the metadata's {_fmt(meta[0])} µm/px"
-            )
+            warnings.append(f"--force-mpp {_fmt(forced[0])} replaces the metadata's {_fmt(meta[0])} µm/px")
         return MppChoice(forced, SOURCE_FORCED, meta, None, tuple(warnings))
     if meta is not None:
         warnings = []

@@ -183,8 +183,8 @@ def plan_samples(
             if not native_pixels:
                 raise NoUsableMppError(
                     path,
-                    f"no usable resolution ({slide.mpp_problem})",
-                    detail="give --input-mpp X (µm per level-0 pixel), or --native-pixels to process it "
+                    f"no usable resolution: {slide.mpp_problem}",
+                    detail="give --input-mpp X in µm per level-0 pixel, or --native-pixels to process it "
                     "at native pixels",
                 )
             warnings.append(f"{NO_MPP_WARNING} ({slide.mpp_problem})")
