@@ -34,7 +34,7 @@ MAX_READ_PIXELS = 2**28
 #: coarser than requested" (pyramids store 2.0003 for a nominal 2).
 _LEVEL_TOLERANCE = 0.01
 #: Thumbnails are read in strips of at most this many level pixels, bounding memory.
-_STRIP_PIXELS = 2**24
+_STRIP_PIXELS = 2**22
 #: A thumbnail never reads more pixels than this from one level (~16k x 16k): a slide with no
 #: pyramid level small enough is refused in one line instead of decoding minutes of level 0.
 MAX_THUMBNAIL_READ_PIXELS = 2**28

@@ -102,7 +102,7 @@ class OpenSlideSlide(Slide):
         if isinstance(res, str):
             return res
         if not all(math.isfinite(r) and r > 0 for r in res):
-            return f"TIFF resolution {res_x}/{res_y} pixels per {unit_name} is not a positive number"
+            return f"TIFF resolution {res_x} x {res_y} pixels per {unit_name} is not a positive number"
         return (unit / res[0], unit / res[1])
 
     def _objective_power(self) -> float | None:
