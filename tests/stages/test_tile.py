@@ -193,3 +193,25 @@ def test_bad_parameters_name_the_value(phantom: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mpp=-1"):
         tile_slide(phantom, tmp_path, mpp=-1)
     assert not os.listdir(tmp_path)
+
+
+def test_split_native_leaves_native_pixel_samples_out_of_a_cohort_fit(tmp_path: Path) -> None:
+    import tifffile
+
+    from equislide.stages.cluster import split_native
+
+    rgb = np.full((300, 400, 3), 235, np.uint8)
+    rgb[75:225, 100:300] = (150, 60, 140)
+    Image.fromarray(rgb).save(tmp_path / "bare.png")
+    res = ((20000, 1), (20000, 1))  # 0.5 µm/px
+    tifffile.imwrite(
+        tmp_path / "scaled.tif", rgb, photometric="rgb", resolution=res, resolutionunit="CENTIMETER"
+    )
+    (native,) = tile_slide(
+        tmp_path / "bare.png", tmp_path / "t", native_pixels=True, mpp=0.5, tile=64, tma="no"
+    )
+    (scaled,) = tile_slide(tmp_path / "scaled.tif", tmp_path / "t", mpp=0.5, tile=64, tma="no")
+    (filled,) = tile_slide(tmp_path / "bare.png", tmp_path / "f", input_mpp=0.5, mpp=0.5, tile=64, tma="no")
+    stores = [native.store, scaled.store, filled.store]
+    assert split_native(stores) == ([scaled.store, filled.store], [native.store])
+    assert split_native(stores, fit_native=True) == (stores, [])
