@@ -401,6 +401,7 @@ def _manifest(
             "fit": cluster.fit,
             "kmeans": cluster.backend,
             "per_sample": cluster.per_sample,
+            "fit_native": cluster.fit_native,
             "seed": features.seed,
             "model_kwargs": dict(features.model_kwargs),
             "calibration_tiles": features.calibration_tiles,
