@@ -372,7 +372,7 @@ class _TiffPixels:
             if (inkset is not None and int(inkset.value) != 1) or inks != 4:
                 raise UnsupportedPixels(f"ink-separated TIFF with {inks} inks, not CMYK")
         self.top: float | None = None
-        if self.dtype.kind == "u" and self.dtype.itemsize > 1:
+        if self.dtype.kind == "u":
             container = 8 * self.dtype.itemsize
             bits = int(page.bitspersample)
             max_tag = page.tags.get("MaxSampleValue")

@@ -47,7 +47,7 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
 def _to_uint8(arr: np.ndarray, top: float | None = None) -> np.ndarray:
     """Scale any real dtype to uint8 following the module policy (``top``: the integer value that
     becomes 255, when the data uses less than its type's range)."""
-    if arr.dtype == np.uint8:
+    if arr.dtype == np.uint8 and (top is None or top == 255):
         return arr
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255

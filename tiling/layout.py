@@ -61,7 +61,7 @@ TmaMode = Literal["auto", "yes", "no"]
 
 NO_MPP_WARNING = (
     "no usable resolution: processed at native level-0 pixels as asked (--native-pixels); the "
-    "analysis mpp was not applied and the sample stays out of a cohort K-means fit"
+    "analysis mpp was not applied, and a cohort K-means fit leaves it out unless --fit-native"
 )
 
 
@@ -82,6 +82,7 @@ class SamplePlan:
         mask_downsample: Analysis pixels per mask pixel.
         attrs: Metadata stored with the sample.
         warnings: One-line warnings of the input.
+        force_mpp: µm per level-0 pixel replacing the metadata (None: not forced).
     """
 
     path: str

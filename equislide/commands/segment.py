@@ -190,6 +190,11 @@ def run(args: argparse.Namespace) -> int:
         return usage_error(_PREFIX, problem)
     report = run_flow(args, command=["equislide", "segment", *sys.argv[2:]])
     print(summary_text(report))
+    # Resolution warnings (--input-mpp contradicting the metadata, native pixels, ...) would
+    # otherwise sit unseen in run.json.
+    for record in report.get("parameters", {}).get("input_records", []):
+        for warning in record.get("warnings") or []:
+            print(f"{_PREFIX}: WARNING {record['path']}: {warning}", file=sys.stderr)
     failed = [i for i in report["inputs"] if i["status"] == "failed"]
     for i in failed:
         print(f"{_PREFIX}: FAILED {i['path']}: {i['reason']}", file=sys.stderr)

@@ -157,6 +157,12 @@ def test_twelve_bit_data_scaled_by_bits_per_sample(tmp_path: Path) -> None:
     assert np.array_equal(_read(full), rgb)
 
 
+def test_four_bit_grey_is_scaled_by_bits_per_sample(tmp_path: Path) -> None:
+    path = tmp_path / "four-bit.tif"
+    tifffile.imwrite(path, (np.arange(256).reshape(16, 16) % 16).astype(np.uint8), bitspersample=4)
+    assert _read(path)[0, :, 0].tolist() == [17 * v for v in range(16)]
+
+
 def test_min_is_white_grey_is_inverted(tmp_path: Path) -> None:
     grey = np.zeros((16, 16), np.uint8)
     grey[4:12, 4:12] = 200  # dark ink on white in a min-is-white file
