@@ -66,8 +66,13 @@ class TilingSpec:
         mpp: Analysis resolution, µm per pixel.
         tile: Interior side of a whole-slide tile, analysis pixels (>= 8).
         halo: Context on every side of a whole-slide tile, and the margin around a TMA core, px.
-        input_mpp: µm per level-0 pixel overriding (or filling in) the file's metadata.
+        input_mpp: µm per level-0 pixel filling in where a file has no usable resolution (usable
+            metadata wins, with a warning when they disagree).
+        force_mpp: µm per level-0 pixel replacing every file's metadata (not with ``input_mpp``).
         tma: ``"auto"`` (dearray when the mask looks like a TMA), ``"yes"`` or ``"no"``.
+        native_pixels: Process a file without a usable resolution at native level-0 pixels
+            instead of refusing it.
+        max_tiles: Refuse a slide planned to more tiles than this.
 
     Raises:
         ValueError: a bad value (the message names it).
@@ -78,6 +83,9 @@ class TilingSpec:
     halo: int = 32
     input_mpp: float | None = None
     tma: TmaMode = "auto"
+    force_mpp: float | None = None
+    native_pixels: bool = False
+    max_tiles: int = 100_000
 
     def __post_init__(self) -> None:
         if self.tma not in ("auto", "yes", "no"):
@@ -88,17 +96,40 @@ class TilingSpec:
             raise ValueError(f"halo={self.halo!r} must be an integer >= 0 (analysis pixels)")
         if not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp) and self.mpp > 0):
             raise ValueError(f"mpp={self.mpp!r} must be a positive number of µm per pixel")
-        if self.input_mpp is not None and not (math.isfinite(self.input_mpp) and self.input_mpp > 0):
-            raise ValueError(f"input_mpp={self.input_mpp!r} must be a positive number of µm per pixel")
+        for name in ("input_mpp", "force_mpp"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+            ):
+                raise ValueError(f"{name}={value!r} must be a positive number of µm per pixel")
+        if self.input_mpp is not None and self.force_mpp is not None:
+            raise ValueError(
+                "give input_mpp (fills in missing metadata) or force_mpp (overrides it), not both"
+            )
+        if isinstance(self.max_tiles, bool) or int(self.max_tiles) != self.max_tiles or self.max_tiles < 1:
+            raise ValueError(f"max_tiles={self.max_tiles!r} must be an integer >= 1")
+        object.__setattr__(self, "max_tiles", int(self.max_tiles))
+        object.__setattr__(self, "native_pixels", bool(self.native_pixels))
         object.__setattr__(self, "tile", int(self.tile))
         object.__setattr__(self, "halo", int(self.halo))
         object.__setattr__(self, "mpp", float(self.mpp))
 
     def params(self) -> dict[str, Any]:
-        """The parameter dict whose hash decides whether a finished sample can be reused."""
+        """The parameter dict whose hash decides whether a finished sample can be reused.
+
+        ``force_mpp`` and the fill-in rule of ``input_mpp`` (which overrode the metadata before
+        format 1 readers) appear only when set, so the default key is unchanged; ``native_pixels``
+        and ``max_tiles`` decide whether a slide is tiled, not what its tiles hold.
+        """
         from equislide.tiling import THUMBNAIL_MAX
 
+        extra: dict[str, Any] = {}
+        if self.input_mpp is not None:
+            extra["input_mpp_rule"] = "fill-in"
+        if self.force_mpp is not None:
+            extra["force_mpp"] = float(self.force_mpp)
         return {
+            **extra,
             "format": TILING_FORMAT,
             "mpp": float(self.mpp),
             "tile": int(self.tile),
@@ -160,6 +191,8 @@ class ClusterSpec:
         backend: K-means backend: ``auto``, ``cuml``, ``torch`` or ``sklearn``.
         per_sample: Most tissue vectors drawn per sample for a fit.
         seed: Seeds the vector draws and K-means.
+        fit_native: Pool samples tiled at native pixels (no usable resolution) into a cohort fit;
+            by default they are left out of it and labelled by the model of the others.
     """
 
     k: int = 3
@@ -167,6 +200,7 @@ class ClusterSpec:
     backend: str = "auto"
     per_sample: int = 2000
     seed: int = 0
+    fit_native: bool = False
 
     def __post_init__(self) -> None:
         if self.fit not in ("cohort", "per-sample"):

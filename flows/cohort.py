@@ -86,7 +86,7 @@ from equislide.flows.cluster import (
     make_task_runner,
 )
 from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
-from equislide.stages.cluster import fit_cohort_stores
+from equislide.stages.cluster import fit_cohort_stores, split_native
 from equislide.stages.consistency import SERVICE_SPEC, ConsistencySpec, budget_plan, figures
 from equislide.stages.features import DRAWS_DIR, draw_store_vectors, extract_store_features
 from equislide.stages.segment import segment_store, tma_slides, write_tma_geojson
@@ -254,8 +254,19 @@ def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec) ->
 def _kmeans_stage(state: RunState, layer: int, cluster: ClusterSpec) -> None:
     live = state.live()
     if cluster.fit == "cohort" and live:
-        fut = kmeans_task.submit([store for _, store in live], str(state.models_dir), layer, cluster)
-        state.kmeans = barrier(state, "kmeans", fut)
+        fit, left_out = split_native([store for _, store in live], fit_native=cluster.fit_native)
+        for sid, store in live:
+            if store in left_out:
+                note = "tiled at native pixels: left out of the cohort K-means fit (--fit-native pools it)"
+                if fit:
+                    state.records[state.samples[sid]["input"]].setdefault("warnings", []).append(note)
+                else:
+                    state.fail(
+                        sid, f"{note}; no sample with a resolution to fit on (or use --fit per-sample)"
+                    )
+        if fit:
+            fut = kmeans_task.submit(fit, str(state.models_dir), layer, cluster)
+            state.kmeans = barrier(state, "kmeans", fut)
 
 
 def _segment_stage(state: RunState, layer: int, cluster: ClusterSpec, progress_id) -> None:
@@ -290,6 +301,10 @@ def cohort_flow(
     tile: int = TilingSpec.tile,
     halo: int = TilingSpec.halo,
     input_mpp: float | None = None,
+    force_mpp: float | None = None,
+    native_pixels: bool = TilingSpec.native_pixels,
+    fit_native: bool = ClusterSpec.fit_native,
+    max_tiles: int = TilingSpec.max_tiles,
     tma: str = TilingSpec.tma,
     seed: int = 0,
     model_kwargs: dict[str, Any] | None = None,
@@ -316,7 +331,9 @@ def cohort_flow(
         fit: ``"cohort"`` (one model for all samples) or ``"per-sample"`` (the paper's protocol).
         kmeans: K-means backend: ``auto``, ``cuml``, ``torch`` or ``sklearn``.
         per_sample: Tissue vectors drawn per sample for the fit.
-        mpp, tile, halo, input_mpp, tma: Tiling (:class:`~equislide.specs.TilingSpec`).
+        mpp, tile, halo, input_mpp, force_mpp, native_pixels, max_tiles, tma: Tiling
+            (:class:`~equislide.specs.TilingSpec`).
+        fit_native: Pool native-pixel samples into the cohort fit (:class:`~equislide.specs.ClusterSpec`).
         seed: Seeds the random weights, the vector draws and K-means.
         model_kwargs: Builder arguments for random weights (e.g. ``{"width": 16}``).
         calibration_tiles: Tiles BatchNorm is recalibrated on (random weights).
@@ -328,7 +345,16 @@ def cohort_flow(
         regions: Regions per whole slide, cores per TMA slide scored for consistency.
         command: The command line, for the report.
     """
-    tiling = TilingSpec(mpp=mpp, tile=tile, halo=halo, input_mpp=input_mpp, tma=tma)
+    tiling = TilingSpec(
+        mpp=mpp,
+        tile=tile,
+        halo=halo,
+        input_mpp=input_mpp,
+        force_mpp=force_mpp,
+        native_pixels=native_pixels,
+        max_tiles=max_tiles,
+        tma=tma,
+    )
     features = FeatureSpec(
         backbone=backbone,
         layer=layer,
@@ -338,7 +364,9 @@ def cohort_flow(
         calibration_tiles=calibration_tiles,
         device=device,
     )
-    cluster = ClusterSpec(k=clusters, fit=fit, backend=kmeans, per_sample=per_sample, seed=seed)
+    cluster = ClusterSpec(
+        k=clusters, fit=fit, backend=kmeans, per_sample=per_sample, seed=seed, fit_native=fit_native
+    )
     rotations = dataclasses.replace(
         SERVICE_SPEC if angles is None else ConsistencySpec.steps(angles, region=SERVICE_SPEC.region),
         regions=regions,
@@ -406,6 +434,7 @@ def _manifest(
             "fit": cluster.fit,
             "kmeans": cluster.backend,
             "per_sample": cluster.per_sample,
+            "fit_native": cluster.fit_native,
             "seed": features.seed,
             "model_kwargs": dict(features.model_kwargs),
             "calibration_tiles": features.calibration_tiles,

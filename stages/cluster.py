@@ -16,7 +16,25 @@ import numpy as np
 from equislide.specs import CLUSTER_FORMAT, ClusterSpec, KMeansRef
 from equislide.stages.features import DRAWS_DIR, draw_store_vectors, sample_tissue_vectors
 
-__all__ = ["cohort_identity", "fit_cohort_stores", "fit_store"]
+__all__ = ["cohort_identity", "fit_cohort_stores", "fit_store", "split_native"]
+
+
+def split_native(stores: Sequence[str | Path], *, fit_native: bool = False) -> tuple[list, list]:
+    """``(to fit, left out)``: the stores a cohort K-means is fitted on, and those tiled at native
+    pixels (no usable resolution) that it leaves out unless ``fit_native``.
+
+    Features of a slide at native pixels describe structures at another scale than everyone
+    else's (a 0.25 µm/px scan read 10x too fine), so pooling them bends the cohort's clusters.
+    """
+    from equislide.storage import read_sample_meta
+
+    fit, left_out = [], []
+    for store in stores:
+        meta = read_sample_meta(store)
+        # Stores from before the flag: native pixels meant no mpp at all.
+        native = meta.get("native_pixels", meta.get("mpp") is None and meta.get("mpp_source") is None)
+        (left_out if native and not fit_native else fit).append(store)
+    return fit, left_out
 
 
 def cohort_identity(stores: Sequence[str | Path], *, layer: int, spec: ClusterSpec) -> dict:

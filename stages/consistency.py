@@ -450,9 +450,11 @@ def sample_images(
         return [("core", read_tiles(store, 0, 1)[0], mpp, None, window)]
     side = region_side(spec)
     centres = slide_regions(store, n=spec.regions, side=int(spec.region), seed=spec.seed)
-    input_mpp = meta.get("source_mpp") if meta.get("mpp_source") == "override" else None
+    # The tiles' mpp, whether the user forced it or filled it in, is what the regions must use.
+    given = meta.get("mpp_source") in ("override", "input_mpp")
+    force_mpp = meta.get("source_mpp") if given else None
     out = []
-    with open_slide(meta["source_path"], input_mpp=input_mpp) as slide:
+    with open_slide(meta["source_path"], force_mpp=force_mpp) as slide:
         for l_x, l_y in centres:
             l0_xy = (int(round((l_x - side / 2) * l0_per_l[0])), int(round((l_y - side / 2) * l0_per_l[1])))
             region = slide.read_region_mpp(l0_xy, (side, side), mpp)

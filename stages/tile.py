@@ -113,7 +113,8 @@ def tile_slide(
         path: The slide or image file.
         out_root: Folder of the run's stores; ``<out_root>/<sample_id>.zarr`` per sample.
         spec: How to tile (default :class:`~equislide.specs.TilingSpec`); keyword ``overrides``
-            (``mpp=``, ``tile=``, ``halo=``, ``input_mpp=``, ``tma=``) replace its fields.
+            (``mpp=``, ``tile=``, ``halo=``, ``input_mpp=``, ``force_mpp=``, ``native_pixels=``,
+            ``max_tiles=``, ``tma=``) replace its fields.
         sample_id: The slide's ID (default: the file stem made safe with ``safe_sample_id``);
             pass :func:`~equislide.storage.unique_sample_ids`' value when tiling many files.
         input_sha256: The file's SHA-256 when the caller already has it (else it is computed).
@@ -124,6 +125,8 @@ def tile_slide(
 
     Raises:
         SlideError: The file cannot be opened or read (a subclass names why).
+        NoUsableMppError: No usable resolution, no ``input_mpp`` and not ``native_pixels``.
+        SlideTooLargeError: More than ``max_tiles`` tiles, or no level small enough for a thumbnail.
         NoTissueError: The tissue mask is empty (or ``tma="yes"`` finds no core).
         UnsupportedImageError: The image is under 16 analysis pixels on a side.
         ValueError: A bad parameter (the message names it).
@@ -165,6 +168,9 @@ def plan_slide(
         tile=spec.tile,
         halo=spec.halo,
         input_mpp=spec.input_mpp,
+        force_mpp=spec.force_mpp,
+        native_pixels=spec.native_pixels,
+        max_tiles=spec.max_tiles,
         tma=spec.tma,
         input_sha256=input_sha256,
         is_done=is_done,
@@ -193,10 +199,11 @@ def write_samples(
 
     if not samples:
         return []
-    if len({(s.path, s.input_mpp) for s in samples}) > 1:
+    if len({(s.path, s.input_mpp, s.force_mpp) for s in samples}) > 1:
         raise ValueError("write_samples takes the samples of one input; got several")
     results = []
-    with open_slide(samples[0].path, input_mpp=samples[0].input_mpp) as slide:
+    first = samples[0]
+    with open_slide(first.path, input_mpp=first.input_mpp, force_mpp=first.force_mpp) as slide:
         for sample in samples:
             sha, params = sample.input_sha256, sample.params
             if is_sample_done(out_root, sample.sample_id, input_sha256=sha, params=params):

@@ -32,10 +32,12 @@ Plain numpy / scikit-image / OpenSlide / tifffile code, usable from a notebook: 
 
 from __future__ import annotations
 
+from ._base import MAX_THUMBNAIL_READ_PIXELS
 from ._errors import (
     CorruptSlideError,
     NotASlideError,
     NoTissueError,
+    NoUsableMppError,
     PermissionDeniedError,
     SlideError,
     SlideNotFoundError,
@@ -43,6 +45,7 @@ from ._errors import (
     UnsupportedImageError,
 )
 from ._image_slide import MAX_PLAIN_PIXELS
+from ._mpp import MPP_RANGE
 from .rotation import rotate_image, rotate_labels, unrotate_labels
 from .slide import CuCIMSlide, ImageSlide, OpenSlideSlide, Slide, open_slide
 from .tissue import pen_mask, tissue_mask
@@ -50,11 +53,14 @@ from .tma import Core, core_name, fill_grid, find_cores, is_tma
 
 __all__ = [
     "MAX_PLAIN_PIXELS",
+    "MAX_THUMBNAIL_READ_PIXELS",
+    "MPP_RANGE",
     "Core",
     "CorruptSlideError",
     "CuCIMSlide",
     "ImageSlide",
     "NoTissueError",
+    "NoUsableMppError",
     "NotASlideError",
     "OpenSlideSlide",
     "PermissionDeniedError",
@@ -90,6 +96,7 @@ from equislide.tiling.grid import analysis_scale as analysis_scale  # noqa: E402
 from equislide.tiling.grid import core_grids as core_grids  # noqa: E402
 from equislide.tiling.grid import core_tile_side as core_tile_side  # noqa: E402
 from equislide.tiling.grid import tissue_grid as tissue_grid  # noqa: E402
+from equislide.tiling.layout import MAX_TILES as MAX_TILES  # noqa: E402
 from equislide.tiling.layout import MIN_SIDE as MIN_SIDE  # noqa: E402
 from equislide.tiling.layout import NO_MPP_WARNING as NO_MPP_WARNING  # noqa: E402
 from equislide.tiling.layout import THUMBNAIL_MAX as THUMBNAIL_MAX  # noqa: E402
@@ -99,6 +106,7 @@ from equislide.tiling.layout import plan_samples as plan_samples  # noqa: E402
 from equislide.tiling.layout import read_tile_batches as read_tile_batches  # noqa: E402
 
 __all__ += [
+    "MAX_TILES",
     "MIN_SIDE",
     "NO_MPP_WARNING",
     "THUMBNAIL_MAX",

@@ -23,7 +23,10 @@ from types import TracebackType
 import numpy as np
 from PIL import Image
 
-__all__ = ["MAX_READ_PIXELS", "Slide", "plausible_mpp"]
+from ._errors import SlideTooLargeError
+from ._mpp import MPP_RANGE, MppChoice, resolve_mpp
+
+__all__ = ["MAX_READ_PIXELS", "MAX_THUMBNAIL_READ_PIXELS", "Slide", "plausible_mpp"]
 
 #: Largest single read (pixels) :meth:`Slide.read_region` accepts, ~0.8 GB of RGB.
 MAX_READ_PIXELS = 2**28
@@ -31,17 +34,17 @@ MAX_READ_PIXELS = 2**28
 #: coarser than requested" (pyramids store 2.0003 for a nominal 2).
 _LEVEL_TOLERANCE = 0.01
 #: Thumbnails are read in strips of at most this many level pixels, bounding memory.
-_STRIP_PIXELS = 2**24
-#: Metadata resolutions outside this range (µm/px) are screen/print defaults (72 dpi = 353 µm/px),
-#: not a microscope's, and are ignored.
-_MPP_RANGE = (0.01, 50.0)
+_STRIP_PIXELS = 2**22
+#: A thumbnail never reads more pixels than this from one level (~16k x 16k): a slide with no
+#: pyramid level small enough is refused in one line instead of decoding minutes of level 0.
+MAX_THUMBNAIL_READ_PIXELS = 2**28
 
 
 def plausible_mpp(value: float | None) -> float | None:
-    """Return ``value`` (µm/px) if it looks like a microscope resolution, else ``None``."""
+    """Return ``value`` (µm/px) if it lies in the plausible microscope range, else ``None``."""
     if value is None or not math.isfinite(value):
         return None
-    return value if _MPP_RANGE[0] <= value <= _MPP_RANGE[1] else None
+    return value if MPP_RANGE[0] <= value <= MPP_RANGE[1] else None
 
 
 #: Box edges are snapped to 1/_SNAP level pixel, so the area weights are whole numbers (exact sums).
@@ -102,11 +105,17 @@ class Slide(ABC):
         path: The file that was opened.
     """
 
-    def __init__(self, path: Path, *, input_mpp: float | None = None) -> None:
-        if input_mpp is not None and not (math.isfinite(input_mpp) and input_mpp > 0):
-            raise ValueError(f"input_mpp={input_mpp!r} must be a positive number of µm per pixel")
+    def __init__(self, path: Path, *, input_mpp: float | None = None, force_mpp: float | None = None) -> None:
+        for name, value in (("input_mpp", input_mpp), ("force_mpp", force_mpp)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r} must be a positive number of µm per pixel")
+        if input_mpp is not None and force_mpp is not None:
+            raise ValueError(
+                "give input_mpp (fills in missing metadata) or force_mpp (overrides it), not both"
+            )
         self.path = path
         self._input_mpp = None if input_mpp is None else float(input_mpp)
+        self._force_mpp = None if force_mpp is None else float(force_mpp)
 
     # --- implemented by each reader -------------------------------------------------------------
 
@@ -131,8 +140,13 @@ class Slide(ABC):
         """Other images in the file (thumbnail, label, macro) as (H, W, 3) uint8 RGB."""
 
     @abstractmethod
-    def _metadata_mpp(self) -> tuple[float, float] | None:
-        """(x, y) µm per level-0 pixel from the file's metadata, or ``None``."""
+    def _metadata_mpp(self) -> tuple[float, float] | str | None:
+        """(x, y) µm per level-0 pixel as the file states it (unchecked: may be nan, 0, huge), a
+        string saying what could not be parsed, or ``None`` when the file states no resolution."""
+
+    def _objective_power(self) -> float | None:
+        """The objective magnification the file states (e.g. 20.0), or ``None``."""
+        return None
 
     @abstractmethod
     def _read_image(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
@@ -155,18 +169,37 @@ class Slide(ABC):
         return len(self.level_dimensions)
 
     @cached_property
+    def _mpp_choice(self) -> MppChoice:
+        return resolve_mpp(
+            self._metadata_mpp(),
+            dimensions=self.dimensions,
+            objective_power=self._objective_power(),
+            input_mpp=self._input_mpp,
+            force_mpp=self._force_mpp,
+        )
+
+    @property
     def mpp(self) -> tuple[float, float] | None:
-        """(x, y) µm per level-0 pixel: ``input_mpp`` if given, else metadata, else ``None``."""
-        if self._input_mpp is not None:
-            return (self._input_mpp, self._input_mpp)
-        return self._metadata_mpp()
+        """(x, y) µm per level-0 pixel: ``force_mpp``, else usable metadata, else ``input_mpp``, else
+        ``None`` (rules: :mod:`equislide.tiling._mpp`)."""
+        return self._mpp_choice.mpp
 
     @property
     def mpp_source(self) -> str | None:
-        """Where :attr:`mpp` came from: ``"override"`` (``input_mpp``), ``"metadata"`` or ``None``."""
-        if self._input_mpp is not None:
-            return "override"
-        return "metadata" if self.mpp is not None else None
+        """Where :attr:`mpp` came from: ``"metadata"``, ``"input_mpp"`` (filled in where the metadata
+        had none usable), ``"override"`` (``force_mpp``) or ``None``."""
+        return self._mpp_choice.source
+
+    @property
+    def mpp_problem(self) -> str | None:
+        """Why the metadata gives no usable mpp ("metadata mpp nan µm/px is not a positive number"),
+        or ``None`` when it does."""
+        return self._mpp_choice.problem
+
+    @property
+    def mpp_warnings(self) -> tuple[str, ...]:
+        """One-line warnings about :attr:`mpp` (``input_mpp`` contradicting the metadata, ...)."""
+        return self._mpp_choice.warnings
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """The coarsest level whose downsample does not exceed ``downsample`` (1 % tolerance).
@@ -255,12 +288,15 @@ class Slide(ABC):
         box = (0.0, 0.0, min(width * f_x, lv_size[0]), min(height * f_y, lv_size[1]))
         return np.array(img.resize((width, height), resample, box=box))
 
-    def thumbnail(self, *, max_size: int = 2048) -> tuple[np.ndarray, float]:
+    def thumbnail(
+        self, *, max_size: int = 2048, max_read_pixels: int = MAX_THUMBNAIL_READ_PIXELS
+    ) -> tuple[np.ndarray, float]:
         """A downsampled view of the whole image, from the best pyramid level.
 
         Args:
             max_size: Longest side of the thumbnail in pixels; images smaller than this are
                 returned at level 0.
+            max_read_pixels: Refuse when the level read holds more pixels than this.
 
         Returns:
             ``(rgb, downsample)``: (H, W, 3) uint8 RGB and the level-0 pixels per thumbnail pixel
@@ -271,6 +307,10 @@ class Slide(ABC):
             the rotated or mirrored thumbnail, exactly (PIL's ``BOX`` resize is not: it gives a
             pixel on a box edge wholly to the box on its right, and rounds between its x and y
             passes).
+
+        Raises:
+            SlideTooLargeError: The finest level needed holds more than ``max_read_pixels``
+                (a huge image without a pyramid), refused before any pixel is read.
         """
         if operator.index(max_size) < 1:
             raise ValueError(f"max_size={max_size!r} must be a positive number of pixels")
@@ -282,6 +322,16 @@ class Slide(ABC):
         level = self.best_level_for_downsample(min(ds_x, ds_y))
         level_ds = self.level_downsamples[level]
         lv_w, lv_h = self.level_dimensions[level]
+        if lv_w * lv_h > max_read_pixels:
+            pyramid = (
+                "no pyramid" if self.level_count == 1 else f"no pyramid level under {max_read_pixels} px"
+            )
+            raise SlideTooLargeError(
+                self.path,
+                f"{l0_w}x{l0_h} px with {pyramid}: a thumbnail would decode {lv_w}x{lv_h} px, "
+                f"above the limit of {max_read_pixels} px",
+                detail="save it as a pyramidal (tiled, multi-resolution) TIFF",
+            )
         f_x, f_y = ds_x / level_ds, ds_y / level_ds  # level px per thumbnail px
         out = np.empty((thumb_h, thumb_w, 3), dtype=np.uint8)
         rows_per_strip = max(1, int(_STRIP_PIXELS / max(1.0, lv_w * f_y)))
@@ -315,7 +365,7 @@ class Slide(ABC):
 
     def _reopen_kwargs(self) -> dict[str, object]:
         """Keyword arguments that reopen this slide (see :meth:`__reduce__`)."""
-        return {"input_mpp": self._input_mpp}
+        return {"input_mpp": self._input_mpp, "force_mpp": self._force_mpp}
 
     def __reduce__(self):
         """Pickle by path: the copy reopens the file (a Dask worker gets its own file handle)."""

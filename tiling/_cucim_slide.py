@@ -83,7 +83,8 @@ class CuCIMSlide(Slide):
 
     Args:
         path: The slide file.
-        input_mpp: µm per level-0 pixel overriding (or filling in) the metadata.
+        input_mpp: µm per level-0 pixel filling in missing or unusable metadata.
+        force_mpp: µm per level-0 pixel replacing the metadata.
 
     Raises:
         ValueError: cuCIM is not installed.
@@ -92,8 +93,8 @@ class CuCIMSlide(Slide):
         CorruptSlideError: A TIFF that cuCIM cannot load (truncated, broken directory).
     """
 
-    def __init__(self, path: Path, *, input_mpp: float | None = None) -> None:
-        super().__init__(path, input_mpp=input_mpp)
+    def __init__(self, path: Path, *, input_mpp: float | None = None, force_mpp: float | None = None) -> None:
+        super().__init__(path, input_mpp=input_mpp, force_mpp=force_mpp)
         cucim = import_cucim(path)
         try:
             self._img = cucim.CuImage(str(path))

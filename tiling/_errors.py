@@ -15,6 +15,7 @@ from equislide.text import one_line
 __all__ = [
     "CorruptSlideError",
     "NoTissueError",
+    "NoUsableMppError",
     "NotASlideError",
     "PermissionDeniedError",
     "SlideError",
@@ -71,6 +72,11 @@ class SlideTooLargeError(SlideError):
 
 class UnsupportedImageError(SlideError):
     """A decodable image that cannot be turned into RGB (e.g. 5 channels, complex values)."""
+
+
+class NoUsableMppError(SlideError):
+    """No usable resolution: the metadata has none (or a garbage one) and no ``input_mpp`` was given;
+    refused unless the caller opts in to native pixels."""
 
 
 class NoTissueError(SlideError):

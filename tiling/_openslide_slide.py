@@ -3,6 +3,7 @@ generic tiled TIFF, DICOM, ...)."""
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from ._base import Slide, plausible_mpp
+from ._base import Slide
 from ._errors import CorruptSlideError
 from ._rgb import composite_on_white
 
@@ -31,19 +32,32 @@ def _rgba_to_rgb_image(img: Image.Image) -> Image.Image:
     return out
 
 
+def _numbers(x: str | None, y: str | None, what: str) -> tuple[float, float] | str | None:
+    """Parse an (x, y) pair of property strings (y defaults to x); a string says what failed."""
+    if x is None and y is None:
+        return None
+    x = y if x is None else x
+    y = x if y is None else y
+    try:
+        return (float(x), float(y))
+    except ValueError:
+        return f"{what} {x!r} is not a number"
+
+
 class OpenSlideSlide(Slide):
     """A slide read by OpenSlide.
 
     Args:
         path: The slide file.
-        input_mpp: µm per level-0 pixel overriding (or filling in) the metadata.
+        input_mpp: µm per level-0 pixel filling in missing or unusable metadata.
+        force_mpp: µm per level-0 pixel replacing the metadata.
 
     Raises:
         openslide.OpenSlideError: Straight from OpenSlide; :func:`open_slide` maps it.
     """
 
-    def __init__(self, path: Path, *, input_mpp: float | None = None) -> None:
-        super().__init__(path, input_mpp=input_mpp)
+    def __init__(self, path: Path, *, input_mpp: float | None = None, force_mpp: float | None = None) -> None:
+        super().__init__(path, input_mpp=input_mpp, force_mpp=force_mpp)
         self._osr = openslide.OpenSlide(str(path))
 
     @property
@@ -70,21 +84,30 @@ class OpenSlideSlide(Slide):
             ) from err
         return out
 
-    def _metadata_mpp(self) -> tuple[float, float] | None:
+    def _metadata_mpp(self) -> tuple[float, float] | str | None:
+        # OpenSlide's precedence: the vendor's mpp (openslide.mpp-x), then the TIFF resolution tags.
+        # OpenSlide drops a vendor value it cannot parse, so aperio.MPP is read to say what was there.
         props = self._osr.properties
-        try:
-            mpp = (float(props[openslide.PROPERTY_NAME_MPP_X]), float(props[openslide.PROPERTY_NAME_MPP_Y]))
-        except (KeyError, ValueError):
-            mpp = None
-            unit = _UNIT_TO_UM.get(props.get("tiff.ResolutionUnit", ""))
-            try:
-                if unit is not None:
-                    mpp = (unit / float(props["tiff.XResolution"]), unit / float(props["tiff.YResolution"]))
-            except (KeyError, ValueError, ZeroDivisionError):
-                mpp = None
-        if mpp is None or plausible_mpp(mpp[0]) is None or plausible_mpp(mpp[1]) is None:
+        mpp_x, mpp_y = props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y)
+        if mpp_x is not None or mpp_y is not None:
+            return _numbers(mpp_x, mpp_y, "metadata mpp")
+        if "aperio.MPP" in props:
+            return _numbers(props["aperio.MPP"], props["aperio.MPP"], "metadata mpp (aperio.MPP)")
+        unit_name = props.get("tiff.ResolutionUnit", "")
+        unit = _UNIT_TO_UM.get(unit_name)
+        res_x, res_y = props.get("tiff.XResolution"), props.get("tiff.YResolution")
+        if unit is None or res_x is None or res_y is None:
             return None
-        return mpp
+        res = _numbers(res_x, res_y, "TIFF resolution")
+        if isinstance(res, str):
+            return res
+        if not all(math.isfinite(r) and r > 0 for r in res):
+            return f"TIFF resolution {res_x} x {res_y} pixels per {unit_name} is not a positive number"
+        return (unit / res[0], unit / res[1])
+
+    def _objective_power(self) -> float | None:
+        value = _numbers(self._osr.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER), None, "")
+        return value[0] if isinstance(value, tuple) else None
 
     def _read_image(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         try:

@@ -4,11 +4,13 @@ Policy (decided per case, documented once here; only truly unusable inputs are r
 
 - RGBA / LA: composited on white (transparent pixels become white, as in OpenSlide's empty areas).
 - Grayscale (H, W) or (H, W, 1): repeated to three channels.
-- 16-bit unsigned: scaled to 8 bit over the full type range (``v * 255 / 65535``, rounded).
+- 16-bit unsigned: scaled to 8 bit over the range the data uses (``v * 255 / top``, rounded): the
+  type's (65535) unless the reader knows fewer bits per sample (``top=4095`` for 12-bit TIFF data).
 - Other integer types: scaled over the type's range; negative values clip to black.
 - Float: values in [0, 1] are scaled by 255, anything larger is taken as 0..255; NaN becomes white.
 - Bool: False black, True white.
-- Palette (PIL mode ``P``) and CMYK/YCbCr/LAB are converted by PIL before reaching here.
+- Palette (PIL mode ``P``) and CMYK/YCbCr/LAB are converted by PIL (or, for TIFF, by the
+  photometric interpretation in :mod:`._image_slide`) before reaching here.
 - Refused (:class:`~equislide.tiling.UnsupportedImageError`): complex values, more than 4 channels,
   anything that is not 2-D or 3-D, empty arrays.
 """
@@ -42,9 +44,10 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale any real dtype to uint8 following the module policy."""
-    if arr.dtype == np.uint8:
+def _to_uint8(arr: np.ndarray, top: float | None = None) -> np.ndarray:
+    """Scale any real dtype to uint8 following the module policy (``top``: the integer value that
+    becomes 255, when the data uses less than its type's range)."""
+    if arr.dtype == np.uint8 and (top is None or top == 255):
         return arr
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
@@ -57,18 +60,19 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
             data = data * 255.0
         return np.clip(np.rint(data), 0, 255).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.integer):
-        info = np.iinfo(arr.dtype)
-        top = float(info.max)
+        top = float(np.iinfo(arr.dtype).max) if top is None else float(top)
         data = np.clip(arr.astype(np.float32), 0, top)
         return np.rint(data * (255.0 / top)).astype(np.uint8)
     raise UnsupportedPixels(f"pixel type {arr.dtype} is not numeric")
 
 
-def to_rgb8(arr: np.ndarray) -> np.ndarray:
+def to_rgb8(arr: np.ndarray, *, top: float | None = None) -> np.ndarray:
     """Turn a decoded (H, W), (H, W, C) array into (H, W, 3) uint8 RGB on white.
 
     Args:
         arr: Pixels in (row, col[, channel]) order; C in 1..4 (gray, gray+alpha, RGB, RGBA).
+        top: For integer pixels, the value that becomes 255 (e.g. 4095 for 12-bit data in uint16);
+            default the type's maximum.
 
     Returns:
         A C-contiguous (H, W, 3) uint8 array.
@@ -85,7 +89,7 @@ def to_rgb8(arr: np.ndarray) -> np.ndarray:
     channels = 1 if arr.ndim == 2 else arr.shape[-1]
     if channels > 4:
         raise UnsupportedPixels(f"{channels} channels (want gray, gray+alpha, RGB or RGBA)")
-    data = _to_uint8(arr)
+    data = _to_uint8(arr, top)
     if channels == 1:
         return np.ascontiguousarray(np.repeat(data[..., None], 3, axis=-1))
     if channels == 2:

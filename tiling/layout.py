@@ -14,8 +14,11 @@ Memory stays bounded whatever the slide size: the thumbnail is read in strips, a
 one at a time (a 576 px tile at 2.5 µm/px from a 0.25 µm/px level 0 reads a 5760 px square, ~130 MB
 as RGBA, when the slide has no pyramid level in between).
 
-Slides without a resolution (and no ``input_mpp``) are processed at native level-0 pixels, with a
-warning in the plan and in the sample metadata; they are never silently taken as some mpp.
+Slides without a usable resolution (rules: :mod:`equislide.tiling._mpp`) and no ``input_mpp`` are
+refused (:class:`~equislide.tiling.NoUsableMppError`) unless ``native_pixels=True``: then they are
+processed at native level-0 pixels, with a warning in the plan and ``native_pixels: true`` in the
+sample metadata (the cohort K-means leaves such samples out of its fit); never silently taken as
+some mpp. A slide planned to more than ``max_tiles`` tiles is refused before any tile is read.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._errors import NoTissueError, UnsupportedImageError
+from ._errors import NoTissueError, NoUsableMppError, SlideTooLargeError, UnsupportedImageError
 from .grid import TileGrid, analysis_scale, core_grids, core_tile_side, tissue_grid
 from .slide import open_slide
 from .tissue import tissue_mask
 from .tma import find_cores, is_tma
 
 __all__ = [
+    "MAX_TILES",
     "MIN_SIDE",
     "NO_MPP_WARNING",
     "THUMBNAIL_MAX",
@@ -49,12 +53,15 @@ __all__ = [
 THUMBNAIL_MAX = 1024
 #: Images smaller than this (analysis pixels, either side) are refused: nothing to segment.
 MIN_SIDE = 16
+#: A slide planned to more tiles than this is refused (a 100 x 50 mm scan at 0.5 µm/px and 512 px
+#: tiles is ~77k tiles; a wrong mpp makes millions).
+MAX_TILES = 100_000
 
 TmaMode = Literal["auto", "yes", "no"]
 
 NO_MPP_WARNING = (
-    "no resolution in the metadata and no input_mpp: processed at native level-0 pixels "
-    "(the analysis mpp was not applied; pass --input-mpp to fix the scale)"
+    "no usable resolution: processed at native level-0 pixels as asked (--native-pixels); the "
+    "analysis mpp was not applied, and a cohort K-means fit leaves it out unless --fit-native"
 )
 
 
@@ -67,7 +74,7 @@ class SamplePlan:
         sample_id: ``slide`` or ``slide/core``.
         input_sha256: SHA-256 of the input file.
         params: :func:`tiling_params` of the run (keys the finished store).
-        input_mpp: µm per level-0 pixel overriding the metadata (None: the file's own).
+        input_mpp: µm per level-0 pixel filling in missing metadata (None: the file's own).
         analysis_mpp: The resolution tiles are read at (None: native level-0 pixels).
         grid: The sample's tiles.
         mask: The thumbnail tissue mask under the sample.
@@ -75,6 +82,7 @@ class SamplePlan:
         mask_downsample: Analysis pixels per mask pixel.
         attrs: Metadata stored with the sample.
         warnings: One-line warnings of the input.
+        force_mpp: µm per level-0 pixel replacing the metadata (None: not forced).
     """
 
     path: str
@@ -89,6 +97,7 @@ class SamplePlan:
     mask_downsample: float
     attrs: dict[str, Any]
     warnings: tuple[str, ...] = ()
+    force_mpp: float | None = None
 
 
 @dataclass
@@ -121,6 +130,9 @@ def plan_samples(
     tile: int = 512,
     halo: int = 32,
     input_mpp: float | None = None,
+    force_mpp: float | None = None,
+    native_pixels: bool = False,
+    max_tiles: int = MAX_TILES,
     tma: TmaMode = "auto",
     input_sha256: str | None = None,
     is_done: Callable[[str, str], bool] | None = None,
@@ -138,13 +150,20 @@ def plan_samples(
         mpp: Analysis resolution, µm per pixel.
         tile: Interior side of a whole-slide tile, analysis pixels.
         halo: Context on every side of a whole-slide tile, and the margin around a TMA core, px.
-        input_mpp: µm per level-0 pixel overriding (or filling in) the file's metadata.
+        input_mpp: µm per level-0 pixel filling in where the file has no usable resolution.
+        force_mpp: µm per level-0 pixel replacing the file's metadata.
+        native_pixels: Process a slide without a usable resolution at native level-0 pixels
+            instead of refusing it.
+        max_tiles: Refuse a slide planned to more tiles than this.
         tma: ``"auto"`` (dearray when :func:`~equislide.tiling.is_tma` says so), ``"yes"`` or ``"no"``.
         input_sha256: The file's SHA-256 when the caller has it (else computed once the file opened).
         is_done: Predicate of finished samples; None = nothing is finished.
 
     Raises:
         SlideError: The file cannot be opened or read (a subclass names why).
+        NoUsableMppError: No usable resolution, no ``input_mpp`` and not ``native_pixels``.
+        SlideTooLargeError: More than ``max_tiles`` tiles, or no pyramid level small enough for
+            the thumbnail.
         NoTissueError: The tissue mask is empty (or ``tma="yes"`` finds no core).
         UnsupportedImageError: The image is under 16 analysis pixels on a side.
         ValueError: A bad parameter (the message names it).
@@ -159,14 +178,21 @@ def plan_samples(
     slide_id = sample_id
     done = is_done or (lambda _sid, _sha: False)
 
-    with open_slide(path, input_mpp=input_mpp) as slide:
-        sha = input_sha256 or sha256_file(path)
-        warnings: list[str] = []
+    with open_slide(path, input_mpp=input_mpp, force_mpp=force_mpp) as slide:
+        warnings: list[str] = list(slide.mpp_warnings)
         if slide.mpp is None:
-            warnings.append(NO_MPP_WARNING)
+            if not native_pixels:
+                raise NoUsableMppError(
+                    path,
+                    f"no usable resolution: {slide.mpp_problem}",
+                    detail="give --input-mpp X in µm per level-0 pixel, or --native-pixels to process it "
+                    "at native pixels",
+                )
+            warnings.append(f"{NO_MPP_WARNING} ({slide.mpp_problem})")
             analysis_mpp: float | None = None
         else:
             analysis_mpp = float(mpp)
+        sha = input_sha256 or sha256_file(path)
         l0_per_l = analysis_scale(slide.mpp, mpp)
         l0_w, l0_h = slide.dimensions
         l_size = (math.ceil(l0_w / l0_per_l[0]), math.ceil(l0_h / l0_per_l[1]))
@@ -196,6 +222,7 @@ def plan_samples(
             "source_mpp": None if slide.mpp is None else float(slide.mpp[0]),
             "source_mpp_xy": None if slide.mpp is None else [float(v) for v in slide.mpp],
             "mpp_source": slide.mpp_source,
+            "native_pixels": slide.mpp is None,
             "source_dimensions": [int(l0_w), int(l0_h)],
             "l0_per_l": [float(v) for v in l0_per_l],
             "warnings": list(warnings),
@@ -222,6 +249,14 @@ def plan_samples(
         else:
             grid = tissue_grid(mask, l_size=l_size, l_per_m=l_per_m, tile=tile, halo=halo, l0_per_l=l0_per_l)
             layout.append((slide_id, grid, mask, (0.0, 0.0), {"kind": "slide"}))
+        n_tiles = sum(grid.n_tiles for _, grid, *_ in layout)
+        if n_tiles > max_tiles:
+            scale = "native pixels" if analysis_mpp is None else f"{analysis_mpp:g} µm/px"
+            raise SlideTooLargeError(
+                path,
+                f"planned {n_tiles} tiles at {scale}, above the limit of {max_tiles} per slide",
+                detail=f"slide mpp {slide.mpp[0]:.4g} from {slide.mpp_source}" if slide.mpp else None,
+            )
 
     plan = SlideLayout(str(path), sha, [sid for sid, *_ in layout], [], [], warnings)
     for sid, grid, crop, origin, extra in layout:
@@ -248,6 +283,7 @@ def plan_samples(
                 float(l_per_m[0]),
                 attrs,
                 tuple(warnings),
+                force_mpp,
             )
         )
     return plan
@@ -257,7 +293,8 @@ def read_tile_batches(slide, sample: SamplePlan, batch_tiles: int) -> Iterator[t
     """Yield ``(start, tiles)`` for a planned sample, ``batch_tiles`` tiles at a time, in grid order.
 
     Args:
-        slide: The sample's input, open (:func:`~equislide.tiling.open_slide` with its ``input_mpp``).
+        slide: The sample's input, open (:func:`~equislide.tiling.open_slide` with its ``input_mpp``
+            and ``force_mpp``).
         sample: A plan of :func:`plan_samples`.
         batch_tiles: Tiles per batch (the tile store's shard).
 

@@ -61,6 +61,7 @@ def open_slide(
     path: str | os.PathLike[str],
     *,
     input_mpp: float | None = None,
+    force_mpp: float | None = None,
     backend: Backend = "auto",
     max_pixels: int = MAX_PLAIN_PIXELS,
 ) -> Slide:
@@ -74,8 +75,11 @@ def open_slide(
 
     Args:
         path: The file.
-        input_mpp: µm per level-0 pixel; overrides the metadata (``mpp_source == "override"``) or
-            fills it in where the file has none.
+        input_mpp: µm per level-0 pixel filling in where the file has no usable resolution
+            (``mpp_source == "input_mpp"``); usable metadata wins, with a warning in
+            :attr:`Slide.mpp_warnings` when they disagree. Rules: :mod:`equislide.tiling._mpp`.
+        force_mpp: µm per level-0 pixel replacing the metadata whatever it says
+            (``mpp_source == "override"``).
         backend: ``"auto"`` (OpenSlide, then plain image), ``"openslide"`` or ``"image"`` only,
             or ``"cucim"`` (NVIDIA cuCIM, optional: ``pip install cucim-cu12``; TIFF family only,
             never chosen by ``"auto"``).
@@ -91,7 +95,8 @@ def open_slide(
         SlideTooLargeError: A plain image above ``max_pixels`` (decompression bomb).
         UnsupportedImageError: Pixels that cannot become RGB, or a format cuCIM does not read.
         PermissionDeniedError: Not readable by this process.
-        ValueError: A bad ``input_mpp`` or ``backend``, or ``backend="cucim"`` without cuCIM.
+        ValueError: A bad ``input_mpp``, ``force_mpp`` (or both given) or ``backend``, or
+            ``backend="cucim"`` without cuCIM.
     """
     if backend not in ("auto", "openslide", "image", "cucim"):
         raise ValueError(f"backend={backend!r}; use 'auto', 'openslide', 'image' or 'cucim'")
@@ -99,13 +104,13 @@ def open_slide(
     if backend == "cucim":
         import_cucim(path)  # a missing optional dependency outranks anything about the file
         _check_file(path)
-        return CuCIMSlide(path, input_mpp=input_mpp)
+        return CuCIMSlide(path, input_mpp=input_mpp, force_mpp=force_mpp)
     head = _check_file(path)
     fmt = sniff_format(head)
     openslide_err: Exception | None = None
     if backend in ("auto", "openslide"):
         try:
-            return OpenSlideSlide(path, input_mpp=input_mpp)
+            return OpenSlideSlide(path, input_mpp=input_mpp, force_mpp=force_mpp)
         except openslide.OpenSlideUnsupportedFormatError as err:
             openslide_err = err
         except openslide.OpenSlideError as err:
@@ -115,7 +120,7 @@ def open_slide(
             detail = f"OpenSlide: {openslide_err}"
             raise cls(path, "not a format OpenSlide reads", detail=detail) from openslide_err
     try:
-        return ImageSlide(path, input_mpp=input_mpp, max_pixels=max_pixels)
+        return ImageSlide(path, input_mpp=input_mpp, force_mpp=force_mpp, max_pixels=max_pixels)
     except SlideError as fallback_err:
         if openslide_err is None:
             raise

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from equislide.commands._common import add_mpp_arguments, check_mpp_arguments
 from equislide.specs import BACKBONE_ALIASES, ClusterSpec, FeatureSpec, TilingSpec
 
 _TILING, _FEATURES, _CLUSTER = TilingSpec(), FeatureSpec(), ClusterSpec()
@@ -71,7 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--halo", type=int, default=_TILING.halo, help=f"context per side, px (default {_TILING.halo})"
     )
-    p.add_argument("--input-mpp", type=float, default=None, metavar="X", help="µm per level-0 px, all inputs")
+    add_mpp_arguments(p, cohort=True)
     p.add_argument("--tma", choices=("auto", "yes", "no"), default=_TILING.tma, help="split TMAs into cores")
     p.add_argument("--width", type=int, default=None, help="stage-1 channels of random weights (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, vector draws and K-means")
@@ -109,7 +110,11 @@ def check_args(args: argparse.Namespace) -> str | None:
     """The first problem with the options, in words; None when they are usable."""
     if not 0 < args.mpp < 1e6:
         return f"--mpp {args.mpp} must be a positive number of µm per pixel"
-    if args.input_mpp is not None and not args.input_mpp > 0:
+    if hasattr(args, "force_mpp"):
+        problem = check_mpp_arguments(args)
+        if problem:
+            return problem
+    elif args.input_mpp is not None and not args.input_mpp > 0:
         return f"--input-mpp {args.input_mpp} must be positive"
     if args.tile < 8 or args.halo < 0:
         return f"--tile {args.tile} must be >= 8 and --halo {args.halo} >= 0"
@@ -147,6 +152,11 @@ def run_flow(args: argparse.Namespace, *, command: list[str], prefix: str = _PRE
         "tile": args.tile,
         "halo": args.halo,
         "input_mpp": args.input_mpp,
+        # demo builds its own arguments without the mpp options: the flow's defaults then.
+        "force_mpp": getattr(args, "force_mpp", None),
+        "native_pixels": getattr(args, "native_pixels", _TILING.native_pixels),
+        "fit_native": getattr(args, "fit_native", _CLUSTER.fit_native),
+        "max_tiles": getattr(args, "max_tiles", _TILING.max_tiles),
         "tma": args.tma,
         "seed": args.seed,
         "model_kwargs": {"width": args.width} if args.width else None,
@@ -182,6 +192,11 @@ def run(args: argparse.Namespace) -> int:
         return usage_error(_PREFIX, problem)
     report = run_flow(args, command=["equislide", "segment", *sys.argv[2:]])
     print(summary_text(report))
+    # Resolution warnings (--input-mpp contradicting the metadata, native pixels, ...) would
+    # otherwise sit unseen in run.json.
+    for record in report.get("parameters", {}).get("input_records", []):
+        for warning in record.get("warnings") or []:
+            print(f"{_PREFIX}: WARNING {record['path']}: {warning}", file=sys.stderr)
     failed = [i for i in report["inputs"] if i["status"] == "failed"]
     for i in failed:
         print(f"{_PREFIX}: FAILED {i['path']}: {i['reason']}", file=sys.stderr)

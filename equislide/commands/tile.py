@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from equislide.commands._common import add_mpp_arguments, check_mpp_arguments
 from equislide.specs import TilingSpec
 from equislide.text import one_line
 
@@ -64,13 +65,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             f"(default {_DEFAULT.halo})"
         ),
     )
-    p.add_argument(
-        "--input-mpp",
-        type=float,
-        default=None,
-        metavar="X",
-        help="µm per level-0 pixel of every input, overriding the metadata (default: from the files)",
-    )
+    add_mpp_arguments(p)
     p.add_argument(
         "--tma",
         choices=("auto", "yes", "no"),
@@ -215,8 +210,9 @@ def run(args: argparse.Namespace) -> int:
         return _usage_error(f"--tile {args.tile} must be >= 8 pixels")
     if args.halo < 0:
         return _usage_error(f"--halo {args.halo} must be >= 0 pixels")
-    if args.input_mpp is not None and not args.input_mpp > 0:
-        return _usage_error(f"--input-mpp {args.input_mpp} must be a positive number of µm per pixel")
+    problem = check_mpp_arguments(args)
+    if problem:
+        return _usage_error(problem)
     if args.workers < 1:
         return _usage_error(f"--workers {args.workers} must be >= 1")
     out = Path(args.out)
@@ -236,7 +232,16 @@ def run(args: argparse.Namespace) -> int:
 
     ids, records = assign_sample_ids(paths)
     jobs = [(p, ids[p]) for p in paths if p in ids]
-    spec = TilingSpec(mpp=args.mpp, tile=args.tile, halo=args.halo, input_mpp=args.input_mpp, tma=args.tma)
+    spec = TilingSpec(
+        mpp=args.mpp,
+        tile=args.tile,
+        halo=args.halo,
+        input_mpp=args.input_mpp,
+        force_mpp=args.force_mpp,
+        native_pixels=args.native_pixels,
+        max_tiles=args.max_tiles,
+        tma=args.tma,
+    )
     clean_partials(out)  # leftovers of a killed run; this run owns --out
 
     t0 = time.perf_counter()

@@ -160,3 +160,83 @@ def test_rotated_sample_gives_rotated_labels(inputs, prefect_harness, dask_clust
     assert both.sum() > 0.5 * both.size
     agree = float((back[both] == maps["core"][both]).mean())
     assert agree >= 0.999, agree
+
+
+def test_native_pixel_sample_is_labelled_but_left_out_of_the_cohort_fit(
+    inputs, prefect_harness, dask_cluster, tmp_path, capsys
+):
+    """One core with a resolution, the same core as a PNG without one, ``native_pixels=True``: the
+    PNG is segmented with the model of the other, not pooled into its fit (nor silently refused)."""
+    import tifffile
+    from PIL import Image
+
+    from equislide.tiling import read_phantom_info
+
+    info = read_phantom_info(inputs["json"])
+    core = next(c for c in info.cores if c.present)
+    with tifffile.TiffFile(info.image_path) as tif:
+        level = tif.pages[2].asarray()  # downsample 4: 2 µm/px
+    cx, cy, half = int(core.l0_x / 4), int(core.l0_y / 4), 96
+    crop = np.ascontiguousarray(level[cy - half : cy + half, cx - half : cx + half, :3])
+    res = ((5000, 1), (5000, 1))  # 2 µm/px
+    tifffile.imwrite(
+        tmp_path / "scaled.tif", crop, photometric="rgb", resolution=res, resolutionunit="CENTIMETER"
+    )
+    Image.fromarray(crop).save(tmp_path / "native.png")
+    paths = [tmp_path / "scaled.tif", tmp_path / "native.png"]
+    options = {
+        "mpp": 2.0,
+        "tile": 2 * half,
+        "halo": 0,
+        "tma": "no",
+        "layer": 3,
+        "model_kwargs": {"width": 16},
+    }
+    from equislide.cli import main
+
+    cli = [
+        "--mpp",
+        "2",
+        "--tile",
+        str(2 * half),
+        "--halo",
+        "0",
+        "--tma",
+        "no",
+        "--layer",
+        "3",
+        "--width",
+        "16",
+    ]
+    out = str(tmp_path / "run")
+    args = [
+        "segment",
+        *map(str, paths),
+        "--out",
+        out,
+        "--native-pixels",
+        "--scheduler",
+        dask_cluster.scheduler_address,
+    ]
+    assert main([*args, *cli]) == 0
+    err = capsys.readouterr().err
+    assert f"WARNING {paths[1]}: no usable resolution: processed at native level-0 pixels" in err
+    assert f"WARNING {paths[1]}: tiled at native pixels: left out of the cohort K-means fit" in err
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert {sid: s["status"] for sid, s in manifest["samples"].items()} == {
+        "scaled": "done",
+        "native": "done",
+    }
+    params = manifest["parameters"]
+    assert params["native_pixels"] is True and params["fit_native"] is False
+    assert params["kmeans_model"]["samples"] == 1  # fitted on the scaled core alone
+    native = next(r for r in params["input_records"] if r["path"].endswith("native.png"))
+    assert any("left out of the cohort K-means fit" in w for w in native["warnings"]), native
+
+    _run(paths, tmp_path / "pooled", dask_cluster, native_pixels=True, fit_native=True, **options)
+    manifest = json.loads((tmp_path / "pooled" / "run.json").read_text())
+    assert manifest["parameters"]["kmeans_model"]["samples"] == 2
+
+    report = _run([tmp_path / "native.png"], tmp_path / "alone", dask_cluster, native_pixels=True, **options)
+    (sample,) = report["samples"].values()
+    assert sample["status"] == "failed" and "no sample with a resolution to fit on" in sample["error"], sample

@@ -60,9 +60,9 @@ def _coords(geometry) -> np.ndarray:
 def test_real_slides_end_to_end(shared_data, prefect_harness, dask_cluster, tmp_path):
     """CMU-1 (0.499 µm/px in its metadata) and TCGA-CR-7395 (JPEG 2000, no mpp) in one run.
 
-    ``input_mpp`` applies to every input and *overrides* metadata (``mpp_source == "override"``), it
-    does not only fill in a missing value: one run of both at 0.5 treats CMU-1 at 0.5 instead of
-    0.499 (0.2 %), which is what ``equislide segment --input-mpp 0.5 CMU... TCGA...`` does.
+    ``input_mpp`` only fills in a missing resolution: CMU-1 keeps its metadata's 0.499 (0.5 agrees,
+    so no warning), TCGA-CR-7395 is read at 0.5 (``mpp_source == "input_mpp"``), which is what
+    ``equislide segment --input-mpp 0.5 CMU... TCGA...`` does.
     """
     import zarr
     from shapely.geometry import shape
@@ -89,7 +89,7 @@ def test_real_slides_end_to_end(shared_data, prefect_harness, dask_cluster, tmp_
     for sid, s in manifest["samples"].items():
         with open_slide(ids[sid], input_mpp=0.5) as slide:
             l0_w, l0_h = slide.dimensions
-            assert slide.mpp_source == "override"
+            assert slide.mpp_source == ("metadata" if sid.startswith("CMU") else "input_mpp")
         outs = s["outputs"]
         for key in ("ome_zarr", "overlay_png", "geojson", "kmeans", "tiles"):
             assert Path(outs[key]).exists(), (sid, key)

@@ -18,7 +18,14 @@ from PIL import Image
 
 from equislide.stages.tile import tile_slide
 from equislide.storage import DONE_MARKER, read_sample_meta
-from equislide.tiling import THUMBNAIL_MAX, NoTissueError, open_slide, read_phantom_info, write_phantom
+from equislide.tiling import (
+    THUMBNAIL_MAX,
+    NoTissueError,
+    NoUsableMppError,
+    open_slide,
+    read_phantom_info,
+    write_phantom,
+)
 
 
 def expected_stores(tree: dict[str, str]) -> set[str]:
@@ -146,19 +153,27 @@ def test_cmu_svs_at_the_analysis_mpp(shared_data: Path, tmp_path: Path) -> None:
     assert g["tissue_mask"].attrs["downsample"] == pytest.approx(2967 / THUMBNAIL_MAX / l0_per_l[0], rel=0.01)
 
 
-def test_tcga_without_mpp_warns_and_uses_native_pixels(shared_data: Path, tmp_path: Path) -> None:
+def test_tcga_without_mpp_refused_unless_native_pixels(shared_data: Path, tmp_path: Path) -> None:
     svs = shared_data / "slides" / "TCGA-CR-7395-01A-01-TS1.svs"
-    (native,) = tile_slide(svs, tmp_path / "native", tile=1024, halo=0)
+    with pytest.raises(NoUsableMppError) as info:
+        tile_slide(svs, tmp_path / "refused")
+    assert str(info.value).startswith(
+        "TCGA-CR-7395-01A-01-TS1.svs: no usable resolution: no resolution in the metadata (give --input-mpp"
+    )
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    (native,) = tile_slide(svs, tmp_path / "native", tile=1024, halo=0, native_pixels=True)
     assert native.warnings and "native level-0 pixels" in native.warnings[0]
     meta = read_sample_meta(native.store)
     assert meta["mpp"] is None and meta["mpp_source"] is None and meta["l0_per_l"] == [1.0, 1.0]
+    assert meta["native_pixels"] is True
     assert meta["warnings"] == native.warnings
     assert meta["grid_shape"] == [4, 5]  # 4443 x 3567 native px in 1024 px tiles
 
     (scaled,) = tile_slide(svs, tmp_path / "scaled", input_mpp=0.5)
     assert not scaled.warnings
     meta = read_sample_meta(scaled.store)
-    assert meta["mpp"] == 2.5 and meta["mpp_source"] == "override" and meta["source_mpp"] == 0.5
+    assert meta["mpp"] == 2.5 and meta["mpp_source"] == "input_mpp" and meta["source_mpp"] == 0.5
+    assert meta["native_pixels"] is False
     assert meta["grid_shape"] == [2, 2] and scaled.n_tiles >= 2  # 889 x 714 analysis px
 
 
@@ -166,7 +181,7 @@ def test_no_tissue_raises(tmp_path: Path) -> None:
     path = tmp_path / "white.png"
     Image.new("RGB", (600, 400), (250, 250, 250)).save(path)
     with pytest.raises(NoTissueError, match=r"white\.png: no tissue found"):
-        tile_slide(path, tmp_path / "out")
+        tile_slide(path, tmp_path / "out", native_pixels=True)
     assert not any((tmp_path / "out").glob("*.zarr*")) if (tmp_path / "out").exists() else True
 
 
@@ -178,3 +193,25 @@ def test_bad_parameters_name_the_value(phantom: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mpp=-1"):
         tile_slide(phantom, tmp_path, mpp=-1)
     assert not os.listdir(tmp_path)
+
+
+def test_split_native_leaves_native_pixel_samples_out_of_a_cohort_fit(tmp_path: Path) -> None:
+    import tifffile
+
+    from equislide.stages.cluster import split_native
+
+    rgb = np.full((300, 400, 3), 235, np.uint8)
+    rgb[75:225, 100:300] = (150, 60, 140)
+    Image.fromarray(rgb).save(tmp_path / "bare.png")
+    res = ((20000, 1), (20000, 1))  # 0.5 µm/px
+    tifffile.imwrite(
+        tmp_path / "scaled.tif", rgb, photometric="rgb", resolution=res, resolutionunit="CENTIMETER"
+    )
+    (native,) = tile_slide(
+        tmp_path / "bare.png", tmp_path / "t", native_pixels=True, mpp=0.5, tile=64, tma="no"
+    )
+    (scaled,) = tile_slide(tmp_path / "scaled.tif", tmp_path / "t", mpp=0.5, tile=64, tma="no")
+    (filled,) = tile_slide(tmp_path / "bare.png", tmp_path / "f", input_mpp=0.5, mpp=0.5, tile=64, tma="no")
+    stores = [native.store, scaled.store, filled.store]
+    assert split_native(stores) == ([scaled.store, filled.store], [native.store])
+    assert split_native(stores, fit_native=True) == (stores, [])

@@ -39,10 +39,22 @@ def test_svs_without_mpp_and_override(shared_data: Path) -> None:
         with pytest.raises(ValueError, match="input_mpp"):
             slide.read_region_mpp((0, 0), (16, 16), 1.0)
         assert slide.read_region_mpp((0, 0), (16, 8), None).shape == (8, 16, 3)
-    with open_slide(path, input_mpp=0.25) as slide:
-        assert slide.mpp == (0.25, 0.25) and slide.mpp_source == "override"
-    with open_slide(shared_data / "slides" / "CMU-1-Small-Region.svs", input_mpp=0.5) as slide:
-        assert slide.mpp == (0.5, 0.5) and slide.mpp_source == "override"
+        assert slide.mpp_problem == "no resolution in the metadata"
+    with open_slide(path, input_mpp=0.25) as slide:  # fills in: the file has none
+        assert slide.mpp == (0.25, 0.25) and slide.mpp_source == "input_mpp" and not slide.mpp_warnings
+    cmu = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    with open_slide(cmu, input_mpp=0.5) as slide:  # agrees with the metadata's 0.499: silent
+        assert slide.mpp == pytest.approx((0.499, 0.499)) and slide.mpp_source == "metadata"
+        assert not slide.mpp_warnings
+    with open_slide(cmu, input_mpp=1.25) as slide:  # contradicts it: the metadata wins, said once
+        assert slide.mpp == pytest.approx((0.499, 0.499)) and slide.mpp_source == "metadata"
+        (warning,) = slide.mpp_warnings
+        assert "--input-mpp 1.25 contradicts the metadata's 0.499" in warning and "--force-mpp" in warning
+    with open_slide(cmu, force_mpp=1.25) as slide:
+        assert slide.mpp == (1.25, 1.25) and slide.mpp_source == "override"
+        assert "replaces the metadata's 0.499" in slide.mpp_warnings[0]
+    with pytest.raises(ValueError, match="not both"):
+        open_slide(cmu, input_mpp=0.5, force_mpp=0.5)
 
 
 def test_read_region_white_outside(shared_data: Path) -> None:

@@ -112,7 +112,7 @@ def test_bad_inputs_among_good_ones(shared_data: Path, tmp_path: Path, tiff_bomb
     out = tmp_path / "out"
     inputs = [str(p) for p, _ in bad.values()] + [str(p) for p, _ in good.values()]
     inputs.append(str(svs))  # the same file twice is tiled once
-    assert main(["tile", *inputs, "--out", str(out), "--tile", "256", "--halo", "8"]) == 1
+    assert main(["tile", *inputs, "--out", str(out), "--tile", "256", "--halo", "8", "--native-pixels"]) == 1
     captured = capsys.readouterr()
     failed = _failed_lines(captured.err)
     assert "Traceback" not in captured.err
@@ -136,8 +136,8 @@ def test_bad_inputs_among_good_ones(shared_data: Path, tmp_path: Path, tiff_bomb
     # Odd pixels became plain RGB: the grayscale store is gray, the RGBA strip white.
     gray = np.asarray(zarr.open_group(str(out / "gray.zarr"), mode="r")["tiles"][0])
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
-    # PNGs have no microscope resolution: native pixels, warned on stderr and in the store.
-    assert f"WARNING {d / 'rgba.png'}: no resolution" in captured.err
+    # PNGs have no microscope resolution: native pixels as asked, warned on stderr and in the store.
+    assert f"WARNING {d / 'rgba.png'}: no usable resolution: processed at native" in captured.err
     assert zarr.open_group(str(out / "rgba.zarr"), mode="r").attrs["equislide"]["warnings"]
     assert not list(out.rglob("*.partial-*"))
 
@@ -165,7 +165,16 @@ def test_unexpected_error_is_one_line_and_others_continue(shared_data: Path, tmp
     out = tmp_path / "out"
     out.mkdir()
     (out / "clash").write_text("a file where the folder of the cores' stores should go")
-    args = ["tile", str(tmp_path / "clash.tiff"), str(tmp_path / "ok.png"), "--out", str(out), "--tma", "yes"]
+    args = [
+        "tile",
+        str(tmp_path / "clash.tiff"),
+        str(tmp_path / "ok.png"),
+        "--out",
+        str(out),
+        "--tma",
+        "yes",
+        "--native-pixels",
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if "FAILED" in x]
@@ -182,8 +191,8 @@ def test_local_cluster_two_workers_matches_in_process(shared_data: Path, tmp_pat
     (tmp_path / "bad.svs").write_text("nope")
     shutil.copyfile(shared_data / "images" / "he-carcinoma-1000.png", tmp_path / "he.png")
     inputs = [str(tmp_path / n) for n in ("tma02.tiff", "bad.svs", "he.png")]
-    assert main(["tile", *inputs, "--out", str(tmp_path / "one")]) == 1
-    assert main(["tile", *inputs, "--out", str(tmp_path / "two"), "--workers", "2"]) == 1
+    assert main(["tile", *inputs, "--out", str(tmp_path / "one"), "--native-pixels"]) == 1
+    assert main(["tile", *inputs, "--out", str(tmp_path / "two"), "--workers", "2", "--native-pixels"]) == 1
     err = capsys.readouterr().err
     assert err.count(f"FAILED {tmp_path / 'bad.svs'}: not a slide") == 2
     one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
