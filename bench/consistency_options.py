@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             )
             cal_s = time.perf_counter() - t0
             wrapped = CachedBackbone(model, layers, tta=tta)
-            jobs = [("images", n, im, None, False) for n, im in images.items()]
+            jobs = [("images", n, im, None, False) for n, im in images.items() if False in contexts]
             if True in contexts:  # a bare square's "context" is the stage's white canvas
                 jobs += [("images", n, im, None, True) for n, im in images.items()]
             for n, sq in squares.items():  # no context: the "images" job of the same square, reused
