@@ -22,6 +22,7 @@ __all__ = [
     "OVERLAY_MAX",
     "SEGMENT_MARKER_SUFFIX",
     "clip_to_slide",
+    "overlay_picture",
     "segment_store",
     "write_sample_ome_zarr",
     "write_sample_overlay",
@@ -67,6 +68,7 @@ def write_sample_ome_zarr(
     stride: int,
     names: dict[int, str],
     ngff_version: str | None = None,
+    **options: Any,
 ) -> Path:
     """The sample's OME-Zarr: its analysis plane from the tile store as a pyramid, labels on it.
 
@@ -74,7 +76,8 @@ def write_sample_ome_zarr(
     streamed a band at a time; the label maps (feature resolution, ``stitched`` from
     :func:`~equislide.storage.stitch_store`) are sampled onto every level (nearest). A translation
     places the sample where it lies on its slide (a TMA core at its core, a slide's cut grid at its
-    first pixel), and ``attrs["equislide"]`` gives the level-0 offset.
+    first pixel), and ``attrs["equislide"]`` gives the level-0 offset. ``options`` go to
+    :func:`~equislide.storage.write_ome_zarr` (``min_side``, ``chunk``).
     """
     from equislide.storage import NGFF_VERSION, tile_plane, write_ome_zarr
 
@@ -107,6 +110,7 @@ def write_sample_ome_zarr(
         translation_um=(lx * px, ly * px),
         attributes=attributes,
         ngff_version=ngff_version or NGFF_VERSION,
+        **options,
     )
 
 
@@ -128,7 +132,35 @@ def write_sample_overlay(
     Returns:
         A one-line warning when the slide could not be read for those areas (they stay white).
     """
-    from equislide.storage import downsample_plane, tile_plane, write_overlay_png
+    from equislide.storage import write_overlay_png
+
+    rgb, l_origin, down, warning = overlay_picture(store, meta)
+    gx, gy = stitched["l_origin"]
+    mpp = meta.get("mpp")
+    write_overlay_png(
+        path,
+        rgb,
+        stitched["labels"],
+        names=names,
+        title=title,
+        label_origin=((gx - l_origin[0]) / down, (gy - l_origin[1]) / down),
+        label_scale=stride / down,
+        pixel_size_um=float(mpp) * down if mpp else None,
+    )
+    return warning
+
+
+def overlay_picture(
+    store: str | Path, meta: dict[str, Any]
+) -> tuple[np.ndarray, tuple[int, int], int, str | None]:
+    """The picture under the overlay: ``(rgb, l_origin, down, warning)``.
+
+    A whole slide's full rectangle (a TMA core's tile) at ``down`` analysis px per pixel, the finest
+    power of two within :data:`OVERLAY_MAX`: stored tiles where there are tiles, the slide's own
+    thumbnail elsewhere (``warning`` says so when the slide cannot be read: those areas stay white).
+    ``l_origin`` is the analysis pixel of the picture's corner.
+    """
+    from equislide.storage import downsample_plane, tile_plane
 
     plane = tile_plane(store, extent="slide" if meta.get("kind", "slide") == "slide" else "tiles")
     h, w = plane.shape[:2]
@@ -142,19 +174,7 @@ def write_sample_overlay(
             rgb[~covered] = _slide_background(meta, plane.l_origin, down, rgb.shape[:2])[~covered]
         except Exception as exc:  # the overlay is still useful without the slide's margins
             warning = f"overlay: slide not read for the areas without tiles ({type(exc).__name__}: {exc})"
-    gx, gy = stitched["l_origin"]
-    mpp = meta.get("mpp")
-    write_overlay_png(
-        path,
-        rgb,
-        stitched["labels"],
-        names=names,
-        title=title,
-        label_origin=((gx - plane.l_origin[0]) / down, (gy - plane.l_origin[1]) / down),
-        label_scale=stride / down,
-        pixel_size_um=float(mpp) * down if mpp else None,
-    )
-    return warning
+    return rgb, plane.l_origin, down, warning
 
 
 def _slide_background(
