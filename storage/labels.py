@@ -18,6 +18,7 @@ colours: ``PALETTE[v]`` is the RGB colour of label value ``v``.
 from __future__ import annotations
 
 import colorsys
+import math
 from pathlib import Path
 from typing import Any
 
@@ -415,9 +416,9 @@ def _slide_rect(meta: dict[str, Any]) -> tuple[int, int, int, int] | None:
     dims, per = meta.get("source_dimensions"), meta.get("l0_per_l")
     if not dims or not per:
         return None
-    # A partly covered last analysis pixel still shows slide: round up, as the readers pad it white.
-    w = int(np.ceil(float(dims[0]) / float(per[0]) - 1e-6))
-    h = int(np.ceil(float(dims[1]) / float(per[1]) - 1e-6))
+    # The tiling's own analysis size (tiling.layout): a partly covered last pixel still shows slide.
+    w = math.ceil(float(dims[0]) / float(per[0]))
+    h = math.ceil(float(dims[1]) / float(per[1]))
     return (0, 0, max(w, 1), max(h, 1))
 
 
