@@ -762,3 +762,39 @@ def test_overlay_image_is_finer_than_the_label_grid(tmp_path):
     assert uri.startswith("data:image/jpeg;base64,")
     with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as thumb:
         assert thumb.format == "JPEG" and max(thumb.size) == 8
+
+
+def test_real_slide_outputs_show_the_tissue_at_the_analysis_resolution(shared_data, tmp_path):
+    """CMU-1-Small-Region (2220 x 2967 px at 0.499 µm/px) tiled with segment's defaults: the OME-Zarr
+    image is the whole slide at 2.5 µm/px (444 x 593 px, not the 64 x 128 label grid), pixel for pixel
+    the tile store's analysis plane; the overlay spans the slide with the slide's own pixels past the
+    grid."""
+    from ome_zarr_models import open_ome_zarr
+
+    from equislide.stages.segment import overlay_picture, write_sample_ome_zarr
+    from equislide.stages.tile import tile_slide
+    from equislide.storage import read_sample_meta
+
+    (res,) = tile_slide(shared_data / "slides" / "CMU-1-Small-Region.svs", tmp_path / "tiles")
+    store = res.store
+    meta = read_sample_meta(store)
+    group = zarr.open_group(store, mode="r")
+    tiles, coords, halo = group["tiles"][:], group["coords"][:], int(meta["halo"])
+    stride = 8
+    tile_labels = np.stack([np.full((64, 64), i % 3) for i in range(len(coords))])
+    stitched = stitch_store(store, tile_labels, stride=stride, image=False)
+    path = write_sample_ome_zarr(tmp_path / "s.ome.zarr", store, meta, stitched, stride=stride, names={})
+    assert open_ome_zarr(zarr.open_group(path, mode="r")).ome_zarr_version == "0.5"
+    root = zarr.open_group(path, mode="r")
+    assert root["0"].shape == (3, 593, 444) and stitched["labels"].shape == (128, 64)
+    np.testing.assert_array_equal(
+        root["0"][:].transpose(1, 2, 0), _naive_plane(tiles, coords, halo, (0, 0, 444, 593))
+    )
+    gx, gy = stitched["l_origin"]  # the grid starts left of and above the slide
+    lab0 = root["labels/clusters/0"][:]
+    assert lab0.shape == (593, 444)
+    rows, cols = (np.arange(593) - gy) // stride, (np.arange(444) - gx) // stride
+    np.testing.assert_array_equal(lab0, stitched["labels"][rows][:, cols])
+
+    rgb, l_origin, down, warning = overlay_picture(store, meta)
+    assert warning is None and l_origin == (0, 0) and down == 1 and rgb.shape == (593, 444, 3)
