@@ -376,8 +376,11 @@ def tile_plane(store_path: str | Path, *, extent: str = "tiles") -> TilePlane:
     return TilePlane(tiles, coords, halo=halo, rect=tuple(rect))
 
 
-def downsample_plane(plane: Any, factor: int, *, band_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """``factor x factor`` block means of a (lazy) plane, read ``band_rows * factor`` rows at a time.
+def downsample_plane(
+    plane: Any, factor: int, *, band_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``factor x factor`` block means of a (lazy) plane, read ``band_rows * factor`` rows at a time
+    (default: about 4 Mpx of the plane per band, whatever its width and the factor).
 
     Returns:
         ``(rgb (ceil(H / factor), ceil(W / factor), 3) uint8, covered bool)``: ``covered`` is True
@@ -389,6 +392,8 @@ def downsample_plane(plane: Any, factor: int, *, band_rows: int = 512) -> tuple[
         raise ValueError(f"factor={factor} must be >= 1")
     h, w = int(plane.shape[0]), int(plane.shape[1])
     oh, ow = -(-h // factor), -(-w // factor)
+    if band_rows is None:
+        band_rows = max(1, (1 << 22) // (max(w, 1) * factor))
     rgb = np.empty((oh, ow, 3), np.uint8)
     covered = np.ones((oh, ow), bool)
     for o0 in range(0, oh, band_rows):

@@ -240,12 +240,22 @@ def _n_levels(shape: tuple[int, int], *, min_side: int, max_levels: int) -> int:
     return n
 
 
-def _halve_image(img: np.ndarray) -> np.ndarray:
-    """(3, Y, X) uint8 -> (3, ceil(Y/2), ceil(X/2)) by 2 x 2 means, edges replicated."""
+def _halve_image(img: np.ndarray, *, block: int = 2048) -> np.ndarray:
+    """(3, Y, X) uint8 -> (3, ceil(Y/2), ceil(X/2)) by 2 x 2 means (halves round up), edges replicated.
+
+    Integer sums in blocks of ``block`` output columns: the temporaries stay a few MB whatever the
+    slide's width (a float copy of a whole band was the writer's largest allocation).
+    """
     _, h, w = img.shape
-    padded = np.pad(img, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge").astype(np.float32)
-    mean = padded.reshape(3, padded.shape[1] // 2, 2, padded.shape[2] // 2, 2).mean(axis=(2, 4))
-    return np.rint(mean).astype(np.uint8)
+    padded = np.pad(img, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
+    oh, ow = padded.shape[1] // 2, padded.shape[2] // 2
+    out = np.empty((3, oh, ow), np.uint8)
+    for c0 in range(0, ow, block):
+        c1 = min(c0 + block, ow)
+        part = padded[:, :, 2 * c0 : 2 * c1].astype(np.uint16)
+        sums = part[:, 0::2, 0::2] + part[:, 1::2, 0::2] + part[:, 0::2, 1::2] + part[:, 1::2, 1::2]
+        out[:, :, c0:c1] = (sums + 2) // 4
+    return out
 
 
 def _transforms(scales: list[list[float]], shifts: list[list[float]] | None) -> list[list[dict[str, Any]]]:
