@@ -26,8 +26,11 @@ __all__ = [
     "SEGMENT_MARKER_SUFFIX",
     "TMA_GEOJSON_SUFFIX",
     "clip_to_slide",
+    "overlay_picture",
     "segment_store",
     "tma_slides",
+    "write_sample_ome_zarr",
+    "write_sample_overlay",
     "write_tma_geojson",
 ]
 
@@ -37,6 +40,11 @@ SEGMENT_MARKER_SUFFIX = ".segment.json"
 OVERLAY_MAX = 2048
 #: A TMA slide's cores as QuPath ``tmaCore`` objects: ``<out>/<slide sample ID>.tma.geojson``.
 TMA_GEOJSON_SUFFIX = ".tma.geojson"
+#: What the outputs look like; part of the marker's key, so a rerun over an older run rewrites them.
+OUTPUTS_FORMAT = (
+    "ome-ngff-0.5 analysis-plane pyramid; overlay over the slide with legend and scale bar; "
+    "geojson from rasterio polygons with uuid ids"
+)
 
 
 def clip_to_slide(geojson: dict[str, Any], l0_size: Sequence[int] | None) -> dict[str, Any]:
@@ -60,6 +68,150 @@ def clip_to_slide(geojson: dict[str, Any], l0_size: Sequence[int] | None) -> dic
         geometry = feature["geometry"]
         geometry["coordinates"] = clamp(geometry["coordinates"])
     return geojson
+
+
+def write_sample_ome_zarr(
+    path: str | Path,
+    store: str | Path,
+    meta: dict[str, Any],
+    stitched: dict[str, Any],
+    *,
+    stride: int,
+    names: dict[int, str],
+    ngff_version: str | None = None,
+    **options: Any,
+) -> Path:
+    """The sample's OME-Zarr: its analysis plane from the tile store as a pyramid, labels on it.
+
+    The image is the tile interiors' extent cut to the slide (:func:`~equislide.storage.tile_plane`),
+    streamed a band at a time; the label maps (feature resolution, ``stitched`` from
+    :func:`~equislide.storage.stitch_store`) are sampled onto every level (nearest). A translation
+    places the sample where it lies on its slide (a TMA core at its core, a slide's cut grid at its
+    first pixel), and ``attrs["equislide"]`` gives the level-0 offset. ``options`` go to
+    :func:`~equislide.storage.write_ome_zarr` (``min_side``, ``chunk``).
+    """
+    from equislide.storage import NGFF_VERSION, tile_plane, write_ome_zarr
+
+    plane = tile_plane(store)
+    mpp = meta.get("mpp")
+    px = float(mpp) if mpp else 1.0  # no resolution: analysis px are level-0 px, scaled 1 "µm"
+    l0_per_l = stitched["l0_per_l"]
+    lx, ly = plane.l_origin
+    gx, gy = stitched["l_origin"]
+    attributes = {
+        "sample_id": meta["sample_id"],
+        "kind": meta.get("kind"),
+        "analysis_mpp": mpp,
+        "l_origin": [lx, ly],
+        "l0_origin": [lx * l0_per_l[0], ly * l0_per_l[1]],
+        "l0_per_l": list(l0_per_l),
+        "source_dimensions": meta.get("source_dimensions"),
+        "label_grid": {"stride": stride, "l_origin": [gx, gy]},
+        "note": "l_: analysis px, l0_: slide level-0 px of level 0's pixel (0, 0) corner",
+    }
+    return write_ome_zarr(
+        path,
+        plane,
+        pixel_size_um=px,
+        labels={"clusters": stitched["labels"], "tissue": stitched["tissue"]},
+        label_upsample=stride,
+        label_offset=(lx - gx, ly - gy),
+        label_names={"clusters": names},
+        name=meta["sample_id"],
+        translation_um=(lx * px, ly * px),
+        attributes=attributes,
+        ngff_version=ngff_version or NGFF_VERSION,
+        **options,
+    )
+
+
+def write_sample_overlay(
+    path: str | Path,
+    store: str | Path,
+    meta: dict[str, Any],
+    stitched: dict[str, Any],
+    *,
+    stride: int,
+    names: dict[int, str],
+    title: str,
+) -> str | None:
+    """The overlay PNG over the whole slide (a TMA core: over its tile), at most :data:`OVERLAY_MAX` px.
+
+    Drawn from the tiles at the finest power-of-two downsample that fits; where no tile is (the slide
+    past the tile grid) the slide's own thumbnail shows, so nothing is cut or padded white.
+
+    Returns:
+        A one-line warning when the slide could not be read for those areas (they stay white).
+    """
+    from equislide.storage import write_overlay_png
+
+    rgb, l_origin, down, warning = overlay_picture(store, meta)
+    gx, gy = stitched["l_origin"]
+    mpp = meta.get("mpp")
+    write_overlay_png(
+        path,
+        rgb,
+        stitched["labels"],
+        names=names,
+        title=title,
+        label_origin=((gx - l_origin[0]) / down, (gy - l_origin[1]) / down),
+        label_scale=stride / down,
+        pixel_size_um=float(mpp) * down if mpp else None,
+    )
+    return warning
+
+
+def overlay_picture(
+    store: str | Path, meta: dict[str, Any]
+) -> tuple[np.ndarray, tuple[int, int], int, str | None]:
+    """The picture under the overlay: ``(rgb, l_origin, down, warning)``.
+
+    A whole slide's full rectangle (a TMA core's tile) at ``down`` analysis px per pixel, the finest
+    power of two within :data:`OVERLAY_MAX`: stored tiles where there are tiles, the slide's own
+    thumbnail elsewhere (``warning`` says so when the slide cannot be read: those areas stay white).
+    ``l_origin`` is the analysis pixel of the picture's corner.
+    """
+    from equislide.storage import downsample_plane, tile_plane
+
+    plane = tile_plane(store, extent="slide" if meta.get("kind", "slide") == "slide" else "tiles")
+    h, w = plane.shape[:2]
+    down = 1
+    while max(h, w) > OVERLAY_MAX * down:
+        down *= 2
+    rgb, covered = downsample_plane(plane, down)
+    warning = None
+    if not covered.all():
+        try:
+            rgb[~covered] = _slide_background(meta, plane.l_origin, down, rgb.shape[:2])[~covered]
+        except Exception as exc:  # the overlay is still useful without the slide's margins
+            warning = f"overlay: slide not read for the areas without tiles ({type(exc).__name__}: {exc})"
+    return rgb, plane.l_origin, down, warning
+
+
+def _slide_background(
+    meta: dict[str, Any], l_origin: tuple[int, int], down: int, shape: tuple[int, int]
+) -> np.ndarray:
+    """The slide's thumbnail on the overlay's pixel grid (``down`` analysis px per pixel)."""
+    from PIL import Image
+
+    from equislide.tiling import open_slide
+
+    source = meta.get("source_path")
+    if not source:
+        raise FileNotFoundError("the store names no source_path")
+    l0_per_l = meta.get("l0_per_l") or (1.0, 1.0)
+    step = (down * float(l0_per_l[0]), down * float(l0_per_l[1]))  # level-0 px per overlay px
+    with open_slide(source) as slide:
+        thumb, ds = slide.thumbnail(max_size=max(shape) * 2)
+    # Overlay px (c, r) spans level-0 [(l_x + c * down) * l0_per_l_x, ...): crop that box from the thumbnail.
+    box = (
+        l_origin[0] * float(l0_per_l[0]) / ds,
+        l_origin[1] * float(l0_per_l[1]) / ds,
+        (l_origin[0] * float(l0_per_l[0]) + shape[1] * step[0]) / ds,
+        (l_origin[1] * float(l0_per_l[1]) + shape[0] * step[1]) / ds,
+    )
+    picture = Image.fromarray(thumb).resize((shape[1], shape[0]), Image.Resampling.BOX, box=box)
+    return np.asarray(picture)
 
 
 def segment_store(
@@ -97,8 +249,6 @@ def segment_store(
         stitch_store,
         store_identity,
         write_geojson,
-        write_ome_zarr,
-        write_overlay_png,
     )
 
     spec = spec or ClusterSpec()
@@ -115,6 +265,7 @@ def segment_store(
         "sample": store_identity(store),
         "features": fmeta["params_sha256"],
         "kmeans": {"mode": "cohort", "sha256": kmeans.sha256} if kmeans is not None else spec.params(),
+        "outputs": OUTPUTS_FORMAT,
     }
     key = params_hash(identity)
     marker = read_json(marker_path)
@@ -133,8 +284,8 @@ def segment_store(
     tile_labels = np.zeros((int(meta["n_tiles"]), int(fmeta["f_tile"]), int(fmeta["f_tile"])), np.uint16)
     for start, feats in feature_batches(store, layer):
         tile_labels[start : start + len(feats)] = model.predict(feats)
-    stitched = stitch_store(store, tile_labels, stride=stride, overlay_max=OVERLAY_MAX)
-    labels, tissue, image = stitched["labels"], stitched["tissue"], stitched["image"]
+    stitched = stitch_store(store, tile_labels, stride=stride, image=False)
+    labels = stitched["labels"]
     pixel_size = stitched["pixel_size_um"]
     names = {v + 1: f"cluster {v + 1}" for v in range(model.k)}
     outputs = {
@@ -144,15 +295,13 @@ def segment_store(
         "kmeans": model_path,
     }
     base.parent.mkdir(parents=True, exist_ok=True)
-    write_ome_zarr(
-        outputs["ome_zarr"],
-        image,
-        pixel_size_um=pixel_size if pixel_size else float(stride),
-        labels={"clusters": labels, "tissue": tissue},
-        label_names={"clusters": names},
-        name=sample_id,
+    warnings = list(meta.get("warnings") or [])
+    write_sample_ome_zarr(outputs["ome_zarr"], store, meta, stitched, stride=stride, names=names)
+    warning = write_sample_overlay(
+        outputs["overlay_png"], store, meta, stitched, stride=stride, names=names, title=sample_id
     )
-    write_overlay_png(outputs["overlay_png"], stitched["overlay_image"], labels, names=names, title=sample_id)
+    if warning:
+        warnings.append(warning)
     geojson = labels_to_geojson(
         labels,
         stride=stride,
@@ -171,7 +320,7 @@ def segment_store(
         "stride": stride,
         "pixel_size_um": pixel_size,
         "kmeans_sha256": sha256_file(model_path),
-        "warnings": list(meta.get("warnings") or []),
+        "warnings": warnings,
     }
     # The marker names files relative to out_dir, so two runs in different folders write the same bytes.
     stored = {**result, "outputs": {k: os.path.relpath(v, out_dir) for k, v in outputs.items()}}

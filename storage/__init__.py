@@ -35,15 +35,20 @@ from equislide.storage.ids import split_sample_id as split_sample_id
 from equislide.storage.ids import unique_sample_ids as unique_sample_ids
 from equislide.storage.labels import NO_TISSUE as NO_TISSUE
 from equislide.storage.labels import PALETTE as PALETTE
+from equislide.storage.labels import TilePlane as TilePlane
+from equislide.storage.labels import downsample_plane as downsample_plane
 from equislide.storage.labels import label_color as label_color
 from equislide.storage.labels import stitch_image as stitch_image
 from equislide.storage.labels import stitch_labels as stitch_labels
 from equislide.storage.labels import stitch_store as stitch_store
+from equislide.storage.labels import tile_plane as tile_plane
 from equislide.storage.manifest import RunManifest as RunManifest
 from equislide.storage.manifest import collect_versions as collect_versions
 from equislide.storage.manifest import describe_inputs as describe_inputs
 from equislide.storage.manifest import read_manifest as read_manifest
 from equislide.storage.manifest import write_manifest as write_manifest
+from equislide.storage.ome import NGFF_VERSION as NGFF_VERSION
+from equislide.storage.ome import ngff_attrs as ngff_attrs
 from equislide.storage.ome import validate_image_attrs as validate_image_attrs
 from equislide.storage.ome import validate_label_attrs as validate_label_attrs
 from equislide.storage.ome import write_ome_zarr as write_ome_zarr
@@ -84,6 +89,11 @@ __all__ = [
     "stitch_image",
     "stitch_labels",
     "stitch_store",
+    "TilePlane",
+    "downsample_plane",
+    "tile_plane",
+    "NGFF_VERSION",
+    "ngff_attrs",
     "RunManifest",
     "collect_versions",
     "describe_inputs",

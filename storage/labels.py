@@ -18,6 +18,7 @@ colours: ``PALETTE[v]`` is the RGB colour of label value ``v``.
 from __future__ import annotations
 
 import colorsys
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ __all__ = [
     "stitch_image",
     "stitch_labels",
     "stitch_store",
+    "TilePlane",
+    "downsample_plane",
+    "tile_plane",
 ]
 
 #: Label value of "no tissue" (no tile there, or outside the tissue mask).
@@ -248,6 +252,179 @@ def stitch_image(
         y1, x1 = min(y + o, shape[0]), min(x + o, shape[1])
         out[y:y1, x:x1] = np.rint(inner[: y1 - y, : x1 - x]).astype(np.uint8)
     return out
+
+
+class TilePlane:
+    """A lazy rectangle of the analysis plane, stitched from stored tiles' interiors a band at a time.
+
+    ``plane[y0:y1]`` (numpy row slicing; a column slice may follow) stitches only the tiles that the
+    rows meet, so an OME-Zarr or overlay writer streams a slide of any size in bounded memory. Pixel
+    ``(row, col)`` is analysis pixel ``(l_x, l_y) = l_origin + (col, row)``; pixels no tile interior
+    covers are ``background``. Where interiors overlap, the later tile wins (as in :func:`stitch_image`).
+
+    Args:
+        tiles: ``(n_tiles, T, T, 3)`` uint8 with halo (numpy or a zarr array: read one tile at a time).
+        coords: int ``(n_tiles, 2)`` interior top-left ``(l_x, l_y)``.
+        halo: Halo of the stored tiles (cropped here).
+        rect: ``(l_x0, l_y0, l_x1, l_y1)``, the plane's extent in analysis px (end exclusive).
+        background: Grey level where no tile is.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(
+        self,
+        tiles: Any,
+        coords: np.ndarray,
+        *,
+        halo: int,
+        rect: tuple[int, int, int, int],
+        background: int = 255,
+    ) -> None:
+        x0, y0, x1, y1 = (int(v) for v in rect)
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"rect={rect} must have l_x1 > l_x0 and l_y1 > l_y0")
+        self._tiles = tiles
+        self._coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        self._halo = int(halo)
+        self._side = int(tiles.shape[1]) - 2 * self._halo if len(self._coords) else 0
+        self.l_origin = (x0, y0)
+        self.shape = (y1 - y0, x1 - x0, 3)
+        self._background = int(background)
+        self._cache: dict[int, np.ndarray] = {}
+        c = self._coords
+        self._in_cols = (c[:, 0] < x1) & (c[:, 0] + self._side > x0)
+
+    def __repr__(self) -> str:
+        return f"TilePlane(l_origin={self.l_origin}, shape={self.shape}, n_tiles={len(self._coords)})"
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        rows = key[0]
+        if not isinstance(rows, slice) or rows.indices(self.shape[0])[2] != 1:
+            raise IndexError("TilePlane reads contiguous row slices: plane[y0:y1] or plane[y0:y1, x0:x1]")
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.read_rows(start, stop)[0][(slice(None), *key[1:])]
+
+    def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``[start, stop)``: ``(rgb (rows, W, 3) uint8, covered (rows, W) bool)``."""
+        stop = max(start, min(stop, self.shape[0]))
+        (x0, y0), w = self.l_origin, self.shape[1]
+        out = np.full((stop - start, w, 3), self._background, np.uint8)
+        covered = np.zeros((stop - start, w), bool)
+        ly0, ly1 = y0 + start, y0 + stop
+        c, side = self._coords, self._side
+        hit = np.flatnonzero(self._in_cols & (c[:, 1] < ly1) & (c[:, 1] + side > ly0))
+        # A tile spans several bands: keep the ones this band read for the next band, drop the rest.
+        self._cache = {int(i): self._interior(int(i)) for i in hit}
+        for i in hit:
+            tx, ty = int(c[i, 0]), int(c[i, 1])
+            ya, yb = max(ty, ly0), min(ty + side, ly1)
+            xa, xb = max(tx, x0), min(tx + side, x0 + w)
+            block = self._cache[int(i)][ya - ty : yb - ty, xa - tx : xb - tx]
+            out[ya - ly0 : yb - ly0, xa - x0 : xb - x0] = block
+            covered[ya - ly0 : yb - ly0, xa - x0 : xb - x0] = True
+        return out, covered
+
+    def _interior(self, i: int) -> np.ndarray:
+        if i in self._cache:
+            return self._cache[i]
+        h, s = self._halo, self._side
+        return np.asarray(self._tiles[i])[h : h + s, h : h + s]
+
+
+def tile_plane(store_path: str | Path, *, extent: str = "tiles") -> TilePlane:
+    """The analysis plane of a finished tile store as a lazy :class:`TilePlane`.
+
+    Args:
+        store_path: ``<root>/<sample_id>.zarr`` (finished).
+        extent: ``"tiles"``: the tile interiors' bounding box (the label grid of :func:`stitch_store`),
+            cut to the slide's rectangle when the store knows its size (a grid centred on the
+            tissue reaches past the slide's edges, where readers padded white); ``"slide"``: the whole
+            slide's rectangle ``[0, ceil(l0_w / l0_per_l_x)) x [0, ...)`` (falls back to ``"tiles"``
+            when the size is not stored).
+    """
+    import zarr
+
+    from equislide.storage.tile_store import open_finished
+
+    if extent not in ("tiles", "slide"):
+        raise ValueError(f"extent={extent!r} must be 'tiles' or 'slide'")
+    group, meta = open_finished(store_path)
+    coords = np.asarray(group["coords"][:], dtype=np.int64)
+    tiles = zarr.open_group(zarr.storage.LocalStore(store_path, read_only=True), mode="r")["tiles"]
+    halo = int(meta["halo"])
+    side = int(tiles.shape[1]) - 2 * halo
+    if len(coords):
+        rect = [int(coords[:, 0].min()), int(coords[:, 1].min())]
+        rect += [int(coords[:, 0].max()) + side, int(coords[:, 1].max()) + side]
+    else:
+        rect = [0, 0, 1, 1]
+    slide = _slide_rect(meta)
+    if slide is not None:
+        if extent == "slide":
+            rect = list(slide)
+        else:
+            cut = [max(rect[0], slide[0]), max(rect[1], slide[1])]
+            cut += [min(rect[2], slide[2]), min(rect[3], slide[3])]
+            if cut[2] > cut[0] and cut[3] > cut[1]:
+                rect = cut
+    return TilePlane(tiles, coords, halo=halo, rect=tuple(rect))
+
+
+def downsample_plane(
+    plane: Any, factor: int, *, band_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``factor x factor`` block means of a (lazy) plane, read ``band_rows * factor`` rows at a time
+    (default: about 4 Mpx of the plane per band, whatever its width and the factor).
+
+    Returns:
+        ``(rgb (ceil(H / factor), ceil(W / factor), 3) uint8, covered bool)``: ``covered`` is True
+        where most of the block lies on stored tiles (always True for a plain array). Edges are
+        replicated into the last, partial block.
+    """
+    factor = int(factor)
+    if factor < 1:
+        raise ValueError(f"factor={factor} must be >= 1")
+    h, w = int(plane.shape[0]), int(plane.shape[1])
+    oh, ow = -(-h // factor), -(-w // factor)
+    if band_rows is None:
+        band_rows = max(1, (1 << 22) // (max(w, 1) * factor))
+    rgb = np.empty((oh, ow, 3), np.uint8)
+    covered = np.ones((oh, ow), bool)
+    for o0 in range(0, oh, band_rows):
+        o1 = min(o0 + band_rows, oh)
+        y0, y1 = o0 * factor, min(o1 * factor, h)
+        if isinstance(plane, TilePlane):
+            band, cov = plane.read_rows(y0, y1)
+        else:
+            band, cov = np.asarray(plane[y0:y1]), None
+        if factor == 1:
+            rgb[o0:o1] = band
+            if cov is not None:
+                covered[o0:o1] = cov
+            continue
+        pad = ((0, (o1 - o0) * factor - band.shape[0]), (0, ow * factor - w))
+        full = np.pad(band, (*pad, (0, 0)), mode="edge").astype(np.float32)
+        rgb[o0:o1] = np.rint(full.reshape(o1 - o0, factor, ow, factor, 3).mean(axis=(1, 3)))
+        if cov is not None:
+            share = np.pad(cov, pad).reshape(o1 - o0, factor, ow, factor).mean(axis=(1, 3))
+            covered[o0:o1] = share >= 0.5
+    return rgb, covered
+
+
+def _slide_rect(meta: dict[str, Any]) -> tuple[int, int, int, int] | None:
+    dims, per = meta.get("source_dimensions"), meta.get("l0_per_l")
+    if not dims or not per:
+        return None
+    # The tiling's own analysis size (tiling.layout): a partly covered last pixel still shows slide.
+    w = math.ceil(float(dims[0]) / float(per[0]))
+    h = math.ceil(float(dims[1]) / float(per[1]))
+    return (0, 0, max(w, 1), max(h, 1))
 
 
 def stitch_store(

@@ -1,23 +1,33 @@
-"""Per-sample OME-Zarr (OME-NGFF 0.4, zarr format 2): an RGB image pyramid plus label pyramids.
+"""Per-sample OME-Zarr: the RGB image at the analysis resolution as a pyramid, plus label pyramids.
 
-napari (napari-ome-zarr), QuPath and vizarr open these without equislide. NGFF 0.4 on zarr v2 is the
-version most viewers read; arrays use Blosc-LZ4 and ``"/"`` chunk keys, as 0.4 asks. Layout::
+Written as OME-NGFF 0.5 (zarr v3, like the tile stores) by default, or 0.4 (zarr v2, ``"/"`` chunk
+keys) with ``ngff_version="0.4"`` for viewers that read only 0.4. ome-zarr-py (and so napari-ome-zarr)
+and ome-zarr-models read both; the tests validate both with ome-zarr-models and read them back with
+ome-zarr-py. Layout (0.5; 0.4 has ``.zgroup``/``.zattrs``/``.zarray`` and no ``"ome"`` wrapper)::
 
     <sample>.ome.zarr/
-      .zgroup  .zattrs          multiscales (axes c, y, x; µm scale per level) + omero (R, G, B channels)
-      0/ 1/ ...                 uint8 (3, Y_i, X_i), level i is 2**i coarser (2 x 2 block means)
+      zarr.json                 attributes: "ome" {version, multiscales (axes c, y, x; per level a µm
+                                scale and a translation placing the sample on its slide), omero (R, G,
+                                B)}, "equislide" {l_origin, l0_origin, l0_per_l, ...: where it sits}
+      0/ 1/ ...                 uint8 (3, Y_i, X_i); 0 is the analysis plane, level i is 2**i coarser
+                                (2 x 2 block means, edges replicated)
       labels/
-        .zattrs                 {"labels": ["clusters", "tissue"]}
-        clusters/ .zattrs       multiscales (axes y, x, same scales) + image-label (colors, properties,
-                                source {"image": "../../"}); 0/ 1/ ...: uint8/uint16 (Y_i, X_i),
-                                nearest downsampling (every second pixel)
+        zarr.json               "ome" {"labels": ["clusters", "tissue"]}
+        clusters/ zarr.json     multiscales (axes y, x, the image's scales and translations) +
+                                image-label (colors, properties, source {"image": "../../"});
+                                0/ 1/ ...: uint8/uint16 (Y_i, X_i) with the image's shape at every
+                                level: the label under each pixel's centre (nearest)
         tissue/                 the same for the tissue mask (0 background, 1 tissue)
 
-Label images have the image's (y, x) shape at every level and the same number of levels, so every
-viewer overlays them without resampling. Build the image at the label map's resolution (e.g.
-``stitch_image(..., downsample=stride)`` next to ``stitch_labels(..., stride=stride)``). Label values
-follow :mod:`equislide.storage.labels` (0 = no tissue, ``k + 1`` = cluster ``k``) and are coloured
-with its :data:`~equislide.storage.labels.PALETTE`.
+The label map may be coarser than the image (``label_upsample``: image px per label px, e.g. the
+feature stride) and offset from it (``label_offset``); each level's labels are sampled from it
+directly, so every viewer overlays them without resampling. Label values follow
+:mod:`equislide.storage.labels` (0 = no tissue, ``k + 1`` = cluster ``k``) and are coloured with its
+:data:`~equislide.storage.labels.PALETTE`.
+
+Memory stays bounded: the image is read from ``image[y0:y1]`` (a numpy array, a zarr array or a lazy
+:class:`~equislide.storage.labels.TilePlane`) one band of chunk rows at a time, and each coarser level
+is made from the level just written, a band at a time.
 
 Metadata is validated before it is written (:func:`validate_image_attrs`,
 :func:`validate_label_attrs`); a bad field raises ``ValueError`` naming it. The store is written under
@@ -39,13 +49,17 @@ from equislide.storage.labels import NO_TISSUE, label_color
 
 __all__ = [
     "NGFF_VERSION",
+    "NGFF_VERSIONS",
+    "ngff_attrs",
     "validate_image_attrs",
     "validate_label_attrs",
     "write_ome_zarr",
 ]
 
-#: The OME-NGFF version written.
-NGFF_VERSION = "0.4"
+#: The OME-NGFF version written by default.
+NGFF_VERSION = "0.5"
+#: The versions :func:`write_ome_zarr` can write (0.4: zarr v2; 0.5: zarr v3).
+NGFF_VERSIONS = ("0.4", "0.5")
 _AXIS_TYPES = {"space", "time", "channel"}
 _SPACE_UNITS = {"micrometer", "millimeter", "nanometer", "meter"}
 _CHANNELS = (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))
@@ -56,21 +70,37 @@ def _fail(field: str, problem: str) -> None:
     raise ValueError(f"OME-NGFF metadata: {field} {problem}")
 
 
-def _validate_multiscales(attrs: Mapping[str, Any], *, ndim: int) -> int:
+def _unwrap(attrs: Mapping[str, Any]) -> tuple[str, Mapping[str, Any], str]:
+    """``(version, body, field prefix)``: 0.5 keeps everything under ``"ome"``, 0.4 at the top."""
+    if "ome" in attrs:
+        ome = attrs["ome"]
+        if not isinstance(ome, Mapping):
+            _fail("ome", "must be an object")
+        if ome.get("version") != "0.5":
+            _fail("ome.version", f"must be '0.5', got {ome.get('version')!r}")
+        return "0.5", ome, "ome."
     ms = attrs.get("multiscales")
+    version = ms[0].get("version") if isinstance(ms, list) and ms and isinstance(ms[0], Mapping) else None
+    if version != "0.4" and ms is not None:
+        _fail(
+            "multiscales[0].version", f"must be '0.4' (or the attributes under 'ome', 0.5), got {version!r}"
+        )
+    return "0.4", attrs, ""
+
+
+def _validate_multiscales(body: Mapping[str, Any], *, ndim: int, prefix: str) -> int:
+    ms = body.get("multiscales")
     if not isinstance(ms, list) or not ms:
-        _fail("multiscales", "must be a non-empty list")
+        _fail(f"{prefix}multiscales", "must be a non-empty list")
     m = ms[0]
     if not isinstance(m, Mapping):
-        _fail("multiscales[0]", "must be an object")
-    if m.get("version") != NGFF_VERSION:
-        _fail("multiscales[0].version", f"must be {NGFF_VERSION!r}, got {m.get('version')!r}")
+        _fail(f"{prefix}multiscales[0]", "must be an object")
     axes = m.get("axes")
     if not isinstance(axes, list) or len(axes) != ndim:
-        _fail("multiscales[0].axes", f"must list {ndim} axes, got {axes!r}")
+        _fail(f"{prefix}multiscales[0].axes", f"must list {ndim} axes, got {axes!r}")
     names = []
     for i, ax in enumerate(axes):
-        where = f"multiscales[0].axes[{i}]"
+        where = f"{prefix}multiscales[0].axes[{i}]"
         if not isinstance(ax, Mapping) or not isinstance(ax.get("name"), str):
             _fail(f"{where}.name", "must be a string")
         if ax.get("type") not in _AXIS_TYPES:
@@ -79,15 +109,15 @@ def _validate_multiscales(attrs: Mapping[str, Any], *, ndim: int) -> int:
             _fail(f"{where}.unit", f"must be a space unit such as 'micrometer', got {ax.get('unit')!r}")
         names.append(ax["name"])
     if len(set(names)) != len(names):
-        _fail("multiscales[0].axes", f"names must be unique, got {names}")
+        _fail(f"{prefix}multiscales[0].axes", f"names must be unique, got {names}")
     if [a["type"] for a in axes][-2:] != ["space", "space"]:
-        _fail("multiscales[0].axes", "must end with two space axes (y, x)")
+        _fail(f"{prefix}multiscales[0].axes", "must end with two space axes (y, x)")
     datasets = m.get("datasets")
     if not isinstance(datasets, list) or not datasets:
-        _fail("multiscales[0].datasets", "must be a non-empty list")
+        _fail(f"{prefix}multiscales[0].datasets", "must be a non-empty list")
     previous = None
     for i, ds in enumerate(datasets):
-        where = f"multiscales[0].datasets[{i}]"
+        where = f"{prefix}multiscales[0].datasets[{i}]"
         if not isinstance(ds, Mapping) or not isinstance(ds.get("path"), str) or not ds["path"]:
             _fail(f"{where}.path", "must be a non-empty string")
         ct = ds.get("coordinateTransformations")
@@ -107,6 +137,17 @@ def _validate_multiscales(attrs: Mapping[str, Any], *, ndim: int) -> int:
             )
         if len(ct) > 2 or (len(ct) == 2 and ct[1].get("type") != "translation"):
             _fail(f"{where}.coordinateTransformations", "may only add one 'translation' after the scale")
+        if len(ct) == 2:
+            shift = ct[1].get("translation")
+            if not (
+                isinstance(shift, list)
+                and len(shift) == ndim
+                and all(isinstance(v, (int, float)) and np.isfinite(v) for v in shift)
+            ):
+                _fail(
+                    f"{where}.coordinateTransformations[1].translation",
+                    f"must be {ndim} finite numbers, got {shift!r}",
+                )
         if previous is not None and any(s < p for s, p in zip(scale[-2:], previous[-2:], strict=True)):
             _fail(f"{where}.coordinateTransformations[0].scale", "must not decrease from the previous level")
         previous = scale
@@ -114,27 +155,31 @@ def _validate_multiscales(attrs: Mapping[str, Any], *, ndim: int) -> int:
 
 
 def validate_image_attrs(attrs: Mapping[str, Any], *, ndim: int = 3) -> None:
-    """Check an image group's ``.zattrs`` (``multiscales``, optional ``omero``) against NGFF 0.4.
+    """Check an image group's attributes (``multiscales``, optional ``omero``) against NGFF 0.4 or 0.5.
+
+    0.5 attributes sit under ``"ome"`` (with ``"version": "0.5"``), 0.4 ones at the top with the
+    version in ``multiscales[0]``.
 
     Raises:
         ValueError: A field is missing or malformed; the message names it (``multiscales[0].axes[1].unit``).
     """
-    _validate_multiscales(attrs, ndim=ndim)
-    omero = attrs.get("omero")
+    _, body, prefix = _unwrap(attrs)
+    _validate_multiscales(body, ndim=ndim, prefix=prefix)
+    omero = body.get("omero")
     if omero is not None:
         channels = omero.get("channels") if isinstance(omero, Mapping) else None
         if not isinstance(channels, list) or not channels:
-            _fail("omero.channels", "must be a non-empty list")
+            _fail(f"{prefix}omero.channels", "must be a non-empty list")
         for i, ch in enumerate(channels):
             if not isinstance(ch.get("color"), str) or len(ch["color"]) != 6:
-                _fail(f"omero.channels[{i}].color", "must be a 6-digit hex RGB string")
+                _fail(f"{prefix}omero.channels[{i}].color", "must be a 6-digit hex RGB string")
             window = ch.get("window")
             if not isinstance(window, Mapping) or not {"min", "max", "start", "end"} <= window.keys():
-                _fail(f"omero.channels[{i}].window", "must have min, max, start and end")
+                _fail(f"{prefix}omero.channels[{i}].window", "must have min, max, start and end")
 
 
 def validate_label_attrs(attrs: Mapping[str, Any], *, ndim: int = 2, n_levels: int | None = None) -> None:
-    """Check a label image's ``.zattrs`` (``multiscales`` + ``image-label``) against NGFF 0.4.
+    """Check a label image's attributes (``multiscales`` + ``image-label``) against NGFF 0.4 or 0.5.
 
     Args:
         attrs: The label group's attributes.
@@ -144,24 +189,25 @@ def validate_label_attrs(attrs: Mapping[str, Any], *, ndim: int = 2, n_levels: i
     Raises:
         ValueError: A field is missing or malformed; the message names it (``image-label.colors[2].rgba``).
     """
-    levels = _validate_multiscales(attrs, ndim=ndim)
+    version, body, prefix = _unwrap(attrs)
+    levels = _validate_multiscales(body, ndim=ndim, prefix=prefix)
     if n_levels is not None and levels != n_levels:
-        _fail("multiscales[0].datasets", f"must have {n_levels} levels like the image, got {levels}")
-    il = attrs.get("image-label")
+        _fail(f"{prefix}multiscales[0].datasets", f"must have {n_levels} levels like the image, got {levels}")
+    il = body.get("image-label")
     if not isinstance(il, Mapping):
-        _fail("image-label", "must be an object")
-    if il.get("version") != NGFF_VERSION:
-        _fail("image-label.version", f"must be {NGFF_VERSION!r}")
+        _fail(f"{prefix}image-label", "must be an object")
+    if version == "0.4" and il.get("version") != "0.4":
+        _fail("image-label.version", "must be '0.4'")
     colors = il.get("colors")
     if not isinstance(colors, list):
-        _fail("image-label.colors", "must be a list")
+        _fail(f"{prefix}image-label.colors", "must be a list")
     seen = set()
     for i, c in enumerate(colors):
         value = c.get("label-value") if isinstance(c, Mapping) else None
         if not isinstance(value, int) or isinstance(value, bool):
-            _fail(f"image-label.colors[{i}].label-value", f"must be an int, got {value!r}")
+            _fail(f"{prefix}image-label.colors[{i}].label-value", f"must be an int, got {value!r}")
         if value in seen:
-            _fail(f"image-label.colors[{i}].label-value", f"{value} is listed twice")
+            _fail(f"{prefix}image-label.colors[{i}].label-value", f"{value} is listed twice")
         seen.add(value)
         rgba = c.get("rgba")
         if not (
@@ -169,13 +215,21 @@ def validate_label_attrs(attrs: Mapping[str, Any], *, ndim: int = 2, n_levels: i
             and len(rgba) == 4
             and all(isinstance(v, int) and 0 <= v <= 255 for v in rgba)
         ):
-            _fail(f"image-label.colors[{i}].rgba", f"must be 4 ints in 0-255, got {rgba!r}")
+            _fail(f"{prefix}image-label.colors[{i}].rgba", f"must be 4 ints in 0-255, got {rgba!r}")
     for i, p in enumerate(il.get("properties", [])):
         if not isinstance(p, Mapping) or not isinstance(p.get("label-value"), int):
-            _fail(f"image-label.properties[{i}].label-value", "must be an int")
+            _fail(f"{prefix}image-label.properties[{i}].label-value", "must be an int")
     source = il.get("source")
     if source is not None and not (isinstance(source, Mapping) and isinstance(source.get("image"), str)):
-        _fail("image-label.source.image", "must be a relative path string such as '../../'")
+        _fail(f"{prefix}image-label.source.image", "must be a relative path string such as '../../'")
+
+
+def ngff_attrs(group_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The OME-NGFF metadata of a group, whatever the version: 0.5's ``"ome"`` object, or 0.4's
+    top-level attributes (``multiscales``, ``omero``, ``image-label``, ``labels``)."""
+    if "ome" in group_attrs:
+        return dict(group_attrs["ome"])
+    return {k: v for k, v in group_attrs.items() if k in ("multiscales", "omero", "image-label", "labels")}
 
 
 def _n_levels(shape: tuple[int, int], *, min_side: int, max_levels: int) -> int:
@@ -186,33 +240,54 @@ def _n_levels(shape: tuple[int, int], *, min_side: int, max_levels: int) -> int:
     return n
 
 
-def _halve_image(img: np.ndarray) -> np.ndarray:
-    """(3, Y, X) uint8 -> (3, ceil(Y/2), ceil(X/2)) by 2 x 2 means, edges replicated."""
+def _halve_image(img: np.ndarray, *, block: int = 2048) -> np.ndarray:
+    """(3, Y, X) uint8 -> (3, ceil(Y/2), ceil(X/2)) by 2 x 2 means (halves round up), edges replicated.
+
+    Integer sums in blocks of ``block`` output columns: the temporaries stay a few MB whatever the
+    slide's width (a float copy of a whole band was the writer's largest allocation).
+    """
     _, h, w = img.shape
-    padded = np.pad(img, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge").astype(np.float32)
-    mean = padded.reshape(3, padded.shape[1] // 2, 2, padded.shape[2] // 2, 2).mean(axis=(2, 4))
-    return np.rint(mean).astype(np.uint8)
+    padded = np.pad(img, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
+    oh, ow = padded.shape[1] // 2, padded.shape[2] // 2
+    out = np.empty((3, oh, ow), np.uint8)
+    for c0 in range(0, ow, block):
+        c1 = min(c0 + block, ow)
+        part = padded[:, :, 2 * c0 : 2 * c1].astype(np.uint16)
+        sums = part[:, 0::2, 0::2] + part[:, 1::2, 0::2] + part[:, 0::2, 1::2] + part[:, 1::2, 1::2]
+        out[:, :, c0:c1] = (sums + 2) // 4
+    return out
 
 
-def _multiscales(name: str, axes: list[dict[str, Any]], scales: list[list[float]], kind: str) -> list[dict]:
-    return [
-        {
-            "version": NGFF_VERSION,
-            "name": name,
-            "axes": axes,
-            "datasets": [
-                {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": s}]}
-                for i, s in enumerate(scales)
-            ],
-            "type": kind,
-        }
-    ]
+def _transforms(scales: list[list[float]], shifts: list[list[float]] | None) -> list[list[dict[str, Any]]]:
+    out = []
+    for i, scale in enumerate(scales):
+        ct: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
+        if shifts is not None:
+            ct.append({"type": "translation", "translation": shifts[i]})
+        out.append(ct)
+    return out
+
+
+def _multiscales(
+    version: str, name: str, axes: list[dict[str, Any]], transforms: list[list[dict]], kind: str
+) -> list[dict]:
+    m: dict[str, Any] = {"name": name, "axes": axes}
+    if version == "0.4":
+        m = {"version": "0.4", **m}
+    m["datasets"] = [{"path": str(i), "coordinateTransformations": ct} for i, ct in enumerate(transforms)]
+    m["type"] = kind
+    return [m]
+
+
+def _wrap(version: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {"ome": {"version": "0.5", **body}} if version == "0.5" else body
 
 
 def _label_attrs(
+    version: str,
     name: str,
     values: Sequence[int],
-    scales: list[list[float]],
+    transforms: list[list[dict]],
     colors: Mapping[int, Sequence[int]] | None,
     names: Mapping[int, str] | None,
 ) -> dict[str, Any]:
@@ -234,99 +309,156 @@ def _label_attrs(
         props.append(
             {"label-value": v, "name": (names or {}).get(v, "no tissue" if v == NO_TISSUE else str(v))}
         )
-    return {
-        "multiscales": _multiscales(name, yx, [s[-2:] for s in scales], "nearest"),
-        "image-label": {
-            "version": NGFF_VERSION,
-            "colors": colours,
-            "properties": props,
-            "source": {"image": "../../"},
+    yx_transforms = [[{**t, t["type"]: t[t["type"]][-2:]} for t in ct] for ct in transforms]
+    image_label: dict[str, Any] = {"colors": colours, "properties": props, "source": {"image": "../../"}}
+    if version == "0.4":
+        image_label = {"version": "0.4", **image_label}
+    return _wrap(
+        version,
+        {
+            "multiscales": _multiscales(version, name, yx, yx_transforms, "nearest"),
+            "image-label": image_label,
         },
-    }
+    )
+
+
+def _level_shapes(shape: tuple[int, int], n_levels: int) -> list[tuple[int, int]]:
+    shapes = [shape]
+    for _ in range(n_levels - 1):
+        h, w = shapes[-1]
+        shapes.append((-(-h // 2), -(-w // 2)))
+    return shapes
+
+
+def _nearest_index(
+    n_out: int, level: int, upsample: int, offset: int, n_in: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label index under each level-``level`` pixel's centre, and whether it falls inside the map.
+
+    Level pixel ``i`` has its centre at image (level-0) coordinate ``(i + 0.5) * 2**level``, which is
+    label coordinate ``(that + offset) / upsample``; integers only, so no rounding drift on big slides.
+    """
+    i = np.arange(n_out, dtype=np.int64)
+    idx = ((2 * i + 1) * 2**level + 2 * offset) // (2 * upsample)
+    inside = (idx >= 0) & (idx < n_in)
+    return np.clip(idx, 0, n_in - 1), inside
 
 
 def write_ome_zarr(
     path: str | Path,
-    image: np.ndarray,
+    image: Any,
     *,
     pixel_size_um: float,
     labels: Mapping[str, np.ndarray] | None = None,
+    label_upsample: int = 1,
+    label_offset: tuple[int, int] = (0, 0),
     label_colors: Mapping[str, Mapping[int, Sequence[int]]] | None = None,
     label_names: Mapping[str, Mapping[int, str]] | None = None,
     name: str = "",
+    translation_um: tuple[float, float] | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    ngff_version: str = NGFF_VERSION,
     min_side: int = 256,
-    max_levels: int = 8,
-    chunk: int = 256,
+    max_levels: int = 10,
+    chunk: int = 512,
 ) -> Path:
-    """Write one sample as OME-Zarr (NGFF 0.4, zarr v2): an RGB pyramid and label pyramids.
+    """Write one sample as OME-Zarr: an RGB pyramid and label pyramids on the same pixel grid.
 
     Args:
         path: Output folder (conventionally ``<sample>.ome.zarr``); an existing one is replaced.
-        image: uint8 ``(Y, X, 3)`` RGB at level 0.
-        pixel_size_um: Level-0 pixel size in µm (analysis mpp x downsample of ``image``).
-        labels: ``{name: (Y, X) integer array}``, each with the image's shape (e.g. ``{"clusters": ...,
-            "tissue": ...}``); values >= 0.
+        image: uint8 ``(Y, X, 3)`` RGB at level 0: a numpy or zarr array, or anything with ``shape``
+            and row slicing ``image[y0:y1]`` (a :class:`~equislide.storage.labels.TilePlane`), read a
+            band of ``chunk`` rows at a time.
+        pixel_size_um: Level-0 pixel size in µm (the analysis mpp for the tile plane).
+        labels: ``{name: (y, x) integer map}`` (e.g. ``{"clusters": ..., "tissue": ...}``), values >= 0,
+            covering the image at ``label_upsample`` image px per label px.
+        label_upsample: Image px per label px (the feature stride); 1: labels have the image's shape.
+        label_offset: ``(x, y)`` image px from the label map's corner to the image's pixel (0, 0),
+            >= 0 (the label grid may start before a cut image).
         label_colors: ``{name: {label value: (r, g, b[, a])}}``; default :data:`PALETTE` colours, label 0
             transparent (the ``tissue`` label gets green for 1).
         label_names: ``{name: {label value: text}}`` stored as ``image-label.properties[].name``.
         name: The image's name in the metadata (the sample ID).
+        translation_um: ``(x, y)`` µm of level 0's pixel (0, 0) (a TMA core's place on its slide); a
+            coarser level's translation adds half its pixel minus half a level-0 pixel, so pixel
+            centres line up. None: no translation.
+        attributes: JSON-able metadata stored beside the NGFF metadata under ``"equislide"``.
+        ngff_version: ``"0.5"`` (zarr v3) or ``"0.4"`` (zarr v2).
         min_side: Stop adding levels once the largest side is at most this.
         max_levels: At most this many levels.
-        chunk: Chunk side in pixels.
+        chunk: Chunk side in pixels (and rows per band written).
 
     Returns:
         ``path``.
 
     Raises:
-        ValueError: A bad array, a label of the wrong shape, or invalid metadata (the field is named).
+        ValueError: A bad array, a label map that does not cover the image, or invalid metadata (the
+            field is named).
     """
-    import numcodecs
     import zarr
 
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-        raise ValueError(f"image must be uint8 (Y, X, 3) RGB, got {image.dtype} {image.shape}")
+    if ngff_version not in NGFF_VERSIONS:
+        raise ValueError(f"ngff_version={ngff_version!r} must be one of {NGFF_VERSIONS}")
+    shape = tuple(int(v) for v in getattr(image, "shape", ()))
+    dtype = np.dtype(getattr(image, "dtype", np.uint8)) if shape else None
+    if dtype != np.uint8 or len(shape) != 3 or shape[2] != 3 or 0 in shape:
+        raise ValueError(f"image must be uint8 (Y, X, 3) RGB, got {dtype} {shape}")
     if not float(pixel_size_um) > 0:
         raise ValueError(f"pixel_size_um={pixel_size_um!r} must be > 0")
-    labels = dict(labels or {})
+    up = int(label_upsample)
+    ox, oy = (int(v) for v in label_offset)
+    if up < 1 or ox < 0 or oy < 0:
+        raise ValueError(
+            f"need label_upsample >= 1 and label_offset >= 0, got {label_upsample}, {label_offset}"
+        )
+    h, w = shape[:2]
+    labels = {k: np.asarray(v) for k, v in (labels or {}).items()}
     for key, lab in labels.items():
-        lab = np.asarray(lab)
-        if lab.shape != image.shape[:2] or not np.issubdtype(lab.dtype, np.integer) or (lab < 0).any():
-            raise ValueError(
-                f"labels[{key!r}] must be a non-negative integer array of shape {image.shape[:2]}, "
-                f"got {lab.dtype} {lab.shape}"
-            )
         if not key or "/" in key or key.startswith("."):
             raise ValueError(f"label name {key!r} must be a plain folder name")
-    n_levels = _n_levels(image.shape[:2], min_side=min_side, max_levels=max_levels)
+        covers = lab.ndim == 2 and lab.shape[0] * up >= h + oy and lab.shape[1] * up >= w + ox
+        exact = up > 1 or (ox, oy) != (0, 0) or lab.shape == (h, w)
+        if not (covers and exact) or not np.issubdtype(lab.dtype, np.integer) or (lab < 0).any():
+            need = f"shape {(h, w)}" if up == 1 and (ox, oy) == (0, 0) else f"{up} px per label covering it"
+            raise ValueError(
+                f"labels[{key!r}] must be a non-negative integer map over the {(h, w)} image ({need}), "
+                f"got {lab.dtype} {lab.shape}"
+            )
+    n_levels = _n_levels((h, w), min_side=min_side, max_levels=max_levels)
+    shapes = _level_shapes((h, w), n_levels)
     px = float(pixel_size_um)
     scales = [[1.0, px * 2**i, px * 2**i] for i in range(n_levels)]
+    shifts = None
+    if translation_um is not None:
+        tx, ty = (float(v) for v in translation_um)
+        shifts = [[0.0, ty + (2**i - 1) * px / 2, tx + (2**i - 1) * px / 2] for i in range(n_levels)]
+    transforms = _transforms(scales, shifts)
     cyx = [
         {"name": "c", "type": "channel"},
         {"name": "y", "type": "space", "unit": "micrometer"},
         {"name": "x", "type": "space", "unit": "micrometer"},
     ]
-    image_attrs: dict[str, Any] = {
-        "multiscales": _multiscales(name, cyx, scales, "mean"),
-        "omero": {
-            "version": NGFF_VERSION,
-            "name": name,
-            "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0},
-            "channels": [
-                {
-                    "label": label,
-                    "color": colour,
-                    "active": True,
-                    "coefficient": 1.0,
-                    "family": "linear",
-                    "inverted": False,
-                    "window": {"min": 0, "max": 255, "start": 0, "end": 255},
-                }
-                for label, colour in _CHANNELS
-            ],
-        },
+    multiscales = _multiscales(ngff_version, name, cyx, transforms, "mean")
+    multiscales[0]["metadata"] = {"method": "2 x 2 block mean (edges replicated)"}
+    omero: dict[str, Any] = {
+        "name": name,
+        "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0},
+        "channels": [
+            {
+                "label": label,
+                "color": colour,
+                "active": True,
+                "coefficient": 1.0,
+                "family": "linear",
+                "inverted": False,
+                "window": {"min": 0, "max": 255, "start": 0, "end": 255},
+            }
+            for label, colour in _CHANNELS
+        ],
     }
-    image_attrs["multiscales"][0]["metadata"] = {"method": "2 x 2 block mean (edges replicated)"}
+    if ngff_version == "0.4":
+        omero = {"version": "0.4", **omero}
+    image_attrs = _wrap(ngff_version, {"multiscales": multiscales, "omero": omero})
     validate_image_attrs(image_attrs, ndim=3)
     all_label_attrs = {}
     for key, lab in labels.items():
@@ -336,47 +468,70 @@ def write_ome_zarr(
         names = (label_names or {}).get(key)
         if names is None and key == "tissue":
             names = {0: "background", 1: "tissue"}
-        values = np.unique(np.asarray(lab)).tolist()
-        attrs = _label_attrs(key, values, scales, colors, names)
+        attrs = _label_attrs(ngff_version, key, np.unique(lab).tolist(), transforms, colors, names)
         validate_label_attrs(attrs, ndim=2, n_levels=n_levels)
         all_label_attrs[key] = attrs
 
     final = Path(path)
     partial = final.with_name(final.name + ".partial-" + uuid.uuid4().hex[:12])
-    compressor = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
-    keys = {"name": "v2", "separator": "/"}
+    zarr_format = 3 if ngff_version == "0.5" else 2
+    if zarr_format == 3:
+        from equislide.storage.tile_store import tile_compressors
 
-    def put(group: Any, key: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
-        arr = group.create_array(
+        array_kwargs: dict[str, Any] = {"compressors": tile_compressors()}
+    else:
+        import numcodecs
+
+        array_kwargs = {
+            "compressors": numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+            "chunk_key_encoding": {"name": "v2", "separator": "/"},
+        }
+
+    def create(group: Any, key: str, shape: tuple[int, ...], dtype: Any, dims: tuple[str, ...]) -> Any:
+        extra = {"dimension_names": dims} if zarr_format == 3 else {}
+        return group.create_array(
             key,
-            shape=data.shape,
-            chunks=tuple(min(c, s) for c, s in zip(chunks, data.shape, strict=True)),
-            dtype=data.dtype,
-            compressors=compressor,
-            chunk_key_encoding=keys,
+            shape=shape,
+            chunks=tuple(min(c, s) for c, s in zip((3, chunk, chunk)[-len(shape) :], shape, strict=True)),
+            dtype=dtype,
             fill_value=0,
+            **array_kwargs,
+            **extra,
         )
-        arr[...] = data
 
     try:
-        root = zarr.open_group(partial, mode="w", zarr_format=2)
-        level = np.ascontiguousarray(image.transpose(2, 0, 1))
-        for i in range(n_levels):
-            if i:
-                level = _halve_image(level)
-            put(root, str(i), level, (1, chunk, chunk))
+        root = zarr.open_group(partial, mode="w", zarr_format=zarr_format)
+        previous = None
+        for i, (lh, lw) in enumerate(shapes):
+            arr = create(root, str(i), (3, lh, lw), np.uint8, ("c", "y", "x"))
+            for y0 in range(0, lh, chunk):
+                y1 = min(y0 + chunk, lh)
+                if previous is None:
+                    band = np.asarray(image[y0:y1], dtype=np.uint8).transpose(2, 0, 1)
+                else:
+                    band = _halve_image(previous[:, 2 * y0 : min(2 * y1, previous.shape[1])])
+                arr[:, y0:y1] = band
+            previous = arr
         root.attrs.update(image_attrs)
+        if attributes:
+            root.attrs["equislide"] = dict(attributes)
         if labels:
             lab_root = root.require_group("labels")
             for key, lab in labels.items():
                 g = lab_root.require_group(key)
-                lab = np.asarray(lab)
                 top = int(lab.max()) if lab.size else 0
                 data = lab.astype(np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32)
-                for i in range(n_levels):
-                    put(g, str(i), data[:: 2**i, :: 2**i], (chunk, chunk))
+                for i, (lh, lw) in enumerate(shapes):
+                    arr = create(g, str(i), (lh, lw), data.dtype, ("y", "x"))
+                    cols, col_in = _nearest_index(lw, i, up, ox, data.shape[1])
+                    rows, row_in = _nearest_index(lh, i, up, oy, data.shape[0])
+                    for y0 in range(0, lh, chunk):
+                        y1 = min(y0 + chunk, lh)
+                        band = data[rows[y0:y1]][:, cols]
+                        band[~(row_in[y0:y1, None] & col_in[None, :])] = NO_TISSUE
+                        arr[y0:y1] = band
                 g.attrs.update(all_label_attrs[key])
-            lab_root.attrs["labels"] = list(labels)
+            lab_root.attrs.update(_wrap(ngff_version, {"labels": list(labels)}))
         publish_dir(partial, final, fsync=False)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

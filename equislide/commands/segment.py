@@ -29,10 +29,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="segment slides and TMA cores into tissue clusters (Prefect flow on Dask)",
         description=(
             "Tile every input, extract rotation-equivariant features on Dask workers, fit K-means "
-            "(one model for the cohort, or one per sample), and write per sample an OME-Zarr with "
-            "labels/clusters and labels/tissue, an overlay PNG and a QuPath GeoJSON (valid polygons, UUID "
-            "ids), per TMA slide its grid as QuPath tmaCore objects (DIR/samples/<slide>.tma.geojson), "
-            "plus DIR/run.json. "
+            "(one model for the cohort, or one per sample), and write per sample an OME-Zarr (NGFF 0.5: "
+            "the image at the analysis resolution as a pyramid, labels/clusters and labels/tissue on "
+            "every level, placed on the slide), an overlay PNG of the whole slide with legend and scale "
+            "bar and a QuPath GeoJSON (valid polygons, UUID ids), per TMA slide its grid as QuPath "
+            "tmaCore objects (DIR/samples/<slide>.tma.geojson), plus DIR/run.json. "
             "Rerunning over the same DIR resumes. Runs report to the Prefect server PREFECT_API_URL "
             "names, else to one temporary local server (flow and workers alike). Exit status 0 when "
             "every input succeeded, 1 when some failed, 2 on a usage error."

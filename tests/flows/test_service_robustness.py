@@ -94,18 +94,20 @@ def test_real_slides_end_to_end(shared_data, prefect_harness, dask_cluster, tmp_
         for key in ("ome_zarr", "overlay_png", "geojson", "kmeans", "tiles"):
             assert Path(outs[key]).exists(), (sid, key)
 
-        # OME-Zarr with plain zarr: multiscales on the image and on both label images
+        # OME-Zarr (NGFF 0.5: zarr v3, metadata under "ome") with plain zarr: multiscales on the image
+        # and on both label images
         root = zarr.open_group(outs["ome_zarr"], mode="r")
-        ms = root.attrs["multiscales"]
+        assert root.attrs["ome"]["version"] == "0.5", sid
+        ms = root.attrs["ome"]["multiscales"]
         assert ms and ms[0]["datasets"], sid
         image = root[ms[0]["datasets"][0]["path"]][:]
         assert image.ndim == 3 and image.shape[0] == 3 and image.dtype == np.uint8
-        assert sorted(root["labels"].attrs["labels"]) == ["clusters", "tissue"]
+        assert sorted(root["labels"].attrs["ome"]["labels"]) == ["clusters", "tissue"]
         maps = {}
         for name in ("clusters", "tissue"):
-            group = root["labels"][name]
-            assert group.attrs["multiscales"] and "image-label" in group.attrs, (sid, name)
-            maps[name] = group[group.attrs["multiscales"][0]["datasets"][0]["path"]][:]
+            ome = root["labels"][name].attrs["ome"]
+            assert ome["multiscales"] and "image-label" in ome, (sid, name)
+            maps[name] = root["labels"][name][ome["multiscales"][0]["datasets"][0]["path"]][:]
             assert maps[name].shape == image.shape[1:], (sid, name)
         clusters, tissue = maps["clusters"], maps["tissue"]
         assert clusters.min() >= 0 and clusters.max() <= 3, sid

@@ -1,4 +1,4 @@
-"""Sample outputs: stitched label maps, OME-Zarr (NGFF 0.4), QuPath GeoJSON, overlay PNG, run.json."""
+"""Sample outputs: stitched label maps, OME-Zarr (NGFF 0.5 and 0.4), QuPath GeoJSON, overlay PNG, run.json."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ import zarr
 from PIL import Image
 
 from equislide.storage import (
+    NGFF_VERSION,
     NO_TISSUE,
     PALETTE,
     RunManifest,
     describe_inputs,
     label_color,
     labels_to_geojson,
+    ngff_attrs,
     read_manifest,
     render_overlay,
     sha256_file,
@@ -97,6 +99,7 @@ def test_ome_zarr_layout_matches_ngff_04(tmp_path):
         labels={"clusters": clusters, "tissue": tissue},
         name="tma01/B3",
         min_side=16,
+        ngff_version="0.4",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["B3.ome.zarr"]  # no partial left
     assert (path / ".zgroup").is_file() and (path / ".zattrs").is_file()
@@ -128,7 +131,9 @@ def test_ome_zarr_layout_matches_ngff_04(tmp_path):
         assert d["coordinateTransformations"][0]["scale"] == [8.0 * 2**i, 8.0 * 2**i]
         assert lab[d["path"]].shape == shapes[i][1:]
     np.testing.assert_array_equal(lab["0"][:], clusters)
-    np.testing.assert_array_equal(lab["1"][:], clusters[::2, ::2])  # nearest: labels stay labels
+    # Nearest: the label under each coarse pixel's centre (level 1: odd rows / cols, level 2: 2 mod 4).
+    np.testing.assert_array_equal(lab["1"][:], clusters[1::2, 1::2])
+    np.testing.assert_array_equal(lab["2"][:], clusters[2::4, 2::4])
     il = lab.attrs["image-label"]
     assert il["version"] == "0.4" and il["source"] == {"image": "../../"}
     colors = {c["label-value"]: c["rgba"] for c in il["colors"]}
@@ -139,7 +144,7 @@ def test_ome_zarr_layout_matches_ngff_04(tmp_path):
     assert tcolors[0][3] == 0 and tcolors[1][3] == 255
 
     # Writing again replaces the store in place.
-    write_ome_zarr(path, image[:20, :20], pixel_size_um=8.0, min_side=16)
+    write_ome_zarr(path, image[:20, :20], pixel_size_um=8.0, min_side=16, ngff_version="0.4")
     again = zarr.open_group(path, mode="r", zarr_format=2)
     assert again["0"].shape == (3, 20, 20) and "labels" not in again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["B3.ome.zarr"]
@@ -148,7 +153,12 @@ def test_ome_zarr_layout_matches_ngff_04(tmp_path):
 def test_ome_zarr_validation_names_the_field(tmp_path):
     image, clusters, _ = _sample()
     write_ome_zarr(
-        tmp_path / "a.ome.zarr", image, pixel_size_um=1.0, labels={"clusters": clusters}, min_side=16
+        tmp_path / "a.ome.zarr",
+        image,
+        pixel_size_um=1.0,
+        labels={"clusters": clusters},
+        min_side=16,
+        ngff_version="0.4",
     )
     root = zarr.open_group(tmp_path / "a.ome.zarr", mode="r", zarr_format=2)
     good = dict(root.attrs)
@@ -165,6 +175,18 @@ def test_ome_zarr_validation_names_the_field(tmp_path):
     bad["multiscales"][0]["version"] = "0.5"
     with pytest.raises(ValueError, match=r"multiscales\[0\]\.version"):
         validate_image_attrs(bad)
+    bad = json.loads(json.dumps(good))
+    bad["multiscales"][0]["datasets"][0]["coordinateTransformations"].append(
+        {"type": "translation", "translation": [0.0, 1.0]}
+    )
+    with pytest.raises(ValueError, match=r"datasets\[0\]\.coordinateTransformations\[1\]\.translation"):
+        validate_image_attrs(bad)
+    with pytest.raises(ValueError, match=r"ome\.version"):
+        validate_image_attrs({"ome": {"version": "0.4", "multiscales": good["multiscales"]}})
+    with pytest.raises(ValueError, match=r"ome\.multiscales\[0\]\.axes\[1\]\.unit"):
+        bad = json.loads(json.dumps(good["multiscales"]))
+        del bad[0]["axes"][1]["unit"]
+        validate_image_attrs({"ome": {"version": "0.5", "multiscales": bad}})
 
     label = json.loads(json.dumps(dict(root["labels/clusters"].attrs)))
     validate_label_attrs(label, n_levels=len(good["multiscales"][0]["datasets"]))
@@ -176,38 +198,223 @@ def test_ome_zarr_validation_names_the_field(tmp_path):
 
     with pytest.raises(ValueError, match="labels\\['clusters'\\] must be"):
         write_ome_zarr(tmp_path / "b.ome.zarr", image, pixel_size_um=1.0, labels={"clusters": clusters[:-1]})
+    with pytest.raises(ValueError, match="labels\\['clusters'\\] must be"):  # coarse map short of the image
+        write_ome_zarr(
+            tmp_path / "b.ome.zarr",
+            image,
+            pixel_size_um=1.0,
+            labels={"clusters": clusters[:4, :8]},
+            label_upsample=8,
+        )
     with pytest.raises(ValueError, match="uint8"):
         write_ome_zarr(tmp_path / "b.ome.zarr", image.astype(np.float32), pixel_size_um=1.0)
+    with pytest.raises(ValueError, match="ngff_version"):
+        write_ome_zarr(tmp_path / "b.ome.zarr", image, pixel_size_um=1.0, ngff_version="0.3")
     assert not (tmp_path / "b.ome.zarr").exists()
 
 
-def test_ome_zarr_opens_with_ome_zarr_py_if_installed(tmp_path):
-    pytest.importorskip("ome_zarr.reader", reason="ome-zarr-py is optional (not a dependency)")
-    from ome_zarr.io import parse_url
-    from ome_zarr.reader import Reader
-
+def test_ome_zarr_layout_matches_ngff_05(tmp_path):
     image, clusters, tissue = _sample()
     path = write_ome_zarr(
-        tmp_path / "s.ome.zarr", image, pixel_size_um=2.0, labels={"clusters": clusters, "tissue": tissue}
+        tmp_path / "B3.ome.zarr",
+        image,
+        pixel_size_um=8.0,
+        labels={"clusters": clusters, "tissue": tissue},
+        name="tma01/B3",
+        min_side=16,
+        translation_um=(800.0, 1600.0),
+        attributes={"l0_origin": [400.0, 800.0]},
     )
-    nodes = {str(n.zarr).split(" ")[0].rsplit("/", 1)[-1]: n for n in Reader(parse_url(str(path)))()}
-    assert nodes["s.ome.zarr"].data[0].shape == (3, 40, 60)
-    for name in ("clusters", "tissue"):
-        assert "Label" in {type(s).__name__ for s in nodes[name].specs}
-        assert nodes[name].data[0].shape == (40, 60)
+    assert NGFF_VERSION == "0.5"
+    meta = json.loads((path / "zarr.json").read_text())
+    assert meta["zarr_format"] == 3 and meta["node_type"] == "group"
+    ome = meta["attributes"]["ome"]
+    assert ome["version"] == "0.5" and "version" not in ome["multiscales"][0]
+    assert meta["attributes"]["equislide"] == {"l0_origin": [400.0, 800.0]}
+    for i, d in enumerate(ome["multiscales"][0]["datasets"]):
+        scale, shift = d["coordinateTransformations"]
+        assert scale["scale"] == [1.0, 8.0 * 2**i, 8.0 * 2**i]
+        # Level i's first pixel centre sits at the centre of level 0's first 2**i x 2**i block.
+        assert shift["translation"] == [0.0, 1600.0 + (2**i - 1) * 4.0, 800.0 + (2**i - 1) * 4.0]
+    array = json.loads((path / "0" / "zarr.json").read_text())
+    assert array["dimension_names"] == ["c", "y", "x"] and array["shape"] == [3, 40, 60]
+    assert "zstd" in json.dumps(array["codecs"])
+    root = zarr.open_group(path, mode="r")
+    np.testing.assert_array_equal(root["0"][:], image.transpose(2, 0, 1))
+    labels_meta = json.loads((path / "labels" / "zarr.json").read_text())["attributes"]
+    assert labels_meta == {"ome": {"version": "0.5", "labels": ["clusters", "tissue"]}}
+    lab = ngff_attrs(root["labels/clusters"].attrs)
+    assert lab["image-label"]["source"] == {"image": "../../"} and "version" not in lab["image-label"]
+    assert json.loads((path / "labels/clusters/0/zarr.json").read_text())["dimension_names"] == ["y", "x"]
+    np.testing.assert_array_equal(root["labels/clusters/1"][:], clusters[1::2, 1::2])
 
 
-def test_ome_zarr_metadata_passes_ome_zarr_models_if_installed(tmp_path):
-    pytest.importorskip("ome_zarr_models", reason="ome-zarr-models is optional (not a dependency)")
-    from ome_zarr_models.v04.image import ImageAttrs
-    from ome_zarr_models.v04.image_label import ImageLabelAttrs
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_ome_zarr_validates_with_ome_zarr_models_and_reads_with_ome_zarr_py(tmp_path, version):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models import open_ome_zarr
 
-    image, clusters, _ = _sample()
-    path = write_ome_zarr(tmp_path / "s.ome.zarr", image, pixel_size_um=2.0, labels={"clusters": clusters})
-    root = zarr.open_group(path, mode="r", zarr_format=2)
-    ImageAttrs.model_validate(dict(root.attrs))
-    attrs = ImageLabelAttrs.model_validate(dict(root["labels/clusters"].attrs))
+    image, clusters, tissue = _sample()
+    coarse = clusters[::4, ::4]  # a label map 4 x coarser, its grid starting 2 px before the image
+    path = write_ome_zarr(
+        tmp_path / "s.ome.zarr",
+        image[2:, 2:],
+        pixel_size_um=2.0,
+        labels={"clusters": coarse, "tissue": tissue[::4, ::4]},
+        label_upsample=4,
+        label_offset=(2, 2),
+        translation_um=(10.0, 20.0),
+        min_side=8,
+        ngff_version=version,
+    )
+    # ome-zarr-models checks the whole hierarchy: the image, its arrays, labels/ and each label image.
+    model = open_ome_zarr(zarr.open_group(path, mode="r"))
+    assert type(model).__name__ == "Image" and model.ome_zarr_version == version
+    label_model = open_ome_zarr(zarr.open_group(path / "labels" / "clusters", mode="r"))
+    assert type(label_model).__name__ == "ImageLabel"
+    attrs = label_model.attributes.ome if version == "0.5" else label_model.attributes
     assert {c.label_value for c in attrs.image_label.colors} == {0, 1, 3}
+
+    nodes = {str(n.zarr).split(" ")[0].rsplit("/", 1)[-1]: n for n in Reader(parse_url(str(path)))()}
+    data = nodes["s.ome.zarr"].data
+    assert [d.shape for d in data] == [(3, 38, 58), (3, 19, 29), (3, 10, 15), (3, 5, 8)]
+    np.testing.assert_array_equal(np.asarray(data[0]), image[2:, 2:].transpose(2, 0, 1))
+    level0 = nodes["s.ome.zarr"].metadata["coordinateTransformations"][0]
+    assert level0 == [
+        {"type": "scale", "scale": [1.0, 2.0, 2.0]},
+        {"type": "translation", "translation": [0.0, 20.0, 10.0]},
+    ]
+    for name, source in (("clusters", coarse), ("tissue", tissue[::4, ::4])):
+        assert "Label" in {type(s).__name__ for s in nodes[name].specs}
+        levels = nodes[name].data
+        assert [d.shape for d in levels] == [d.shape[1:] for d in data]
+        for n, level in enumerate(levels):
+            # Independent of the writer: the label map's pixel under each level-n pixel's centre.
+            centre_y = 2 + (np.arange(level.shape[0]) + 0.5) * 2**n
+            centre_x = 2 + (np.arange(level.shape[1]) + 0.5) * 2**n
+            rows = np.minimum(np.floor(centre_y / 4).astype(int), source.shape[0] - 1)
+            cols = np.minimum(np.floor(centre_x / 4).astype(int), source.shape[1] - 1)
+            np.testing.assert_array_equal(np.asarray(level), source[rows][:, cols], err_msg=f"{name} {n}")
+
+
+def _tile_store(tmp_path, *, origin, grid=(3, 2), tile=16, halo=4, dims=None, l0_per_l=2.0, source=None):
+    """A finished tile store with distinct random tiles (halos included) on a grid at ``origin``."""
+    from equislide.storage import open_sample_for_write
+
+    rng = np.random.default_rng(1)
+    rows, cols = grid
+    coords = np.array(
+        [[origin[0] + c * tile, origin[1] + r * tile] for r in range(rows) for c in range(cols)]
+    )
+    tiles = rng.integers(0, 256, (len(coords), tile + 2 * halo, tile + 2 * halo, 3), dtype=np.uint8)
+    attrs = {
+        "mpp": 2.0,
+        "source_mpp": 2.0 / l0_per_l,
+        "l0_per_l": [l0_per_l, l0_per_l],
+        "grid_shape": list(grid),
+    }
+    if dims is not None:
+        attrs["source_dimensions"] = list(dims)
+    if source is not None:
+        attrs["source_path"] = str(source)
+    n = len(coords)
+    with open_sample_for_write(tmp_path, "s", n_tiles=n, tile=tile, halo=halo, attrs=attrs) as w:
+        w.write_tiles(0, tiles, coords)
+    return tmp_path / "s.zarr", tiles, coords
+
+
+def _naive_plane(tiles, coords, halo, rect):
+    """The analysis plane over ``rect`` by pasting every interior into one canvas (white elsewhere)."""
+    x0, y0, x1, y1 = rect
+    side = tiles.shape[1] - 2 * halo
+    lo = np.minimum(coords.min(0), [x0, y0])
+    hi = np.maximum(coords.max(0) + side, [x1, y1])
+    canvas = np.full((hi[1] - lo[1], hi[0] - lo[0], 3), 255, np.uint8)
+    for t, (x, y) in zip(tiles, coords - lo, strict=True):
+        canvas[y : y + side, x : x + side] = t[halo : halo + side, halo : halo + side]
+    return canvas[y0 - lo[1] : y1 - lo[1], x0 - lo[0] : x1 - lo[0]]
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_sample_ome_zarr_is_the_tile_stores_analysis_plane_with_labels_on_it(tmp_path, version):
+    """The stage's writer: a core-like sample away from the slide's origin, a grid that runs past the
+    slide's right edge (cut there), labels at stride 4 sampled onto every level, translation and
+    level-0 offset placing it on the slide; pixels equal the tiles' interiors, read back with
+    ome-zarr-py, hierarchy valid for ome-zarr-models."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models import open_ome_zarr
+
+    from equislide.stages.segment import write_sample_ome_zarr
+
+    stride, halo = 4, 4
+    # Slide 74 x 90 analysis px (148 x 180 level-0 px); grid x in [40, 72) fits, rows [12, 60) fit.
+    store, tiles, coords = _tile_store(tmp_path, origin=(40, 12), dims=(140, 180))
+    rng = np.random.default_rng(2)
+    tile_labels = rng.integers(0, 3, (len(coords), 4, 4))
+    stitched = stitch_store(store, tile_labels, stride=stride, image=False)
+    meta = {"sample_id": "s", "mpp": 2.0, "kind": "tma_core", "source_dimensions": [140, 180]}
+    path = write_sample_ome_zarr(
+        tmp_path / "s.ome.zarr",
+        store,
+        meta,
+        stitched,
+        stride=stride,
+        names={1: "a"},
+        ngff_version=version,
+        min_side=8,
+        chunk=8,  # several bands per level
+    )
+    assert open_ome_zarr(zarr.open_group(path, mode="r")).ome_zarr_version == version
+    root = zarr.open_group(path, mode="r")
+    # The slide ends at x = 70 (140 / 2 level-0 px per analysis px): the grid's last 2 columns are cut.
+    rect = (40, 12, 70, 60)
+    expect = _naive_plane(tiles, coords, halo, rect)
+    nodes = {str(n.zarr).split(" ")[0].rsplit("/", 1)[-1]: n for n in Reader(parse_url(str(path)))()}
+    image = nodes["s.ome.zarr"].data
+    np.testing.assert_array_equal(np.asarray(image[0]).transpose(1, 2, 0), expect)
+    assert image[0].shape == (3, 48, 30) and image[1].shape == (3, 24, 15)
+    top_left = expect[:2, :2].reshape(-1, 3).astype(float).mean(0)
+    np.testing.assert_allclose(np.asarray(image[1])[:, 0, 0], top_left, atol=0.51)
+    shift = nodes["s.ome.zarr"].metadata["coordinateTransformations"][0][1]["translation"]
+    assert shift == [0.0, 12 * 2.0, 40 * 2.0]  # µm: analysis px x 2 µm
+    extra = root.attrs["equislide"]
+    assert extra["l_origin"] == [40, 12] and extra["l0_origin"] == [80.0, 24.0]
+    assert extra["label_grid"] == {"stride": 4, "l_origin": [40, 12]}
+    labels = stitched["labels"]
+    for n, level in enumerate(nodes["clusters"].data):
+        centre_y = (np.arange(level.shape[0]) + 0.5) * 2**n
+        centre_x = (np.arange(level.shape[1]) + 0.5) * 2**n
+        rows = np.minimum((centre_y // stride).astype(int), labels.shape[0] - 1)
+        cols = np.minimum((centre_x // stride).astype(int), labels.shape[1] - 1)
+        np.testing.assert_array_equal(np.asarray(level), labels[rows][:, cols], err_msg=f"level {n}")
+        assert level.shape == image[n].shape[1:]
+
+
+def test_tile_plane_streams_bands_and_cuts_to_the_slide(tmp_path):
+    """A band reads only the tiles it meets (memory stays one tile row), the plane equals the naive
+    stitch, and a grid centred on the tissue that starts before the slide is cut at 0."""
+    from equislide.storage import downsample_plane, tile_plane
+
+    # Grid x in [-6, 26), y in [-10, 38); the slide is 40 x 50 analysis px (80 x 100 level-0 px).
+    store, tiles, coords = _tile_store(tmp_path, origin=(-6, -10), grid=(3, 2), dims=(80, 100))
+    plane = tile_plane(store)
+    assert plane.l_origin == (0, 0) and plane.shape == (38, 26, 3)
+    full = _naive_plane(tiles, coords, 4, (0, 0, 26, 38))
+    seen = []
+    for y0 in range(0, plane.shape[0], 5):
+        np.testing.assert_array_equal(plane[y0 : y0 + 5], full[y0 : y0 + 5])
+        seen.append(len(plane._cache))
+    assert max(seen) <= 2 * 2  # a band meets at most two tile rows of two
+    np.testing.assert_array_equal(plane[3:9, 4:7], full[3:9, 4:7])
+    whole = tile_plane(store, extent="slide")
+    assert whole.l_origin == (0, 0) and whole.shape == (50, 40, 3)
+    rgb, covered = downsample_plane(whole, 2, band_rows=3)
+    assert rgb.shape == (25, 20, 3) and covered[:19, :13].all()
+    assert not covered[19:].any() and not covered[:, 13:].any()
+    expect = _naive_plane(tiles, coords, 4, (0, 0, 40, 50)).astype(float)
+    np.testing.assert_allclose(rgb[5, 5], expect[10:12, 10:12].reshape(-1, 3).mean(0), atol=0.51)
 
 
 # ---------------------------------------------------------------- GeoJSON
@@ -289,23 +496,129 @@ def test_overlay_blends_palette_colours_and_adds_a_legend(tmp_path):
     lab = np.zeros((10, 15), np.uint8)
     lab[:5, :5] = 1
     lab[5:, 10:] = 2
-    pic = render_overlay(image, lab, alpha=0.5, title="tma01/B3")
-    assert pic.mode == "RGB" and pic.size[0] > 60 and pic.size[1] >= 40
-    arr = np.asarray(pic)
-    np.testing.assert_array_equal(arr[2, 2], np.rint(0.5 * 200 + 0.5 * np.array(PALETTE[1])).astype(np.uint8))
+    bare = np.asarray(render_overlay(image, lab, alpha=0.5, legend=False))
+    assert bare.shape == (40, 60, 3)
     np.testing.assert_array_equal(
-        arr[38, 58], np.rint(0.5 * 200 + 0.5 * np.array(PALETTE[2])).astype(np.uint8)
+        bare[2, 2], np.rint(0.5 * 200 + 0.5 * np.array(PALETTE[1])).astype(np.uint8)
     )
-    np.testing.assert_array_equal(arr[30, 10], [200, 200, 200])  # no tissue: unpainted
-    legend = arr[:, 60:].reshape(-1, 3)
+    np.testing.assert_array_equal(
+        bare[38, 58], np.rint(0.5 * 200 + 0.5 * np.array(PALETTE[2])).astype(np.uint8)
+    )
+    np.testing.assert_array_equal(bare[30, 10], [200, 200, 200])  # no tissue: unpainted
+    pic = render_overlay(image, lab, alpha=0.5, title="tma01/B3")
+    arr = np.asarray(pic)
+    assert pic.mode == "RGB" and pic.size[0] >= 60 and pic.size[1] > 40
+    # The blended picture sits whole in the canvas, under the title.
+    at = [y for y in range(arr.shape[0] - 39) if (arr[y : y + 40, :60] == bare).all()]
+    assert len(at) == 1 and at[0] > 0
+    rest = arr.copy()
+    rest[at[0] : at[0] + 40, :60] = 255
     for v in (1, 2):  # swatches in the legend
-        assert (legend == np.array(PALETTE[v])).all(axis=1).any()
+        assert (rest.reshape(-1, 3) == np.array(PALETTE[v])).all(axis=1).any()
     path = write_overlay_png(tmp_path / "B3.png", image, lab, legend=False)
     with Image.open(path) as back:
         assert back.format == "PNG" and back.size == (60, 40)
     assert label_color(300) == PALETTE[1 + (299 % 255)]
     with pytest.raises(ValueError, match="alpha"):
         render_overlay(image, lab, alpha=2.0)
+    with pytest.raises(ValueError, match="pixel_size_um"):
+        render_overlay(image, lab, pixel_size_um=0.0)
+
+
+def test_overlay_labels_are_placed_by_origin_and_scale():
+    image = np.full((20, 30, 3), 100, np.uint8)
+    lab = np.array([[1, 2], [3, 0]], np.uint8)  # 8 image px per label px, corner at (4, -2)
+    arr = np.asarray(render_overlay(image, lab, alpha=1.0, legend=False, label_origin=(4, -2), label_scale=8))
+    assert (arr[:, :4] == 100).all() and (arr[:, 20:] == 100).all()  # left of / right of the map
+    assert (arr[:6, 4:12] == PALETTE[1]).all() and (arr[:6, 12:20] == PALETTE[2]).all()
+    assert (arr[6:14, 4:12] == PALETTE[3]).all() and (arr[6:14, 12:20] == 100).all()
+    assert (arr[14:] == 100).all()  # below the map
+
+
+@pytest.mark.parametrize("shape", [(1500, 2048), (2048, 900), (300, 300), (60, 40)])
+def test_overlay_legend_is_readable_in_the_160px_thumbnail(tmp_path, shape):
+    """The Prefect summary shows each overlay at 160 px (thumbnail_data_uri): the legend swatches
+    must stay at least 8 px there, whatever the picture's size and orientation."""
+    import base64
+
+    from equislide.storage import thumbnail_data_uri
+
+    h, w = shape
+    image = np.full((h, w, 3), 128, np.uint8)
+    lab = np.zeros((8, 8), np.uint8)
+    lab[:4, :4], lab[4:, :4], lab[:, 4:] = 1, 2, 3
+    png = write_overlay_png(
+        tmp_path / "o.png",
+        image,
+        lab,
+        names={1: "stroma", 2: "tumour", 3: "fat"},
+        title="slide-1",
+        pixel_size_um=2.5,
+    )
+    with Image.open(png) as full:
+        longest = max(full.size)
+        assert longest <= max(h, w) * 1.6 or max(h, w) < 100  # the legend does not dwarf the picture
+    uri = thumbnail_data_uri(png)
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as thumb:
+        small = np.asarray(thumb.convert("RGB")).astype(int)
+    assert max(small.shape[:2]) == min(160, longest)  # thumbnails only shrink
+    for v in (1, 2, 3):
+        # Pure palette colour appears only in the swatches (the picture is blended over grey).
+        near = np.abs(small - np.array(PALETTE[v])).max(axis=2) < 40
+        ys, xs = np.nonzero(near)
+        assert ys.size, f"swatch {v} not found"
+        side = min(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+        assert side >= 8, f"swatch {v} is {side} px in the 160 px thumbnail"
+
+
+def test_scale_bar_is_a_round_length_in_um():
+    from equislide.storage.overlay import scale_bar_length
+
+    assert scale_bar_length(1110.0) == (200.0, "200 µm")
+    assert scale_bar_length(30000.0) == (10000.0, "10 mm")
+    assert scale_bar_length(4500.0) == (1000.0, "1 mm")
+    assert scale_bar_length(7.5) == (2.0, "2 µm")
+    with pytest.raises(ValueError, match="width_um"):
+        scale_bar_length(0.0)
+    image = np.full((400, 600, 3), 128, np.uint8)
+    arr = np.asarray(render_overlay(image, np.zeros((4, 4), np.uint8), pixel_size_um=2.5))
+    black = (arr == 0).all(axis=2)
+    runs = [np.diff(np.flatnonzero(np.diff(np.r_[0, row, 0]))).max(initial=0) for row in black.astype(int)]
+    # 600 px x 2.5 µm = 1500 µm wide: a 500 µm bar, 200 px, the only long black line.
+    assert 200 <= max(runs) <= 201
+
+
+def test_sample_overlay_covers_the_whole_slide(tmp_path):
+    """A whole slide's overlay spans the slide, not the tile grid: the tiles where they are, the
+    slide's own pixels (its thumbnail) past them; a slide that cannot be read leaves a warning."""
+    from equislide.stages.segment import overlay_picture, write_sample_overlay
+    from equislide.storage import read_sample_meta
+
+    yy, xx = np.mgrid[0:100, 0:80]
+    slide = np.stack([(xx * 3) % 256, (yy * 2) % 256, np.full_like(xx, 90)], axis=-1).astype(np.uint8)
+    source = tmp_path / "slide.png"
+    Image.fromarray(slide).save(source)
+    # 2 level-0 px per analysis px: the slide is 40 x 50 analysis px, the 2 x 1 tiles cover x, y < 16, 32.
+    store, tiles, coords = _tile_store(
+        tmp_path, origin=(0, 0), grid=(2, 1), dims=(80, 100), source=source, l0_per_l=2.0
+    )
+    meta = read_sample_meta(store)
+    rgb, l_origin, down, warning = overlay_picture(store, meta)
+    assert warning is None and l_origin == (0, 0) and down == 1 and rgb.shape == (50, 40, 3)
+    np.testing.assert_array_equal(rgb[:32, :16], _naive_plane(tiles, coords, 4, (0, 0, 16, 32)))
+    blocks = slide.reshape(50, 2, 40, 2, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(rgb[:, 16:], blocks[:, 16:], atol=1.01)  # right of the grid
+    np.testing.assert_allclose(rgb[32:, :16], blocks[32:, :16], atol=1.01)  # below it
+    stitched = stitch_store(store, np.ones((2, 4, 4), np.int64), stride=4, image=False)
+    out = tmp_path / "s.png"
+    assert write_sample_overlay(out, store, meta, stitched, stride=4, names={2: "b"}, title="s") is None
+    with Image.open(out) as png:
+        assert png.width >= 40 and png.height > 50
+
+    source.unlink()
+    rgb, _, _, warning = overlay_picture(store, meta)
+    assert warning.startswith("overlay: slide not read") and "\n" not in warning
+    assert (rgb[:, 16:] == 255).all()
 
 
 # ---------------------------------------------------------------- run.json
@@ -409,7 +722,7 @@ def test_stitch_store_chains_into_ome_geojson_and_overlay(tmp_path):
         labels={"clusters": labels, "tissue": tissue},
         min_side=4,
     )
-    assert zarr.open_group(ome, mode="r", zarr_format=2)["labels/clusters/0"].shape == (8, 8)
+    assert zarr.open_group(ome, mode="r")["labels/clusters/0"].shape == (8, 8)
     fc = labels_to_geojson(labels, stride=stride, l0_per_l=out["l0_per_l"], l0_offset=out["l0_origin"])
     first = fc["features"][0]["geometry"]["coordinates"][0][0]
     assert min(p[0] for p in first) == 400.0 and max(p[0] for p in first) == 400.0 + 16 * 4
@@ -450,3 +763,39 @@ def test_overlay_image_is_finer_than_the_label_grid(tmp_path):
     assert uri.startswith("data:image/jpeg;base64,")
     with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as thumb:
         assert thumb.format == "JPEG" and max(thumb.size) == 8
+
+
+def test_real_slide_outputs_show_the_tissue_at_the_analysis_resolution(shared_data, tmp_path):
+    """CMU-1-Small-Region (2220 x 2967 px at 0.499 µm/px) tiled with segment's defaults: the OME-Zarr
+    image is the whole slide at 2.5 µm/px (444 x 593 px, not the 64 x 128 label grid), pixel for pixel
+    the tile store's analysis plane; the overlay spans the slide with the slide's own pixels past the
+    grid."""
+    from ome_zarr_models import open_ome_zarr
+
+    from equislide.stages.segment import overlay_picture, write_sample_ome_zarr
+    from equislide.stages.tile import tile_slide
+    from equislide.storage import read_sample_meta
+
+    (res,) = tile_slide(shared_data / "slides" / "CMU-1-Small-Region.svs", tmp_path / "tiles")
+    store = res.store
+    meta = read_sample_meta(store)
+    group = zarr.open_group(store, mode="r")
+    tiles, coords, halo = group["tiles"][:], group["coords"][:], int(meta["halo"])
+    stride = 8
+    tile_labels = np.stack([np.full((64, 64), i % 3) for i in range(len(coords))])
+    stitched = stitch_store(store, tile_labels, stride=stride, image=False)
+    path = write_sample_ome_zarr(tmp_path / "s.ome.zarr", store, meta, stitched, stride=stride, names={})
+    assert open_ome_zarr(zarr.open_group(path, mode="r")).ome_zarr_version == "0.5"
+    root = zarr.open_group(path, mode="r")
+    assert root["0"].shape == (3, 593, 444) and stitched["labels"].shape == (128, 64)
+    np.testing.assert_array_equal(
+        root["0"][:].transpose(1, 2, 0), _naive_plane(tiles, coords, halo, (0, 0, 444, 593))
+    )
+    gx, gy = stitched["l_origin"]  # the grid starts left of and above the slide
+    lab0 = root["labels/clusters/0"][:]
+    assert lab0.shape == (593, 444)
+    rows, cols = (np.arange(593) - gy) // stride, (np.arange(444) - gx) // stride
+    np.testing.assert_array_equal(lab0, stitched["labels"][rows][:, cols])
+
+    rgb, l_origin, down, warning = overlay_picture(store, meta)
+    assert warning is None and l_origin == (0, 0) and down == 1 and rgb.shape == (593, 444, 3)
