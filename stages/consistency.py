@@ -56,6 +56,7 @@ __all__ = [
     "sample_images",
     "slide_regions",
     "store_consistency",
+    "sample_consistency",
 ]
 
 #: Per-sample result file beside the sample's outputs.
@@ -650,9 +651,51 @@ def store_consistency(
         "icc_feature": float(np.nanmean([r["icc_feature"] for r in regions])) if regions else None,
         "annotation": _pooled_annotation(regions),
         "regions": regions,
-        "spec": {"angles": list(spec.angles), "regions": spec.regions, "region": spec.region,
-                 "track": spec.track, "seed": spec.seed},
+        "spec": {
+            "angles": list(spec.angles),
+            "regions": spec.regions,
+            "region": spec.region,
+            "track": spec.track,
+            "seed": spec.seed,
+        },
         "seconds": round(time.perf_counter() - t0, 3),
     }
     atomic_write_json(path, doc)
     return {**doc, "path": str(path), "status": "written", "regions_data": data}
+
+
+def sample_consistency(
+    sample: tuple[str, str | Path],
+    out_dir: str | Path,
+    backbone: Any,
+    *,
+    spec: ConsistencySpec,
+    cluster: ClusterSpec | None = None,
+    kmeans: Any = None,
+    device: str = "auto",
+    name: str | None = None,
+    strip: bool = False,
+    annotations: str | Path | None = None,
+    regions: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """:func:`store_consistency` of one sample ``(sample_id, store)`` as the flows run it: its
+    annotation looked up in the folder ``annotations``, its region count from ``regions`` (the
+    service's budget), and without the bulky ``regions_data`` (a module-level callable: it runs in a
+    budgeted child)."""
+    sample_id, store = sample
+    annotation = find_annotation(annotations, sample_id) if annotations else None
+    mine = spec if not regions else dataclasses.replace(spec, regions=regions.get(sample_id, spec.regions))
+    doc = store_consistency(
+        store,
+        out_dir,
+        backbone,
+        spec=mine,
+        cluster=cluster,
+        kmeans=kmeans,
+        device=device,
+        name=name,
+        strip=strip,
+        annotation=annotation,
+    )
+    doc.pop("regions_data", None)
+    return doc

@@ -105,7 +105,7 @@ def test_bad_inputs_among_good_ones(shared_data: Path, tmp_path: Path, tiff_bomb
     good["duplicate stem 2"] = (d / "b" / "slide.tiff", "slide-2")
     (d / "dossier é ✓").mkdir()
     Image.fromarray(he).save(d / "dossier é ✓" / "coupe n°1 — tümör.png")
-    good["unicode and spaces"] = (d / "dossier é ✓" / "coupe n°1 — tümör.png", "coupe_n1_tumor")
+    good["unicode and spaces"] = (d / "dossier é ✓" / "coupe n°1 — tümör.png", "coupe_n_1_tümör")  # letters of any script stay
     Image.fromarray(he[:500]).save(d / "trav.png")
     good["'../' in the path"] = (d / "a" / ".." / "trav.png", "trav")
 
