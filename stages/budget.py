@@ -23,13 +23,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BUDGET_ENV", "BudgetExceeded", "BudgetSpec", "ChildFailed", "run_within"]
+__all__ = ["BUDGET_ENV", "BudgetExceeded", "BudgetSpec", "ChildFailed", "run_within", "warm"]
 
 BUDGET_ENV = "EQUISLIDE_BUDGET"
 STAGES = ("plan", "tile", "features", "segment", "consistency")
 
 # What the forkserver imports once, so that children start warm (each a fork of it).
-_PRELOAD = ["equislide.stages.tile", "equislide.stages.features", "equislide.stages.segment"]
+# The stages import their libraries lazily, so the libraries are named here too.
+_PRELOAD = [
+    "equislide.tiling",
+    "equislide.storage",
+    "equislide.stages.tile",
+    "equislide.stages.features",
+    "equislide.stages.segment",
+    "equislide.stages.consistency",
+    "equislide.stages.backbone",
+    "equislide.models.extract",
+    "equislide.models.kmeans",
+    "equislide.models.srenet",
+]
 
 
 class BudgetExceeded(RuntimeError):
@@ -92,6 +104,15 @@ def _context():
         ctx.set_forkserver_preload(_PRELOAD)
         _CONTEXT.append(ctx)
     return _CONTEXT[0]
+
+
+def warm() -> None:
+    """Start the forkserver now (it imports the stages: ~5 s on a busy CPU) rather than at the first
+    budgeted call; Dask workers call it from their preload."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
 
 
 def _child(conn, fn, args, kwargs, with_progress) -> None:
