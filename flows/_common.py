@@ -10,6 +10,7 @@ resumes from its own done-markers, and arrays are never pickled into Prefect's r
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -99,8 +100,45 @@ def transient(task_, task_run, state) -> bool:
 TASK_OPTIONS = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
+#: errno values of I/O hiccups worth a retry (network file systems, busy devices, lost connections).
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EIO",
+        "EAGAIN",
+        "EBUSY",
+        "EINTR",
+        "ETIMEDOUT",
+        "ESTALE",
+        "ECONNRESET",
+        "ECONNREFUSED",
+        "ECONNABORTED",
+        "EHOSTUNREACH",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ENOLCK",
+        "EREMOTEIO",
+    )
+    if hasattr(errno, name)
+)
+
+
 def is_transient(err: BaseException) -> bool:
-    return isinstance(err, (OSError, TimeoutError)) and not isinstance(err, SlideError)
+    """An I/O hiccup or a lost connection, not the file's own fault.
+
+    A reader's ``OSError`` about the file itself (``EINVAL`` seeking in a bad header, PIL's plain
+    ``OSError("Truncated File Read")`` without an errno, a symlink loop) would fail the same way on
+    every retry, and Prefect prints a traceback when retries run out: such errors are not transient.
+    """
+    if isinstance(err, SlideError):
+        return False
+    if isinstance(err, TimeoutError):
+        return True
+    if not isinstance(err, OSError):
+        return False
+    if err.errno is None:
+        return type(err) is not OSError  # subclasses without an errno: comms (distributed's CommClosedError)
+    return err.errno in _TRANSIENT_ERRNOS
 
 
 def budget_of(budget: float | None, stage: str) -> float:

@@ -378,6 +378,7 @@ EITHER_WAY = frozenset(
         "bps_mismatch",
         "tiff_huge_untiled_200k",
         "rows_per_strip_zero",
+        "strip_bytes_zero",
         "strip_bytes_huge",
         "tiff_float_nan",
         "one_pixel",
