@@ -24,8 +24,8 @@ from equislide.text import path_text  # noqa: E402
 pytestmark = pytest.mark.slow
 
 GOOD = ("CMU-1-Small-Region.svs", "TCGA-CR-7395-01A-01-TS1.svs")
-#: The whole run (Prefect server and cluster start included). Measured: 88 inputs in ~400 s (flow 328 s:
-#: tile 102, features 115, segment 74) on the shared 2-core CPU while other jobs loaded it (load ~8).
+#: The whole run (Prefect server and cluster start included). Measured: 88 inputs in 242 s, and ~400 s
+#: (flow 328 s: tile 102, features 115, segment 74) while other jobs loaded the shared 2-core CPU (load ~8).
 BOUND_S = 600
 #: Planning budget of the test run: the 200000 x 200000 untiled TIFF must be stopped by it.
 PLAN_BUDGET_S = 20
