@@ -10,7 +10,8 @@ resumes from its own done-markers, and arrays are never pickled into Prefect's r
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import errno
+import functools
 import logging
 import os
 import time
@@ -36,10 +37,12 @@ from equislide.flows.cluster import (
 )
 from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
 from equislide.stages.backbone import calibrated_backbone
-from equislide.stages.consistency import ConsistencySpec, find_annotation, store_consistency
-from equislide.stages.inputs import assign_sample_ids, failed_record, reason_of
-from equislide.stages.tile import SampleResult, SlidePlan, plan_slide, write_samples
+from equislide.stages.budget import BudgetSpec, run_within
+from equislide.stages.consistency import ConsistencySpec, sample_consistency
+from equislide.stages.inputs import assign_sample_ids, duplicate_inputs, failed_record, path_text, reason_of
+from equislide.stages.tile import SampleResult, SlidePlan, plan_slide, write_sample
 from equislide.storage import clean_partials, sample_store_path, write_manifest
+from equislide.text import pack_path, unpack_path
 from equislide.tiling import SamplePlan, SlideError
 
 __all__ = [
@@ -97,22 +100,69 @@ def transient(task_, task_run, state) -> bool:
 TASK_OPTIONS = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
+#: errno values of I/O hiccups worth a retry (network file systems, busy devices, lost connections).
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EIO",
+        "EAGAIN",
+        "EBUSY",
+        "EINTR",
+        "ETIMEDOUT",
+        "ESTALE",
+        "ECONNRESET",
+        "ECONNREFUSED",
+        "ECONNABORTED",
+        "EHOSTUNREACH",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ENOLCK",
+        "EREMOTEIO",
+    )
+    if hasattr(errno, name)
+)
+
+
 def is_transient(err: BaseException) -> bool:
-    return isinstance(err, (OSError, TimeoutError)) and not isinstance(err, SlideError)
+    """An I/O hiccup or a lost connection, not the file's own fault.
+
+    A reader's ``OSError`` about the file itself (``EINVAL`` seeking in a bad header, PIL's plain
+    ``OSError("Truncated File Read")`` without an errno, a symlink loop) would fail the same way on
+    every retry, and Prefect prints a traceback when retries run out: such errors are not transient.
+    """
+    if isinstance(err, SlideError):
+        return False
+    if isinstance(err, TimeoutError):
+        return True
+    if not isinstance(err, OSError):
+        return False
+    if err.errno is None:
+        return type(err) is not OSError  # subclasses without an errno: comms (distributed's CommClosedError)
+    return err.errno in _TRANSIENT_ERRNOS
 
 
-def each_sample(items: list[tuple[str, Any]], verb: str, fn: Callable[[Any], Any]) -> list[dict[str, Any]]:
+def budget_of(budget: float | None, stage: str) -> float:
+    """A task's budget: the one the flow passed, else the worker's default (``$EQUISLIDE_BUDGET``)."""
+    return float(getattr(BudgetSpec.from_env(), stage)) if budget is None else float(budget)
+
+
+def each_sample(
+    items: list[tuple[str, Any]], verb: str, fn: Callable[[Any], Any], *, budget: float = 0.0
+) -> list[dict[str, Any]]:
     """``fn(x)`` for each ``(sample_id, x)`` of a group task; a sample's own error is its result.
 
-    A transient error (I/O, a timeout) is raised instead, so Prefect retries the group; samples already
-    finished are skipped on the retry (every stage resumes), so a retry redoes only what failed.
+    With a ``budget`` (seconds), each call runs in a child process killed when it overruns
+    (:func:`~equislide.stages.budget.run_within`; ``fn`` must then pickle: a module-level function or a
+    ``functools.partial`` of one), and that sample fails alone. A transient error (I/O, a lost worker) is
+    raised instead, so Prefect retries the group; samples already finished are skipped on the retry
+    (every stage resumes), so a retry redoes only what failed.
     """
     logger = get_run_logger()
     out = []
     for sample_id, x in items:
         logger.info("%s %s", verb, sample_id)
         try:
-            out.append({"sample_id": sample_id, "result": fn(x)})
+            out.append({"sample_id": sample_id, "result": run_within(budget, f"{verb} {sample_id}", fn, x)})
         except Exception as err:
             if is_transient(err):
                 raise
@@ -142,10 +192,15 @@ def label_of(items: list[tuple[str, Any]]) -> str:
     retry_condition_fn=transient,
     **TASK_OPTIONS,
 )
-def plan_task(path: str, tiles_root: str, sample_id: str, spec: TilingSpec) -> SlidePlan:
-    """Hash, mask and dearray one input; lay out its samples' tiles."""
-    get_run_logger().info("planning %s as %s", path, sample_id)
-    return plan_slide(path, tiles_root, spec, sample_id=sample_id)
+def plan_task(
+    path: str, tiles_root: str, sample_id: str, spec: TilingSpec, budget: float | None = None
+) -> SlidePlan:
+    """Hash, mask and dearray one input; lay out its samples' tiles (killed past the plan budget)."""
+    get_run_logger().info("planning %s as %s", path_text(path), sample_id)
+    seconds = budget_of(budget, "plan")
+    return run_within(
+        seconds, f"planning {sample_id}", plan_slide, path, tiles_root, spec, sample_id=sample_id
+    )
 
 
 @task(
@@ -156,12 +211,17 @@ def plan_task(path: str, tiles_root: str, sample_id: str, spec: TilingSpec) -> S
     retry_condition_fn=transient,
     **TASK_OPTIONS,
 )
-def tile_task(samples: list[SamplePlan], tiles_root: str, label: str) -> list[dict[str, Any]]:
+def tile_task(
+    samples: list[SamplePlan], tiles_root: str, label: str, budget: float | None = None
+) -> list[dict[str, Any]]:
     """Read and store the tiles of some samples of one input, each on its own: a region that cannot be
     read fails its sample only (OpenSlide refuses every later read on a handle that hit an error, so
     each sample opens the slide afresh; a few ms for a pyramidal TIFF or SVS)."""
     return each_sample(
-        [(s.sample_id, s) for s in samples], "tiling", lambda s: write_samples([s], tiles_root)[0]
+        [(s.sample_id, s) for s in samples],
+        "tiling",
+        functools.partial(write_sample, out_root=tiles_root),
+        budget=budget_of(budget, "tile"),
     )
 
 
@@ -212,6 +272,7 @@ class RunState:
         backbone: The network of the run (after the backbone stage).
         kmeans: The cohort model (after the K-means stage, ``fit="cohort"``).
         cluster: The cluster's description (workers, GPUs, scheduler), for the report.
+        budgets: Seconds a stage call may take per input or sample (:class:`BudgetSpec`).
     """
 
     root: Path
@@ -226,6 +287,7 @@ class RunState:
     backbone: BackboneRef | None = None
     kmeans: KMeansRef | None = None
     cluster: dict[str, Any] = field(default_factory=dict)
+    budgets: BudgetSpec = field(default_factory=BudgetSpec.from_env)
 
     @property
     def tiles_root(self) -> Path:
@@ -278,19 +340,21 @@ def start_run(inputs: list[str], out: str) -> RunState:
     """The run folder made and cleaned of a killed run's leftovers, every input's sample ID, and the
     cluster started (its first use: a local one starts here, timed as the ``cluster`` stage) and
     described; warnings about its workers are logged."""
-    root = Path(out)
+    root = Path(unpack_path(str(out)))
     (root / "tiles").mkdir(parents=True, exist_ok=True)
     clean_partials(root / "tiles")  # leftovers of a killed run; this run owns OUT
-    paths = list(dict.fromkeys(str(p) for p in inputs))
+    paths = list(dict.fromkeys(unpack_path(str(p)) for p in inputs))
     ids, records = assign_sample_ids(paths)
     state = RunState(root=root, paths=paths, ids=ids, records=records)
     with timed(state, "cluster"):
         state.cluster = cluster_description()
     state.workers = max(1, int(state.cluster.get("workers") or 1))
     logger = get_run_logger()
-    logger.info("%d inputs on %s -> %s", len(paths), state.cluster, root)
+    logger.info("%d inputs on %s -> %s", len(paths), state.cluster, path_text(root))
     for warning in worker_warnings():
         logger.warning(warning)
+    for first, other in duplicate_inputs(paths):
+        logger.warning("duplicate inputs: %s and %s hold the same bytes", path_text(first), path_text(other))
     return state
 
 
@@ -308,7 +372,9 @@ def run_flow(
             logging.getLogger("equislide").warning(warning)
         runner = make_task_runner(scheduler=scheduler, workers=workers)
         with worker_environment():  # a local cluster starts inside the flow
-            return flow_.with_options(task_runner=runner)([str(p) for p in inputs], str(out), **kw)
+            # Prefect encodes parameters as JSON, which refuses names that are not UTF-8: pack those.
+            packed = [pack_path(p) for p in inputs]
+            return flow_.with_options(task_runner=runner)(packed, pack_path(out), **kw)
 
 
 def collect(
@@ -351,20 +417,21 @@ def tile_stage(state: RunState, spec: TilingSpec) -> None:
     owner: dict[str, str] = {}  # sample ID -> input
     written: dict[str, list[SampleResult]] = {p: [] for p in state.ids}
     pending: dict[Any, list[tuple[str, SamplePlan]]] = {}
-    plan_futures = {plan_task.submit(p, tiles_root, state.ids[p], spec): p for p in state.ids}
+    budgets = state.budgets
+    plan_futures = {plan_task.submit(p, tiles_root, state.ids[p], spec, budgets.plan): p for p in state.ids}
     for fut in as_completed(list(plan_futures)):
         path = plan_futures[fut]
         reason = failure(fut)
         if reason is not None:
             err = fut.result(raise_on_failure=False)
             state.records[path] = failed_record(path, reason, type(err).__name__, sample_id=state.ids[path])
-            logger.warning("FAILED %s: %s", path, reason)
+            logger.warning("FAILED %s: %s", path_text(path), reason)
             continue
         plan = plans[path] = fut.result()
         owner.update(dict.fromkeys(plan.sample_ids, path))
         for chunk in groups(plan.todo, state.workers):
             items = [(s.sample_id, s) for s in chunk]
-            pending[tile_task.submit(chunk, tiles_root, label_of(items))] = items
+            pending[tile_task.submit(chunk, tiles_root, label_of(items), budgets.tile)] = items
 
     def untiled(sid: str, reason: str) -> None:  # a store never finished: later stages skip the sample
         state.samples[sid] = {"store": str(sample_store_path(tiles_root, sid)), "input": owner[sid]}
@@ -374,7 +441,7 @@ def tile_stage(state: RunState, spec: TilingSpec) -> None:
     for path, plan in plans.items():
         results = plan.ordered(written[path])
         state.records[path] = {
-            "path": path,
+            "path": path_text(path),
             "sample_id": state.ids[path],
             "sha256": plan.input_sha256,
             "status": "ok",
@@ -421,6 +488,7 @@ def consistency_task(
     study: bool = False,
     annotations: str | None = None,
     regions: dict[str, int] | None = None,
+    budget: float | None = None,
 ) -> list[dict[str, Any]]:
     """Rotation consistency of some samples (``(sample_id, store)``): ``<sample>.consistency.json``.
 
@@ -428,30 +496,20 @@ def consistency_task(
     study compares several networks in one folder); ``annotations``: a folder of label images;
     ``regions``: regions per sample ID, overriding ``spec.regions`` (the service's budget).
     """
-    sample_ids = {store: sid for sid, store in items}
     name = f".{backbone.backbone}-layer{backbone.layer}" if study else None
-
-    def one(store: str) -> dict[str, Any]:
-        annotation = find_annotation(annotations, sample_ids[store]) if annotations else None
-        mine = (
-            spec
-            if not regions
-            else dataclasses.replace(spec, regions=regions.get(sample_ids[store], spec.regions))
-        )
-        doc = store_consistency(
-            store,
-            out_dir,
-            backbone,
-            spec=mine,
-            cluster=cluster,
-            kmeans=kmeans,
-            device=device,
-            name=name,
-            strip=study,
-            annotation=annotation,
-        )
-        doc.pop("regions_data", None)
-        return doc
-
+    one = functools.partial(
+        sample_consistency,
+        out_dir=out_dir,
+        backbone=backbone,
+        spec=spec,
+        cluster=cluster,
+        kmeans=kmeans,
+        device=device,
+        name=name,
+        strip=study,
+        annotations=annotations,
+        regions=regions,
+    )
     verb = f"consistency ({backbone.backbone}, layer {backbone.layer})"
-    return each_sample(items, verb, one)
+    budget = budget_of(budget, "consistency")
+    return each_sample([(sid, (sid, store)) for sid, store in items], verb, one, budget=budget)

@@ -2,7 +2,8 @@
 
 A worker's first task would otherwise import torch, the networks, Prefect's task engine and the flow
 module while its task waits (~3-5 s on 2 busy cores); at start-up all workers do it at once, before
-the cluster counts as up, so no stage of a run pays it.
+the cluster counts as up, so no stage of a run pays it. The same goes for the forkserver every budgeted
+stage call forks from (:mod:`equislide.stages.budget`).
 """
 
 from __future__ import annotations
@@ -13,3 +14,6 @@ import equislide.flows.cohort  # noqa: F401  (Prefect, prefect-dask, the stages,
 import equislide.models.extract  # noqa: F401
 import equislide.models.srenet  # noqa: F401
 import equislide.stages  # noqa: F401
+from equislide.stages.budget import warm
+
+warm()  # the forkserver of budgeted stage calls, started beside the worker rather than in its first task

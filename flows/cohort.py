@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ from equislide.flows._common import (
     RunState,
     backbone_stage,
     barrier,
+    budget_of,
     collect,
     consistency_task,
     deployment_runner,
@@ -86,12 +88,16 @@ from equislide.flows.cluster import (
     make_task_runner,
 )
 from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
+from equislide.stages.budget import BudgetSpec
 from equislide.stages.cluster import fit_cohort_stores, split_native
 from equislide.stages.consistency import SERVICE_SPEC, ConsistencySpec, budget_plan, figures
-from equislide.stages.features import DRAWS_DIR, draw_store_vectors, extract_store_features
+from equislide.stages.features import (
+    DRAWS_DIR,
+    store_features_and_draw,
+)
 from equislide.stages.segment import segment_store, tma_slides, write_tma_geojson
 from equislide.storage import RunManifest, thumbnail_data_uri
-from equislide.text import one_line
+from equislide.text import one_line, path_text
 
 #: Overlay thumbnails embedded in the run's markdown artifact (~8 kB each, stored in Prefect's database).
 _MAX_THUMBNAILS = 48
@@ -114,18 +120,15 @@ def features_task(
     draws_dir: str | None,
     cluster: ClusterSpec,
     label: str,
+    budget: float | None = None,
 ) -> list[dict[str, Any]]:
     """Float16 features of every tile of some samples (``(sample_id, store)``), beside their tiles;
     then, with ``draws_dir``, each sample's share of the cohort K-means' vectors (so the fit only
     stacks)."""
-
-    def one(store: str) -> dict[str, Any]:
-        res = extract_store_features(store, backbone, spec)
-        if draws_dir is not None:
-            draw_store_vectors(store, draws_dir, layer=backbone.layer, spec=cluster)
-        return res
-
-    return each_sample(items, "features", one)
+    one = functools.partial(
+        store_features_and_draw, backbone=backbone, spec=spec, draws_dir=draws_dir, cluster=cluster
+    )
+    return each_sample(items, "features", one, budget=budget_of(budget, "features"))
 
 
 @task(name="kmeans", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, **TASK_OPTIONS)
@@ -151,13 +154,11 @@ def segment_task(
     spec: ClusterSpec,
     kmeans: KMeansRef | None,
     label: str,
+    budget: float | None = None,
 ) -> list[dict[str, Any]]:
     """Label maps and outputs (OME-Zarr, overlay PNG, GeoJSON) of some samples (``(sample_id, store)``)."""
-    return each_sample(
-        items,
-        "segmenting",
-        lambda store: segment_store(store, samples_dir, layer=layer, spec=spec, kmeans=kmeans),
-    )
+    one = functools.partial(segment_store, out_dir=samples_dir, layer=layer, spec=spec, kmeans=kmeans)
+    return each_sample(items, "segmenting", one, budget=budget_of(budget, "segment"))
 
 
 @task(name="tma", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, **TASK_OPTIONS)
@@ -228,6 +229,7 @@ def _consistency_stage(state: RunState, spec: ConsistencySpec, cluster: ClusterS
             device,
             label_of(group),
             regions=regions,
+            budget=state.budgets.consistency,
         ): group
         for group in groups(items, state.workers)
     }
@@ -245,7 +247,9 @@ def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec) ->
 
     with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
         submitted = {
-            features_task.submit(items, state.backbone, spec, draws, cluster, label_of(items)): items
+            features_task.submit(
+                items, state.backbone, spec, draws, cluster, label_of(items), state.budgets.features
+            ): items
             for items in groups(state.live(), state.workers)
         }
     collect("features", submitted, done, state.fail)
@@ -279,7 +283,9 @@ def _segment_stage(state: RunState, layer: int, cluster: ClusterSpec, progress_i
 
     samples_dir = str(state.samples_dir)
     submitted = {
-        segment_task.submit(items, samples_dir, layer, cluster, state.kmeans, label_of(items)): items
+        segment_task.submit(
+            items, samples_dir, layer, cluster, state.kmeans, label_of(items), state.budgets.segment
+        ): items
         for items in groups(state.live(), state.workers)
     }
     collect("segment", submitted, done, state.fail, after=progress)
@@ -313,6 +319,7 @@ def cohort_flow(
     consistency: bool = False,
     angles: int | None = None,
     regions: int = SERVICE_SPEC.regions,
+    budgets: dict[str, float] | None = None,
     command: list[str] | None = None,
 ) -> dict[str, Any]:
     """Segment a cohort of slides; returns the run report (also written to ``OUT/run.json``).
@@ -343,6 +350,10 @@ def cohort_flow(
             ``run.json`` and the Prefect table.
         angles: Rotation steps around the circle (``12``: every 30 degrees); None = 0 and 30 degrees.
         regions: Regions per whole slide, cores per TMA slide scored for consistency.
+        budgets: Seconds one stage call may take per input or sample, by stage (``plan``, ``tile``,
+            ``features``, ``segment``, ``consistency``; ``0`` = none), over
+            :class:`~equislide.stages.budget.BudgetSpec`'s defaults and ``$EQUISLIDE_BUDGET``. An input
+            that overruns is killed and fails alone.
         command: The command line, for the report.
     """
     tiling = TilingSpec(
@@ -375,6 +386,7 @@ def cohort_flow(
     logger = get_run_logger()
     t_start = time.perf_counter()
     state = start_run(inputs, out)
+    state.budgets = dataclasses.replace(BudgetSpec.from_env(), **(budgets or {}))
     progress_id = create_progress_artifact(0.0, key="equislide-progress", description="samples done / total")
 
     with timed(state, "tile"):
@@ -441,10 +453,11 @@ def _manifest(
             **dataclasses.asdict(tiling),
             "backbone_checkpoint": None if state.backbone is None else state.backbone.to_dict(),
             "kmeans_model": None if state.kmeans is None else state.kmeans.to_dict(),
+            "budgets_s": state.budgets.to_dict(),
             "input_records": [records[p] for p in state.paths],
         },
         inputs=[
-            {"path": p, "sha256": records[p].get("sha256"), "status": records[p]["status"]}
+            {"path": path_text(p), "sha256": records[p].get("sha256"), "status": records[p]["status"]}
             | ({"reason": records[p]["reason"]} if records[p]["status"] == "failed" else {})
             for p in state.paths
         ],
@@ -471,7 +484,9 @@ def _manifest(
         )
     for p in state.paths:  # inputs that gave no sample at all
         if records[p]["status"] == "failed" and not records[p].get("samples"):
-            manifest.set_sample(records[p]["sample_id"] or Path(p).name, "failed", error=records[p]["reason"])
+            manifest.set_sample(
+                records[p]["sample_id"] or path_text(Path(p).name), "failed", error=records[p]["reason"]
+            )
     manifest.timings = {k: round(v, 3) for k, v in state.stage_s.items()}
     return manifest
 

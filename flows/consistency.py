@@ -48,6 +48,7 @@ from equislide.flows._common import (
 )
 from equislide.specs import ClusterSpec, FeatureSpec, TilingSpec
 from equislide.stages.consistency import ConsistencySpec, is_off90
+from equislide.text import path_text
 
 __all__ = ["consistency_flow", "run_study", "study_text", "summarise_study"]
 
@@ -278,13 +279,13 @@ def consistency_flow(
                     for g in groups(live, state.workers)
                 }
                 collect(f"consistency {name}", submitted, done, fail)
-    for path, rec in state.records.items():  # inputs that gave no sample
+    for rec in state.records.values():  # inputs that gave no sample
         if rec.get("status") == "failed":
-            failed[path] = rec["reason"]
+            failed[rec["path"]] = rec["reason"]  # the shown path: printable and JSON-safe
     first = next((sid for sid, _ in state.live()), None)
     report = study_report_task.submit(str(state.root), docs, first).result()
     report["failed"] = failed
-    report["path"] = str(state.root)
+    report["path"] = path_text(state.root)
     report["timings"] = {k: round(v, 3) for k, v in state.stage_s.items()}
     report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
     _artifacts(report)

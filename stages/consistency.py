@@ -59,6 +59,7 @@ __all__ = [
     "sample_images",
     "slide_regions",
     "store_consistency",
+    "sample_consistency",
 ]
 
 #: Per-sample result file beside the sample's outputs.
@@ -702,3 +703,40 @@ def store_consistency(
     }
     atomic_write_json(path, doc)
     return {**doc, "path": str(path), "status": "written", "regions_data": data}
+
+
+def sample_consistency(
+    sample: tuple[str, str | Path],
+    out_dir: str | Path,
+    backbone: Any,
+    *,
+    spec: ConsistencySpec,
+    cluster: ClusterSpec | None = None,
+    kmeans: Any = None,
+    device: str = "auto",
+    name: str | None = None,
+    strip: bool = False,
+    annotations: str | Path | None = None,
+    regions: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """:func:`store_consistency` of one sample ``(sample_id, store)`` as the flows run it: its
+    annotation looked up in the folder ``annotations``, its region count from ``regions`` (the
+    service's budget), and without the bulky ``regions_data`` (a module-level callable: it runs in a
+    budgeted child)."""
+    sample_id, store = sample
+    annotation = find_annotation(annotations, sample_id) if annotations else None
+    mine = spec if not regions else dataclasses.replace(spec, regions=regions.get(sample_id, spec.regions))
+    doc = store_consistency(
+        store,
+        out_dir,
+        backbone,
+        spec=mine,
+        cluster=cluster,
+        kmeans=kmeans,
+        device=device,
+        name=name,
+        strip=strip,
+        annotation=annotation,
+    )
+    doc.pop("regions_data", None)
+    return doc

@@ -27,6 +27,7 @@ __all__ = [
     "extract_store_features",
     "feature_batches",
     "sample_tissue_vectors",
+    "store_features_and_draw",
     "tile_feature_masks",
 ]
 
@@ -181,3 +182,19 @@ def draw_store_vectors(
     np.save(buf, vectors.astype(np.float16))
     atomic_write_bytes(path, buf.getvalue())
     return {"path": str(path), "status": "written", "n_vectors": int(len(vectors))}
+
+
+def store_features_and_draw(
+    store: str | Path,
+    backbone: BackboneRef,
+    spec: FeatureSpec | None = None,
+    *,
+    draws_dir: str | Path | None = None,
+    cluster: ClusterSpec | None = None,
+) -> dict[str, Any]:
+    """:func:`extract_store_features`, then (with ``draws_dir``) :func:`draw_store_vectors`: the
+    features stage of one sample in one call (a module-level callable: it runs in a budgeted child)."""
+    res = extract_store_features(store, backbone, spec)
+    if draws_dir is not None:
+        draw_store_vectors(store, draws_dir, layer=backbone.layer, spec=cluster)
+    return res

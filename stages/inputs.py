@@ -8,24 +8,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from equislide.text import one_line
+from equislide.text import one_line, path_text
 
-__all__ = ["assign_sample_ids", "failed_record", "one_line", "reason_of"]
+__all__ = ["assign_sample_ids", "duplicate_inputs", "failed_record", "one_line", "path_text", "reason_of"]
 
 
 def reason_of(err: BaseException) -> str:
-    """A one-line reason for a failed input: a slide error's own reason, else the class and message."""
+    """A one-line reason for a failed input: a slide error's own reason, a budget's or a crashed
+    child's message, else the class and message."""
+    from equislide.stages.budget import BudgetExceeded, ChildFailed
     from equislide.tiling import SlideError
 
     if isinstance(err, SlideError):
-        return err.reason + (f" ({err.detail})" if err.detail else "")
+        return one_line(err.reason + (f" ({err.detail})" if err.detail else ""))
+    if isinstance(err, (BudgetExceeded, ChildFailed)):
+        return one_line(err)
     return f"unexpected {type(err).__name__}: {one_line(err)}"
 
 
 def failed_record(path: str, reason: str, error: str, *, sample_id: str | None = None) -> dict[str, Any]:
     """The report record of an input that produced nothing."""
     return {
-        "path": path,
+        "path": path_text(path),
         "sample_id": sample_id,
         "sha256": None,
         "status": "failed",
@@ -55,7 +59,45 @@ def assign_sample_ids(paths: list[str]) -> tuple[dict[str, str], dict[str, dict[
             good.append(p)
         except SampleIdError:
             failed[p] = failed_record(
-                p, f"no usable sample ID in the file name {path.name!r}; rename the file", "SampleIdError"
+                p,
+                f"no usable sample ID in the file name {path_text(path.name)!r}; rename the file",
+                "SampleIdError",
             )
     ids = unique_sample_ids(good)
     return {p: ids[Path(p)] for p in good}, failed
+
+
+def duplicate_inputs(paths: list[str]) -> list[tuple[str, str]]:
+    """Pairs ``(first, other)`` of inputs with the same bytes under two paths (regular files only).
+
+    Sizes are compared first; only files of equal size are hashed, so a cohort of distinct slides costs
+    one ``stat`` per input. Each duplicate is paired with the first path (in the given order) holding
+    its bytes, so a file given under three names gives two pairs.
+    """
+    import os
+
+    from equislide.files import sha256_file
+
+    by_size: dict[int, list[str]] = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except (OSError, ValueError):
+            continue
+        if os.path.isfile(p):
+            by_size.setdefault(st.st_size, []).append(p)
+    pairs = []
+    for group in by_size.values():
+        if len(group) < 2:
+            continue
+        first: dict[str, str] = {}
+        for p in group:
+            try:
+                digest = sha256_file(p)
+            except OSError:
+                continue
+            if digest in first:
+                pairs.append((first[digest], p))
+            else:
+                first[digest] = p
+    return pairs

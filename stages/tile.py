@@ -32,6 +32,7 @@ __all__ = [
     "SlidePlan",
     "plan_slide",
     "tile_slide",
+    "write_sample",
     "write_samples",
 ]
 
@@ -241,6 +242,13 @@ def write_samples(
                 )
             )
     return results
+
+
+def write_sample(
+    sample: SamplePlan, out_root: str | os.PathLike[str], *, progress: ProgressCallback | None = None
+) -> SampleResult:
+    """:func:`write_samples` of one sample (a module-level callable: it runs in a budgeted child)."""
+    return write_samples([sample], out_root, progress=progress)[0]
 
 
 def _skipped(out_root, sample_id: str, sha: str, warnings: list[str] | None = None) -> SampleResult:

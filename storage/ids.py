@@ -1,8 +1,11 @@
 """Sample IDs: safe file-system names, unique within a run, and their store paths.
 
-A slide's ID is its file stem made safe (characters outside ``[A-Za-z0-9._-]`` become ``_``, no leading
-dot, never ``.`` or ``..``). A TMA core adds its grid position: ``<slide>/<core>`` (``tma01/B3``); the
-store of such a sample is ``<root>/tma01/B3.zarr``.
+A slide's ID is its file stem made safe: Unicode letters and digits are kept (NFC, so the same name
+typed on macOS and Linux is one ID), as are ``.``, ``_`` and ``-``; every run of anything else
+(spaces, punctuation, symbols, control characters, bytes that are not UTF-8) becomes one ``_``; no
+leading dot, never ``.`` or ``..``; at most 180 UTF-8 bytes, so ``<id>-2.ome.zarr`` and the other
+outputs' names stay under the usual 255-byte limit. A TMA core adds its grid position:
+``<slide>/<core>`` (``tma01/B3``); the store of such a sample is ``<root>/tma01/B3.zarr``.
 """
 
 from __future__ import annotations
@@ -19,32 +22,52 @@ __all__ = ["STORE_SUFFIX", "safe_sample_id", "sample_store_path", "split_sample_
 #: Suffix of a finished per-sample store folder.
 STORE_SUFFIX = ".zarr"
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_SAFE_PART = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-_MAX_LEN = 200
+_MAX_BYTES = 180
+_RUNS = re.compile(r"_{2,}")
+
+
+def _keep(ch: str) -> bool:
+    """Letters and digits of any script (their combining marks too), and ``._-``."""
+    return ch in "._-" or ch.isalnum() or unicodedata.category(ch) in ("Mn", "Mc")
+
+
+def _is_safe_part(part: str) -> bool:
+    return (
+        bool(part)
+        and part[0] != "."
+        and part.strip("_") != ""
+        and all(_keep(c) for c in part)
+        and (unicodedata.normalize("NFC", part) == part and len(part.encode("utf-8")) <= _MAX_BYTES)
+    )
 
 
 def safe_sample_id(stem: str) -> str:
     """Make one ID part (a file stem or a core name) safe as a single path component.
 
-    Accents are stripped (``é`` -> ``e``), every run of other characters outside ``[A-Za-z0-9._-]``
-    becomes one ``_``, leading dots are dropped (no hidden files, no ``.``/``..``), and the result is cut to
-    200 characters. ``/`` and ``\\`` are replaced too, so the result can never traverse folders.
+    Unicode letters and digits stay (NFC-normalised: ``組織``, ``é`` as one code point); every run of other
+    characters outside them and ``._-`` becomes one ``_``; leading dots are dropped (no hidden files, no
+    ``.``/``..``), and the result is cut to 180 UTF-8 bytes. ``/`` and ``\\`` are replaced too, so the
+    result can never traverse folders.
 
     Args:
-        stem: Any text, e.g. ``Path(p).stem``.
+        stem: Any text, e.g. ``Path(p).stem`` (lone surrogates from undecodable bytes are replaced).
 
     Returns:
-        A non-empty ID part matching ``[A-Za-z0-9_-][A-Za-z0-9._-]*``.
+        A non-empty ID part of letters, digits and ``._-``, not starting with a dot.
 
     Raises:
         SampleIdError: Nothing usable is left (e.g. ``""``, ``"..."``).
     """
-    text = unicodedata.normalize("NFKD", str(stem)).encode("ascii", "ignore").decode("ascii")
-    text = _UNSAFE.sub("_", text).lstrip(".")
-    text = text[:_MAX_LEN].rstrip(".")
+    text = unicodedata.normalize("NFC", str(stem))
+    text = "".join(ch if _keep(ch) else "_" for ch in text)
+    text = _RUNS.sub("_", text).lstrip(".")
+    while len(text.encode("utf-8")) > _MAX_BYTES:
+        text = text[:-1]
+    text = text.rstrip(".")
     if not text or not text.strip("_"):
-        raise SampleIdError(f"sample ID from {stem!r} is empty after making it safe; rename the file")
+        raise SampleIdError(
+            f"sample ID from {stem!r} is empty after making it safe (no letter or digit); rename the file"
+        )
     return text
 
 
@@ -55,10 +78,10 @@ def split_sample_id(sample_id: str) -> tuple[str, ...]:
         SampleIdError: A part is not safe (use :func:`safe_sample_id` on each part first).
     """
     parts = tuple(str(sample_id).split("/"))
-    if not 1 <= len(parts) <= 2 or not all(_SAFE_PART.fullmatch(p) and p.strip("_") for p in parts):
+    if not 1 <= len(parts) <= 2 or not all(_is_safe_part(p) for p in parts):
         raise SampleIdError(
             f"sample_id={sample_id!r} is not '<slide>' or '<slide>/<core>' made of safe parts "
-            "([A-Za-z0-9._-], no leading dot); build it with safe_sample_id()"
+            "(letters, digits, ._-, NFC, no leading dot); build it with safe_sample_id()"
         )
     return parts
 
@@ -74,7 +97,7 @@ def unique_sample_ids(paths: Iterable[str | Path]) -> dict[Path, str]:
 
     IDs come from the file stems (:func:`safe_sample_id`). Paths are sorted; the first of a clashing group
     keeps the plain ID and the others get ``-2``, ``-3``, ... (skipping IDs that any file has as its own).
-    Clashes are case-insensitive so stores stay distinct on case-insensitive file systems.
+    Clashes are case-insensitive (``casefold``) so stores stay distinct on case-insensitive file systems.
 
     Args:
         paths: Input files (duplicates of the same path count once).

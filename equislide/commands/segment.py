@@ -16,6 +16,8 @@ from typing import Any
 
 from equislide.commands._common import add_mpp_arguments, check_mpp_arguments
 from equislide.specs import BACKBONE_ALIASES, ClusterSpec, FeatureSpec, TilingSpec
+from equislide.stages.budget import BudgetSpec
+from equislide.text import printable
 
 _TILING, _FEATURES, _CLUSTER = TilingSpec(), FeatureSpec(), ClusterSpec()
 _PREFIX = "equislide segment"
@@ -104,6 +106,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=4,
         help="with --consistency: most regions per whole slide, cores per TMA slide (default 4)",
     )
+    from equislide.commands.tile import add_budget_option
+
+    add_budget_option(p)
     return p
 
 
@@ -131,6 +136,10 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--angles {args.angles} must be >= 2 (0 degrees and at least one other)"
     if getattr(args, "regions", 4) < 1:
         return f"--regions {args.regions} must be >= 1"
+    try:
+        BudgetSpec.parse(getattr(args, "budget", None))
+    except ValueError as err:
+        return f"--budget: {err}"
     return None
 
 
@@ -164,7 +173,8 @@ def run_flow(args: argparse.Namespace, *, command: list[str], prefix: str = _PRE
         "consistency": bool(getattr(args, "consistency", False)),
         "angles": getattr(args, "angles", None),
         "regions": getattr(args, "regions", 4),
-        "command": command,
+        "budgets": BudgetSpec.parse(getattr(args, "budget", None)).to_dict(),
+        "command": [printable(a) for a in command],
     }
     with progress_bar() as bar:
         rows = {}

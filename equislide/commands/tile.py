@@ -6,8 +6,12 @@ run on the local Dask cluster ``segment`` starts (:func:`equislide.flows.cluster
 single-threaded processes, the workers' malloc environment and preload), and with ``--scheduler
 tcp://host:8786`` (or ``EQUISLIDE_SCHEDULER``) on an existing Dask cluster whose workers see the same
 files. A bad input never stops the others: it is reported as one line ``equislide tile: FAILED
-<path>: <reason>`` on stderr, and the exit status is 1. ``DIR/tile_report.json`` records every
-input (sha256, status, reason, samples, tiles, seconds), the parameters and the equislide version.
+<path>: <reason>`` on stderr as soon as it fails, and the exit status is 1; planning and tiling run in
+a child process killed after their time budget (``--budget``, :mod:`equislide.stages.budget`), so a
+reader that hangs fails its input alone. ``DIR/tile_report.json`` records every input (sha256, status,
+reason, samples, tiles, seconds), the parameters and the equislide version; it is rewritten atomically
+after each input (``"status": "pending"`` for those not done yet), so a killed run still says what it
+did. Paths are shown with bytes that are not UTF-8 and control characters escaped.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any
 
 from equislide.commands._common import add_mpp_arguments, check_mpp_arguments
 from equislide.specs import TilingSpec
-from equislide.text import one_line
+from equislide.stages.budget import BUDGET_ENV, BudgetSpec
+from equislide.text import one_line, path_text
 
 _DEFAULT = TilingSpec()
 SCHEDULER_ENV = "EQUISLIDE_SCHEDULER"
@@ -84,7 +89,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="ADDR",
         help=f"address of an existing Dask scheduler, e.g. tcp://host:8786 (default: ${SCHEDULER_ENV})",
     )
+    add_budget_option(p)
     return p
+
+
+def add_budget_option(p: argparse.ArgumentParser) -> None:
+    """``--budget STAGE=SECONDS,...`` (shared by ``tile`` and ``segment``)."""
+    d = BudgetSpec()
+    p.add_argument(
+        "--budget",
+        default=os.environ.get(BUDGET_ENV),
+        metavar="STAGE=S,...",
+        help=(
+            "seconds one input (or sample) may spend in a stage before it is stopped and fails alone, "
+            f"e.g. plan=60,tile=600; 0 = no limit (defaults: plan {d.plan:g}, tile {d.tile:g}, features "
+            f"{d.features:g}, segment {d.segment:g}, consistency {d.consistency:g}; or ${BUDGET_ENV})"
+        ),
+    )
 
 
 def _usage_error(message: str) -> int:
@@ -92,20 +113,36 @@ def _usage_error(message: str) -> int:
     return 2
 
 
-def tile_one(path: str, out: str, sample_id: str, spec: TilingSpec, progress=None) -> dict[str, Any]:
+def _tile_slide(path: str, out: str, sample_id: str, spec: TilingSpec, budgets: BudgetSpec, progress=None):
+    """``tile_slide`` with the plan and each sample's tiling in budgeted child processes."""
+    from equislide.stages.budget import run_within
+    from equislide.stages.tile import plan_slide, write_sample
+
+    plan = run_within(budgets.plan, "planning", plan_slide, path, out, spec, sample_id=sample_id)
+    written = [
+        run_within(budgets.tile, f"tiling {s.sample_id}", write_sample, s, out, progress=progress)
+        for s in plan.todo
+    ]
+    return plan.ordered(written)
+
+
+def tile_one(
+    path: str, out: str, sample_id: str, spec: TilingSpec, progress=None, budgets: BudgetSpec | None = None
+) -> dict[str, Any]:
     """Tile one input and describe the outcome as a JSON-able dict; never raises.
 
     Runs in this process or on a Dask worker. ``status`` is ``"ok"`` or ``"failed"``; a failure has
-    ``reason`` (one line) and ``error`` (the exception class).
+    ``reason`` (one line) and ``error`` (the exception class). ``path`` in the record is shown form
+    (:func:`~equislide.text.path_text`).
     """
     from equislide.files import sha256_file
     from equislide.stages.inputs import reason_of
-    from equislide.stages.tile import tile_slide
 
+    budgets = budgets or BudgetSpec.from_env()
     t0 = time.perf_counter()
-    record: dict[str, Any] = {"path": path, "sample_id": sample_id, "sha256": None}
+    record: dict[str, Any] = {"path": path_text(path), "sample_id": sample_id, "sha256": None}
     try:
-        results = tile_slide(path, out, spec, sample_id=sample_id, progress=progress)
+        results = _tile_slide(path, out, sample_id, spec, budgets, progress)
     except Exception as err:  # one bad input must not stop the run: report it in one line
         record.update(status="failed", reason=reason_of(err), error=type(err).__name__)
     else:
@@ -143,8 +180,61 @@ def _progress():
     return progress_bar()
 
 
-def _run_local(jobs: list[tuple[str, str]], out: str, spec: TilingSpec) -> dict[str, dict]:
-    records: dict[str, dict] = {}
+class _Report:
+    """``tile_report.json``, rewritten atomically after every input, and each input's lines as it ends."""
+
+    def __init__(self, out: Path, paths: list[str], ids: dict[str, str], head: dict[str, Any]) -> None:
+        self.out, self.paths, self.head = out, paths, head
+        self.t0 = time.perf_counter()
+        self.records: dict[str, dict[str, Any]] = {
+            p: {"path": path_text(p), "sample_id": ids.get(p), "status": "pending"} for p in paths
+        }
+        self.warned: dict[str, list[str]] = {}
+
+    def warn(self, path: str, warning: str) -> None:
+        self.warned.setdefault(path, []).append(warning)
+
+    def done(self, path: str, record: dict[str, Any]) -> None:
+        record["warnings"] = sorted({*record.get("warnings", []), *self.warned.get(path, [])})
+        self.records[path] = record
+        for w in record["warnings"]:
+            print(f"{_PREFIX}: WARNING {record['path']}: {w}", file=sys.stderr, flush=True)
+        if record["status"] == "failed":
+            print(f"{_PREFIX}: FAILED {record['path']}: {record['reason']}", file=sys.stderr, flush=True)
+        self.write()
+
+    def document(self) -> dict[str, Any]:
+        ordered = [self.records[p] for p in self.paths]
+        finished = [r for r in ordered if r["status"] != "pending"]
+        return {
+            **self.head,
+            "inputs": ordered,
+            "summary": {
+                "inputs": len(ordered),
+                "finished": len(finished),
+                "failed": sum(r["status"] == "failed" for r in finished),
+                "samples": sum(len(r["samples"]) for r in finished),
+                "tiles": sum(r["tiles"] for r in finished),
+                "seconds": round(time.perf_counter() - self.t0, 3),
+            },
+        }
+
+    def write(self) -> dict[str, Any]:
+        import json
+
+        from equislide.files import atomic_write_bytes
+
+        doc = self.document()
+        text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+        atomic_write_bytes(self.out / REPORT_NAME, text.encode("utf-8"))
+        return doc
+
+
+def _run_local(
+    jobs: list[tuple[str, str]], out: str, spec: TilingSpec, report: _Report, budgets: BudgetSpec
+) -> None:
+    from rich.markup import escape
+
     with _progress() as bar:
         inputs = bar.add_task("inputs", total=len(jobs))
         tiles = bar.add_task("tiles", total=0)
@@ -158,25 +248,33 @@ def _run_local(jobs: list[tuple[str, str]], out: str, spec: TilingSpec) -> dict[
             state["prev"] = done
 
         for path, sample_id in jobs:
-            bar.update(inputs, description=f"inputs ({Path(path).name})")
-            records[path] = tile_one(path, out, sample_id, spec, on_progress)
+            # A file name is never markup: "[bold]x.png" is shown as it is.
+            bar.update(inputs, description=f"inputs ({escape(path_text(Path(path).name))})")
+            report.done(path, tile_one(path, out, sample_id, spec, on_progress, budgets))
             bar.advance(inputs)
         bar.update(inputs, description="inputs")
-    return records
 
 
 def _run_dask(
-    jobs: list[tuple[str, str]], out: str, spec: TilingSpec, *, workers: int, scheduler: str | None
-) -> dict[str, dict]:
+    jobs: list[tuple[str, str]],
+    out: str,
+    spec: TilingSpec,
+    report: _Report,
+    budgets: BudgetSpec,
+    *,
+    workers: int,
+    scheduler: str | None,
+) -> None:
     from distributed import as_completed
 
     from equislide.flows.cluster import dask_client
     from equislide.stages.inputs import failed_record
 
-    records: dict[str, dict] = {}
     with dask_client(scheduler=scheduler, workers=workers) as client:
         futures = {
-            client.submit(tile_one, path, out, sample_id, spec, key=f"tile-{i}", pure=False): path
+            client.submit(
+                tile_one, path, out, sample_id, spec, None, budgets, key=f"tile-{i}", pure=False
+            ): path
             for i, (path, sample_id) in enumerate(jobs)
         }
         with _progress() as bar:
@@ -189,12 +287,11 @@ def _run_dask(
                 except Exception as err:  # the worker died (KilledWorker) or the task was lost
                     reason = f"worker failed: {type(err).__name__}: {one_line(err)}"
                     record = failed_record(path, reason, type(err).__name__, sample_id=dict(jobs).get(path))
-                records[path] = record
+                report.done(path, record)
                 n = record.get("tiles", 0)
                 bar.update(tiles, total=(bar.tasks[tiles].total or 0) + n)
                 bar.advance(tiles, n)
                 bar.advance(inputs)
-    return records
 
 
 def run(args: argparse.Namespace) -> int:
@@ -223,14 +320,19 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         return _usage_error(f"--out {out}: cannot create the folder ({err.strerror})")
 
+    try:
+        budgets = BudgetSpec.parse(args.budget)
+    except ValueError as err:
+        return _usage_error(f"--budget: {err}")
+
     # The same file given twice is tiled once; different files with the same stem get unique IDs.
     unique: dict[Path, str] = {}
     for p in args.slides:
         unique.setdefault(Path(p), p)
     paths = list(unique.values())
-    from equislide.stages.inputs import assign_sample_ids
+    from equislide.stages.inputs import assign_sample_ids, duplicate_inputs
 
-    ids, records = assign_sample_ids(paths)
+    ids, failed_ids = assign_sample_ids(paths)
     jobs = [(p, ids[p]) for p in paths if p in ids]
     spec = TilingSpec(
         mpp=args.mpp,
@@ -244,41 +346,40 @@ def run(args: argparse.Namespace) -> int:
     )
     clean_partials(out)  # leftovers of a killed run; this run owns --out
 
-    t0 = time.perf_counter()
     workers = min(args.workers, max(1, len(jobs)))
-    if args.scheduler or workers > 1:
-        records.update(_run_dask(jobs, str(out), spec, workers=workers, scheduler=args.scheduler))
-    else:
-        records.update(_run_local(jobs, str(out), spec))
-    seconds = time.perf_counter() - t0
-
-    ordered = [records[p] for p in paths]
-    failed = [r for r in ordered if r["status"] == "failed"]
-    for r in ordered:
-        for w in r["warnings"]:
-            print(f"{_PREFIX}: WARNING {r['path']}: {w}", file=sys.stderr)
-    for r in failed:
-        print(f"{_PREFIX}: FAILED {r['path']}: {r['reason']}", file=sys.stderr)
-    n_samples = sum(len(r["samples"]) for r in ordered)
-    n_tiles = sum(r["tiles"] for r in ordered)
-    report = {
-        "equislide_version": __version__,
-        "command": "tile",
-        "parameters": json.loads(
-            canonical_json({**dataclasses.asdict(spec), "workers": workers, "scheduler": args.scheduler})
-        ),
-        "inputs": ordered,
-        "summary": {
-            "inputs": len(ordered),
-            "failed": len(failed),
-            "samples": n_samples,
-            "tiles": n_tiles,
-            "seconds": round(seconds, 3),
+    report = _Report(
+        out,
+        paths,
+        ids,
+        {
+            "equislide_version": __version__,
+            "command": "tile",
+            "parameters": json.loads(
+                canonical_json(
+                    {
+                        **dataclasses.asdict(spec),
+                        "workers": workers,
+                        "scheduler": args.scheduler,
+                        "budgets_s": budgets.to_dict(),
+                    }
+                )
+            ),
         },
-    }
-    (out / REPORT_NAME).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(
-        f"tile: {len(ordered) - len(failed)} of {len(ordered)} inputs ok, {n_samples} samples, "
-        f"{n_tiles} tiles, {seconds:.1f} s -> {out}"
     )
-    return 1 if failed else 0
+    for first, other in duplicate_inputs(paths):
+        report.warn(other, f"the same bytes as {path_text(first)} (a duplicate input)")
+    report.write()  # every input listed as pending before any work: a hang still leaves a report
+    for p, record in failed_ids.items():
+        report.done(p, record)
+    if args.scheduler or workers > 1:
+        _run_dask(jobs, str(out), spec, report, budgets, workers=workers, scheduler=args.scheduler)
+    else:
+        _run_local(jobs, str(out), spec, report, budgets)
+    doc = report.write()
+    summary = doc["summary"]
+    n_ok = summary["inputs"] - summary["failed"]
+    print(
+        f"tile: {n_ok} of {summary['inputs']} inputs ok, {summary['samples']} samples, "
+        f"{summary['tiles']} tiles, {summary['seconds']:.1f} s -> {path_text(out)}"
+    )
+    return 1 if summary["failed"] else 0

@@ -22,14 +22,20 @@ from equislide.storage import (
     [
         ("tma01", "tma01"),
         ("slide 1 (copy)", "slide_1_copy_"),
-        ("Präparat-é", "Praparat-e"),
+        ("Präparat-é", "Präparat-é"),
+        ("Pra\u0308parat", "Pr\u00e4parat"),  # NFD input: one ID, in NFC
+        ("[bold red]rich[/] markup", "_bold_red_rich_markup"),  # never read as markup
+        ("line1\nline2\x1b[31m", "line1_line2_31m"),
+        ("bad\udcff\udcfename", "bad_name"),  # bytes that are not UTF-8
+        ("...", None),
         ("..", None),
         ("../../etc/passwd", "_.._etc_passwd"),
         (".hidden", "hidden"),
         ("a/b\\c", "a_b_c"),
-        ("组织切片", None),
-        ("组织 slide", "_slide"),
-        ("x" * 300, "x" * 200),
+        ("组织切片", "组织切片"),
+        ("组织 slide", "组织_slide"),
+        ("x" * 300, "x" * 180),
+        ("组" * 100, "组" * 60),  # 180 UTF-8 bytes: outputs' names stay under 255 bytes
         ("ok.v2_final-3", "ok.v2_final-3"),
         ("", None),
     ],
@@ -42,6 +48,13 @@ def test_safe_sample_id(stem, expected):
         got = safe_sample_id(stem)
         assert got == expected
         assert "/" not in got and not got.startswith(".") and got not in {".", ".."}
+        assert sample_store_path("root", got).name == got + ".zarr"  # accepted as a safe part
+        got.encode("utf-8")  # always encodable
+
+
+def test_unique_ids_keep_unicode_and_clash_on_normal_form():
+    ids = unique_sample_ids([Path("/a/Caf\u00e9.svs"), Path("/b/Cafe\u0301.svs"), Path("/c/組織.png")])
+    assert sorted(ids.values()) == ["Café", "Café-2", "組織"]
 
 
 def test_unique_sample_ids_are_deterministic():

@@ -105,7 +105,8 @@ def test_bad_inputs_among_good_ones(shared_data: Path, tmp_path: Path, tiff_bomb
     good["duplicate stem 2"] = (d / "b" / "slide.tiff", "slide-2")
     (d / "dossier é ✓").mkdir()
     Image.fromarray(he).save(d / "dossier é ✓" / "coupe n°1 — tümör.png")
-    good["unicode and spaces"] = (d / "dossier é ✓" / "coupe n°1 — tümör.png", "coupe_n1_tumor")
+    # Letters of any script stay in the ID; symbols become "_".
+    good["unicode and spaces"] = (d / "dossier é ✓" / "coupe n°1 — tümör.png", "coupe_n_1_tümör")
     Image.fromarray(he[:500]).save(d / "trav.png")
     good["'../' in the path"] = (d / "a" / ".." / "trav.png", "trav")
 
@@ -203,3 +204,82 @@ def test_local_cluster_two_workers_matches_in_process(shared_data: Path, tmp_pat
             assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
     report = json.loads((tmp_path / "two" / "tile_report.json").read_text())
     assert report["parameters"]["workers"] == 2
+
+
+def test_hang_names_and_incremental_report(tmp_path: Path) -> None:
+    """A file whose planning hangs (200000 x 200000, no pyramid) is stopped by its budget while the
+    report already shows the inputs done before it; odd names (not UTF-8, markup, newline, CJK) are
+    tiled, shown escaped, and never split a line; a duplicate is warned about with both paths."""
+    import subprocess
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from _malformed import huge_untiled_tiff, tissue_rgb
+
+    from equislide.text import path_text
+
+    d = tmp_path / "in"
+    d.mkdir()
+    png = d / "good.png"
+    Image.fromarray(tissue_rgb(256, 256)).save(png)
+    huge = d / "huge.tif"
+    huge.write_bytes(huge_untiled_tiff())
+    odd = [
+        os.fsdecode(os.fsencode(d) + b"/bad\xff\xfename.png"),
+        str(d / "[bold red]rich[_] markup.png"),
+        str(d / "line1\nline2.png"),
+        str(d / "組織切片.png"),
+    ]
+    for name in odd:
+        shutil.copyfile(png, name)
+    copy = d / "copy of good.png"
+    shutil.copyfile(png, copy)
+    out = tmp_path / "out"
+    inputs = [str(png), str(huge), *odd, str(copy)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "equislide",
+        "tile",
+        *inputs,
+        "--out",
+        str(out),
+        "--tile",
+        "128",
+        "--budget",
+        "plan=8",
+    ]
+    proc = subprocess.Popen([os.fsencode(a) for a in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen_partial = False
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        doc = (
+            json.loads((out / "tile_report.json").read_bytes())
+            if (out / "tile_report.json").is_file()
+            else None
+        )
+        if doc:
+            status = {r["path"]: r["status"] for r in doc["inputs"]}
+            seen_partial |= status[str(png)] == "ok" and status[str(huge)] == "pending"
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=60)
+    err = stderr.decode("utf-8")  # always valid UTF-8, whatever the names
+    assert proc.returncode == 1, err
+    assert seen_partial, "the report was not written before the hanging input finished"
+    assert "Traceback" not in err
+    failed = _failed_lines(err)
+    assert list(failed) == [str(huge)] and "time budget of 8 s" in failed[str(huge)]
+    report = json.loads((out / "tile_report.json").read_text(encoding="utf-8"))
+    by_path = {r["path"]: r for r in report["inputs"]}
+    assert report["summary"]["finished"] == len(inputs) == len(by_path)
+    ids = {by_path[path_text(p)]["sample_id"] for p in odd}
+    assert ids == {"bad_name", "_bold_red_rich_markup", "line1_line2", "組織切片"}
+    for p in odd:
+        assert by_path[path_text(p)]["status"] == "ok"
+    assert path_text(odd[0]) == str(d / "bad\\xff\\xfename.png")
+    assert "line1\nline2" not in err and "line1\\nline2" in err  # escaped, on one line
+    # Every copy of good.png is a duplicate of it: one warning each, naming both paths.
+    dups = [x for x in err.splitlines() if "(a duplicate input)" in x]
+    assert len(dups) == len(odd) + 1
+    assert f"equislide tile: WARNING {copy}: the same bytes as {png} (a duplicate input)" in dups

@@ -1,0 +1,80 @@
+"""Per-input time budgets: real hangs (a FIFO nobody writes, a 200000 x 200000 untiled TIFF) are killed."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from equislide.specs import TilingSpec
+from equislide.stages.budget import BudgetExceeded, BudgetSpec, ChildFailed, run_within
+from equislide.stages.inputs import reason_of
+from equislide.stages.tile import plan_slide
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _malformed import huge_untiled_tiff, tissue_rgb  # noqa: E402
+
+
+def test_value_and_exception_come_back():
+    assert run_within(30, "adding", divmod, 7, 2) == (3, 1)
+    with pytest.raises(ZeroDivisionError):
+        run_within(30, "dividing", divmod, 1, 0)
+
+
+def test_blocking_syscall_is_killed(tmp_path):
+    """``open`` on a FIFO with no writer blocks in the kernel: no Python-level timeout can stop it."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    with pytest.raises(BudgetExceeded, match=r"^reading pipe stopped after its time budget of 1 s$") as info:
+        run_within(1, "reading pipe", open, str(fifo), "rb")
+    assert time.monotonic() - t0 < 10
+    assert reason_of(info.value) == "reading pipe stopped after its time budget of 1 s"
+    assert not isinstance(info.value, TimeoutError)  # flows retry TimeoutError: a budget must not be
+
+
+def test_crashed_child_is_one_line():
+    with pytest.raises(ChildFailed, match=r"aborting crashed \(signal 6\)"):
+        run_within(30, "aborting", os.abort)
+
+
+def test_huge_untiled_tiff_plan_is_stopped(tmp_path):
+    """The issue's file: planning it walks 200000 x 200000 pixels for a thumbnail (minutes)."""
+    path = tmp_path / "huge.tif"
+    path.write_bytes(huge_untiled_tiff())
+    assert path.stat().st_size < 8 << 20
+    t0 = time.monotonic()
+    with pytest.raises((BudgetExceeded, Exception)) as info:
+        run_within(5, "planning huge", plan_slide, path, tmp_path / "tiles", TilingSpec(), sample_id="huge")
+    assert time.monotonic() - t0 < 20
+    # Either the budget stops it, or (with the readers' size limits) it is refused first: one line.
+    assert "\n" not in reason_of(info.value)
+
+
+def test_good_plan_in_a_child_matches_in_process(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "good.png"
+    Image.fromarray(tissue_rgb(256, 256)).save(path)
+    a = run_within(60, "planning", plan_slide, path, tmp_path / "t", TilingSpec(tile=128), sample_id="good")
+    b = plan_slide(path, tmp_path / "t", TilingSpec(tile=128), sample_id="good")
+    assert a.input_sha256 == b.input_sha256 and a.sample_ids == b.sample_ids
+    assert [s.grid.n_tiles for s in a.todo] == [s.grid.n_tiles for s in b.todo]
+
+
+def test_zero_budget_runs_in_process():
+    assert run_within(0, "here", os.getpid) == os.getpid()
+    assert run_within(30, "there", os.getpid) != os.getpid()
+
+
+def test_budget_spec_parse(monkeypatch):
+    spec = BudgetSpec.parse("plan=5, tile=0")
+    assert spec.plan == 5 and spec.tile == 0 and spec.features == BudgetSpec().features
+    for bad in ("plan", "nope=3", "plan=abc", "plan=-1", "plan=inf"):
+        with pytest.raises(ValueError, match="budget"):
+            BudgetSpec.parse(bad)
+    monkeypatch.setenv("EQUISLIDE_BUDGET", "segment=7")
+    assert BudgetSpec.from_env().segment == 7
