@@ -37,6 +37,11 @@ from equislide.storage.labels import label_color as label_color
 from equislide.storage.labels import stitch_image as stitch_image
 from equislide.storage.labels import stitch_labels as stitch_labels
 from equislide.storage.labels import stitch_store as stitch_store
+from equislide.storage.lock import LOCK_NAME as LOCK_NAME
+from equislide.storage.lock import OutputLocked as OutputLocked
+from equislide.storage.lock import acquire_output_lock as acquire_output_lock
+from equislide.storage.lock import output_lock as output_lock
+from equislide.storage.lock import release_output_lock as release_output_lock
 from equislide.storage.manifest import RunManifest as RunManifest
 from equislide.storage.manifest import collect_versions as collect_versions
 from equislide.storage.manifest import describe_inputs as describe_inputs
@@ -110,4 +115,9 @@ __all__ = [
     "sha256_file",
     "split_sample_id",
     "unique_sample_ids",
+    "LOCK_NAME",
+    "OutputLocked",
+    "acquire_output_lock",
+    "output_lock",
+    "release_output_lock",
 ]

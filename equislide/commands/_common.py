@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-__all__ = ["check_out_dir", "progress_bar", "usage_error"]
+__all__ = [
+    "MAX_CLUSTERS",
+    "check_clusters",
+    "check_out_dir",
+    "check_seed",
+    "check_weights",
+    "progress_bar",
+    "usage_error",
+]
 
 
 def usage_error(prefix: str, message: str) -> int:
@@ -14,15 +23,78 @@ def usage_error(prefix: str, message: str) -> int:
     return 2
 
 
-def check_out_dir(out: Path) -> str | None:
-    """Create the output folder; the problem in words, or None when it is usable."""
+def check_out_dir(out: Path | str) -> str | None:
+    """Create the output folder and prove it writable; the problem in words, or None when it is usable.
+
+    Writability is tried, not inferred from mode bits (root ignores them; a read-only mount does not
+    show in them): a run must not tile every input before finding it cannot write its report.
+    """
+    import errno
+    import tempfile
+
+    if str(out).strip() == "":
+        return "--out is empty: give the run folder (use --out . for the current folder)"
+    out = Path(out)
     if out.exists() and not out.is_dir():
         return f"--out {out} exists and is not a folder"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        return f"--out {out}: cannot create the folder ({err.strerror})"
+        why = "a part of the path is a file" if err.errno in (errno.ENOTDIR, errno.EEXIST) else err.strerror
+        return f"--out {out}: cannot create the folder ({why})"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".equislide-write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"--out {out}: the folder is not writable ({err.strerror})"
     return None
+
+
+def check_seed(seed: int) -> str | None:
+    """``--seed`` must be a valid numpy/torch seed."""
+    if not 0 <= seed < 2**32:
+        return f"--seed {seed} must be between 0 and {2**32 - 1}"
+    return None
+
+
+#: Most K-means clusters: every cluster keeps its own colour (the shared palette has 256 entries, 0 =
+#: no tissue) in the overlay, the OME-Zarr label colours and the QuPath classes, and labels fit uint8.
+MAX_CLUSTERS = 255
+
+
+def check_clusters(k: int) -> str | None:
+    if not 2 <= k <= MAX_CLUSTERS:
+        return f"--clusters {k} must be between 2 and {MAX_CLUSTERS} (one colour per cluster)"
+    return None
+
+
+def check_weights(path: str, backbone: str | None = None, option: str = "--weights") -> str | None:
+    """A checkpoint's header and config, read without loading its tensors; the problem or None.
+
+    ``backbone`` (registered name), when given, must be the checkpoint's architecture.
+    """
+    from equislide.models._errors import CheckpointError
+    from equislide.models.checkpoint import read_checkpoint_document
+
+    try:
+        document = read_checkpoint_document(path)
+    except CheckpointError as err:
+        return f"{option} {path}: {_without_path(str(err), path)}"
+    except OSError as err:
+        return f"{option} {path}: cannot read it ({err.strerror})"
+    arch = document.get("model", {}).get("arch")
+    if backbone is not None and arch != backbone:
+        return f"{option} {path}: holds a {arch!r} network, not {backbone!r}; pick the matching --backbone"
+    return None
+
+
+def _without_path(message: str, path: str) -> str:
+    """A checkpoint error without its leading path (the option already names the file)."""
+    for prefix in (f"{path}: ", f"{Path(path)}: "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
 
 
 def progress_bar():
@@ -38,3 +110,74 @@ def progress_bar():
         console=Console(stderr=True),
         transient=False,
     )
+
+
+def fault_line(err: BaseException) -> str:
+    """What an infrastructure fault was, in one line an operator acts on (disk, cluster, or other)."""
+    import errno
+
+    from equislide.text import one_line
+
+    chain, seen = [], err
+    while seen is not None and len(chain) < 8:  # the root cause may hide under Prefect's wrappers
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            where = f" writing {e.filename}" if e.filename else ""
+            return f"disk full{where} ({e.strerror}); free space and rerun: finished work is kept"
+    for e in chain:
+        name = type(e).__name__
+        text = one_line(e)
+        if name in ("CommClosedError", "FutureCancelledError", "CancelledError", "KilledWorker") or (
+            "connect to" in text or "scheduler" in text.lower()
+        ):
+            return (
+                f"the Dask cluster was lost ({name}: {text[:200]}); rerun when it is back: "
+                "finished work is kept"
+            )
+    return f"unexpected {type(err).__name__}: {one_line(err)[:300]}"
+
+
+def record_fault(
+    out: str | Path, command: list[str], reason: str, started: float, inputs: list[str] | None = None
+) -> bool:
+    """Put ``reason`` into ``OUT/run.json`` (this run's, or a new one naming only the command); True when
+    written. A disk that is full may refuse even that: the caller still prints the line."""
+    import traceback
+
+    from equislide.storage import RunManifest, read_manifest, write_manifest
+
+    path = Path(out) / "run.json"
+    try:
+        if path.is_file() and path.stat().st_mtime >= started:
+            manifest = read_manifest(path)  # written by this run before the fault: keep what it knows
+        else:
+            manifest = RunManifest(command=list(command), inputs=[{"path": str(p)} for p in inputs or []])
+        manifest.error = reason
+        manifest.error_detail = traceback.format_exc(limit=20)
+        write_manifest(path, manifest)
+    except Exception:  # noqa: BLE001 - nothing more to save; the printed line is what is left
+        return False
+    return True
+
+
+def locked_run(prefix: str, out: str, command: list[str], work, *, inputs: list[str] | None = None):
+    """``work()`` holding ``out``'s lock: ``(0, result)``; ``(2, None)`` when another run holds the folder;
+    ``(1, None)`` after an infrastructure fault, printed as one line and recorded in ``run.json``."""
+    import time
+
+    from equislide.storage import OutputLocked, output_lock
+
+    started = time.time()
+    try:
+        with output_lock(out, command):
+            return 0, work()
+    except OutputLocked as err:
+        return usage_error(prefix, str(err)), None
+    except Exception as err:  # noqa: BLE001 - an infrastructure fault: one line, not a traceback
+        line = fault_line(err)
+        saved = record_fault(out, command, line, started, inputs)
+        note = "" if saved else " (run.json could not be written)"
+        print(f"{prefix}: error: {line}{note}", file=sys.stderr)
+        return 1, None
