@@ -18,7 +18,7 @@ import numpy as np
 
 from equislide.specs import CLUSTER_FORMAT, ClusterSpec, KMeansRef
 
-__all__ = ["OVERLAY_MAX", "SEGMENT_MARKER_SUFFIX", "clip_to_slide", "segment_store"]
+__all__ = ["OVERLAY_MAX", "SEGMENT_MARKER_SUFFIX", "clip_to_slide", "outputs_present", "segment_store"]
 
 #: A sample's outputs are finished when ``<out>/<sample_id>.segment.json`` exists with the same key.
 SEGMENT_MARKER_SUFFIX = ".segment.json"
@@ -47,6 +47,17 @@ def clip_to_slide(geojson: dict[str, Any], l0_size: Sequence[int] | None) -> dic
         geometry = feature["geometry"]
         geometry["coordinates"] = clamp(geometry["coordinates"])
     return geojson
+
+
+def outputs_present(outputs: dict[str, str]) -> bool:
+    """Every output a segment marker names is there: files non-empty, the OME-Zarr with its metadata."""
+    for path in map(Path, outputs.values()):
+        if path.suffix == ".zarr" or path.name.endswith(".ome.zarr"):
+            if not (path / "zarr.json").is_file():
+                return False
+        elif not (path.is_file() and path.stat().st_size > 0):
+            return False
+    return True
 
 
 def segment_store(
@@ -108,7 +119,9 @@ def segment_store(
     if marker is not None and marker.get("key") == key:
         result = dict(marker["result"])
         result["outputs"] = {k: os.path.normpath(out_dir / v) for k, v in result["outputs"].items()}
-        return {**result, "status": "skipped", "seconds": 0.0}
+        if outputs_present(result["outputs"]):
+            return {**result, "status": "skipped", "seconds": 0.0}
+        # The marker vouches for outputs that are gone (deleted, or a concurrent run): write them again.
 
     if kmeans is not None:
         model = KMeansModel.load(kmeans.path)

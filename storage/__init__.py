@@ -14,6 +14,7 @@ from equislide.storage.features import FEATURES_FORMAT as FEATURES_FORMAT
 from equislide.storage.features import FeatureWriter as FeatureWriter
 from equislide.storage.features import features_key as features_key
 from equislide.storage.features import features_path as features_path
+from equislide.storage.features import features_problem as features_problem
 from equislide.storage.features import is_features_done as is_features_done
 from equislide.storage.features import open_features as open_features
 from equislide.storage.features import open_features_for_write as open_features_for_write
@@ -62,6 +63,7 @@ from equislide.storage.tile_store import open_sample_for_write as open_sample_fo
 from equislide.storage.tile_store import open_tiles as open_tiles
 from equislide.storage.tile_store import read_sample_meta as read_sample_meta
 from equislide.storage.tile_store import store_identity as store_identity
+from equislide.storage.tile_store import store_problem as store_problem
 
 __all__ = [
     "FEATURES_DONE_MARKER",
@@ -120,4 +122,6 @@ __all__ = [
     "acquire_output_lock",
     "output_lock",
     "release_output_lock",
+    "features_problem",
+    "store_problem",
 ]

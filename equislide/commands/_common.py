@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -129,40 +130,108 @@ def fault_line(err: BaseException) -> str:
     for e in chain:
         name = type(e).__name__
         text = one_line(e)
-        if name in ("CommClosedError", "FutureCancelledError", "CancelledError", "KilledWorker") or (
-            "connect to" in text or "scheduler" in text.lower()
-        ):
-            return (
-                f"the Dask cluster was lost ({name}: {text[:200]}); rerun when it is back: "
-                "finished work is kept"
-            )
+        if name in _CLUSTER_ERRORS or (isinstance(e, OSError) and "Timed out trying to connect" in text):
+            return f"the Dask cluster was lost ({name}: {text[:160]}); rerun when it is back (work is kept)"
     return f"unexpected {type(err).__name__}: {one_line(err)[:300]}"
 
 
+#: Exceptions of ``distributed`` that mean the scheduler or the connection to it is gone.
+_CLUSTER_ERRORS = {"CommClosedError", "FutureCancelledError", "StreamClosedError", "CancelledError"}
+
+
+class _OneLine:
+    """A formatter that writes a record on one line, without its traceback (that stays in the flow run's
+    log on the Prefect server and in ``run.json``'s ``error_detail``)."""
+
+    def __init__(self, inner):
+        import logging
+
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record) -> str:
+        import copy
+
+        from equislide.text import one_line
+
+        plain = copy.copy(record)
+        plain.msg, plain.args = one_line(record.getMessage())[:400], ()
+        plain.exc_info = plain.exc_text = plain.stack_info = None
+        return self.inner.format(plain)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def one_line_logs():
+    """Console log handlers print one line per record for the block: a fault inside Prefect or Dask is
+    logged by each of them with its traceback (four for one lost scheduler, measured), which buries the
+    CLI's own one-line error."""
+    import logging
+
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    changed = []
+    for lg in loggers:
+        for h in lg.handlers:
+            if type(h).__name__ in ("StreamHandler", "PrefectConsoleHandler") and not isinstance(
+                h.formatter, _OneLine
+            ):
+                changed.append((h, h.formatter))
+                h.setFormatter(_OneLine(h.formatter))
+    try:
+        yield
+    finally:
+        for h, formatter in changed:
+            h.setFormatter(formatter)
+
+
 def record_fault(
-    out: str | Path, command: list[str], reason: str, started: float, inputs: list[str] | None = None
+    out: str | Path,
+    command: list[str],
+    reason: str,
+    started: float,
+    inputs: list[str] | None = None,
+    report: str = "run.json",
 ) -> bool:
-    """Put ``reason`` into ``OUT/run.json`` (this run's, or a new one naming only the command); True when
-    written. A disk that is full may refuse even that: the caller still prints the line."""
+    """Put ``reason`` into ``OUT/<report>`` (this run's, or a new one naming the command and inputs); True
+    when written. A disk that is full may refuse even that: the caller still prints the line."""
     import traceback
 
+    from equislide.files import atomic_write_json, read_json
     from equislide.storage import RunManifest, read_manifest, write_manifest
 
-    path = Path(out) / "run.json"
+    path = Path(out) / report
+    detail = traceback.format_exc(limit=20)
     try:
-        if path.is_file() and path.stat().st_mtime >= started:
-            manifest = read_manifest(path)  # written by this run before the fault: keep what it knows
+        mine = path.is_file() and path.stat().st_mtime >= started  # written by this run before the fault
+        if report == "run.json":
+            manifest = read_manifest(path) if mine else RunManifest(command=list(command))
+            if not mine:
+                manifest.inputs = [{"path": str(p)} for p in inputs or []]
+            manifest.error, manifest.error_detail = reason, detail
+            write_manifest(path, manifest)
         else:
-            manifest = RunManifest(command=list(command), inputs=[{"path": str(p)} for p in inputs or []])
-        manifest.error = reason
-        manifest.error_detail = traceback.format_exc(limit=20)
-        write_manifest(path, manifest)
+            doc = (read_json(path) if mine else None) or {
+                "command": list(command),
+                "inputs": [{"path": str(p)} for p in inputs or []],
+            }
+            atomic_write_json(path, {**doc, "error": reason, "error_detail": detail})
     except Exception:  # noqa: BLE001 - nothing more to save; the printed line is what is left
         return False
     return True
 
 
-def locked_run(prefix: str, out: str, command: list[str], work, *, inputs: list[str] | None = None):
+def locked_run(
+    prefix: str,
+    out: str,
+    command: list[str],
+    work,
+    *,
+    inputs: list[str] | None = None,
+    report: str = "run.json",
+):
     """``work()`` holding ``out``'s lock: ``(0, result)``; ``(2, None)`` when another run holds the folder;
     ``(1, None)`` after an infrastructure fault, printed as one line and recorded in ``run.json``."""
     import time
@@ -171,13 +240,13 @@ def locked_run(prefix: str, out: str, command: list[str], work, *, inputs: list[
 
     started = time.time()
     try:
-        with output_lock(out, command):
+        with output_lock(out, command), one_line_logs():
             return 0, work()
     except OutputLocked as err:
         return usage_error(prefix, str(err)), None
     except Exception as err:  # noqa: BLE001 - an infrastructure fault: one line, not a traceback
         line = fault_line(err)
-        saved = record_fault(out, command, line, started, inputs)
-        note = "" if saved else " (run.json could not be written)"
+        saved = record_fault(out, command, line, started, inputs, report)
+        note = "" if saved else f" ({report} could not be written)"
         print(f"{prefix}: error: {line}{note}", file=sys.stderr)
         return 1, None

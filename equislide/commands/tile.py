@@ -204,11 +204,6 @@ def _run_dask(
 
 def run(args: argparse.Namespace) -> int:
     """Tile every input; print one line per failure; write the report; return the exit status."""
-    import json
-
-    from equislide import __version__
-    from equislide.storage import canonical_json, clean_partials
-
     if not (args.mpp > 0 and args.mpp < 1e6):
         return _usage_error(f"--mpp {args.mpp} must be a positive number of µm per pixel")
     if args.tile < 8:
@@ -219,13 +214,24 @@ def run(args: argparse.Namespace) -> int:
         return _usage_error(f"--input-mpp {args.input_mpp} must be a positive number of µm per pixel")
     if args.workers < 1:
         return _usage_error(f"--workers {args.workers} must be >= 1")
+    from equislide.commands._common import check_out_dir, locked_run
+
+    if problem := check_out_dir(args.out):
+        return _usage_error(problem)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        return _usage_error(f"--out {out} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        return _usage_error(f"--out {out}: cannot create the folder ({err.strerror})")
+    command = ["equislide", "tile", *sys.argv[2:]]
+    status, code = locked_run(
+        _PREFIX, str(out), command, lambda: _tile_all(args, out), inputs=args.slides, report=REPORT_NAME
+    )
+    return status if code is None else code
+
+
+def _tile_all(args: argparse.Namespace, out: Path) -> int:
+    """Tile every input into ``out`` (locked by the caller); the exit status."""
+    import json
+
+    from equislide import __version__
+    from equislide.storage import canonical_json, clean_partials
 
     # The same file given twice is tiled once; different files with the same stem get unique IDs.
     unique: dict[Path, str] = {}
@@ -271,7 +277,10 @@ def run(args: argparse.Namespace) -> int:
             "seconds": round(seconds, 3),
         },
     }
-    (out / REPORT_NAME).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    from equislide.files import atomic_write_bytes
+
+    # Atomic: a full disk leaves the previous report whole, not a truncated one.
+    atomic_write_bytes(out / REPORT_NAME, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
     print(
         f"tile: {len(ordered) - len(failed)} of {len(ordered)} inputs ok, {n_samples} samples, "
         f"{n_tiles} tiles, {seconds:.1f} s -> {out}"
