@@ -122,7 +122,17 @@ def test_a_bad_option_costs_no_cluster_or_server(slide, tmp_path):
     """As a process: the refusal comes in seconds (imports only), not after starting Prefect and Dask."""
     t0 = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "equislide", "segment", str(slide), "--out", str(tmp_path), "--clusters", "1000"],
+        [
+            sys.executable,
+            "-m",
+            "equislide",
+            "segment",
+            str(slide),
+            "--out",
+            str(tmp_path),
+            "--clusters",
+            "1000",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -7,6 +7,7 @@ server and Dask cluster, stores on disk damaged the ways the issue found.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -91,7 +92,23 @@ def test_second_run_refused_then_stale_lock_of_killed_run_taken_over(phantom, tm
 # --- the Dask scheduler lost mid-run ---------------------------------------------------------------
 
 
-def _scheduler(folder: Path) -> tuple[subprocess.Popen, subprocess.Popen, str]:
+def _limit_file_size(limit: int):
+    """``preexec_fn``: every file this process writes stops growing at ``limit`` bytes (EFBIG, the
+    signal ignored), which is what a full disk does to a writer; unprivileged, unlike mounting a
+    small filesystem."""
+
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def _scheduler(
+    folder: Path, worker_file_limit: int | None = None
+) -> tuple[subprocess.Popen, subprocess.Popen, str]:
     """A Dask scheduler and one worker as separate processes, as on a real cluster."""
     file = folder / "scheduler.json"
     file.unlink(missing_ok=True)
@@ -106,17 +123,17 @@ def _scheduler(folder: Path) -> tuple[subprocess.Popen, subprocess.Popen, str]:
     time.sleep(0.3)
     address = json.loads(file.read_text())["address"]
     worker = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1"], **quiet
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny"],
+        preexec_fn=None if worker_file_limit is None else _limit_file_size(worker_file_limit),
+        **quiet,
     )
     return sched, worker, address
 
 
 def _stop(*procs: subprocess.Popen) -> None:
     for p in procs:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         p.wait()
 
 
@@ -152,7 +169,11 @@ def test_scheduler_lost_mid_run_one_line_run_json_and_rerun_resumes(phantom, tmp
     sched, worker, address = _scheduler(tmp_path)
     try:
         rerun = subprocess.run(
-            _segment(phantom, out, "--scheduler", address), env=ENV, capture_output=True, text=True, timeout=600
+            _segment(phantom, out, "--scheduler", address),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
     finally:
         _stop(sched, worker)
@@ -161,6 +182,51 @@ def test_scheduler_lost_mid_run_one_line_run_json_and_rerun_resumes(phantom, tmp
         assert marker.stat().st_mtime_ns == mtime, marker
     report = json.loads((out / "run.json").read_text())
     assert "error" not in report and all(s["status"] == "done" for s in report["samples"].values())
+
+
+# --- the disk full ------------------------------------------------------------------------------
+
+
+def test_disk_full_on_the_workers_one_line_per_input_and_rerun_resumes(phantom, tmp_path):
+    """The workers' files cannot grow past 48 KB (tile shards and features are larger; run.json is
+    not): the run ends with exit 1, each input's one line names the full disk and the file, run.json
+    is written, no traceback; a rerun with room finishes what was missing."""
+    out = tmp_path / "run"
+    sched, worker, address = _scheduler(tmp_path, worker_file_limit=48_000)
+    try:
+        t0 = time.perf_counter()
+        run = subprocess.run(
+            _segment(phantom, out, "--scheduler", address),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        seconds = time.perf_counter() - t0
+    finally:
+        _stop(sched, worker)
+    assert run.returncode == 1, run.stderr[-3000:]
+    _no_traceback(run.stderr)
+    failed = [ln for ln in run.stderr.splitlines() if ln.startswith("equislide segment: FAILED")]
+    assert len(failed) == 1 and "disk full writing " in failed[0] and "File too large" in failed[0], failed
+    report = json.loads((out / "run.json").read_text())
+    assert "disk full writing" in report["inputs"][0]["reason"]
+    print(f"disk-full run: {seconds:.1f} s")
+
+    sched, worker, address = _scheduler(tmp_path)
+    try:
+        rerun = subprocess.run(
+            _segment(phantom, out, "--scheduler", address),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        _stop(sched, worker)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = json.loads((out / "run.json").read_text())
+    assert report["samples"] and all(s["status"] == "done" for s in report["samples"].values())
 
 
 # --- damaged done-markers, and the flow run's final state ------------------------------------------
