@@ -33,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "score their agreement with the 0-degree map (Cohen's kappa, mean Dice; feature-level "
             "ICC(3,1)) for each backbone. Writes DIR/metrics.csv, summary.csv, angles.csv, "
             "consistency.png and rotations.png. Exit status 0 when all were scored, 1 when some "
-            "failed, 2 on a usage error."
+            "failed or the run stopped on a fault (recorded in DIR/run.json), 2 on a usage error or when "
+            "another run holds DIR (DIR/.equislide.lock)."
         ),
     )
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide or image files")

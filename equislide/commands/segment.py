@@ -31,7 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "labels/clusters and labels/tissue, an overlay PNG and a QuPath GeoJSON, plus DIR/run.json. "
             "Rerunning over the same DIR resumes. Runs report to the Prefect server PREFECT_API_URL "
             "names, else to one temporary local server (flow and workers alike). Exit status 0 when "
-            "every input succeeded, 1 when some failed, 2 on a usage error."
+            "every input succeeded, 1 when some failed or the run stopped on a fault (a lost cluster, a full "
+            "disk: one line, recorded in DIR/run.json), 2 on a usage error or when another run holds DIR "
+            "(DIR/.equislide.lock). --out, --weights, --seed and --clusters are checked before any work."
         ),
     )
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide or image files")

@@ -39,7 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "(<slide>/<core>, each core stored whole as one tile), and write the tiles at the "
             "analysis resolution into one zarr v3 store per sample under --out. Finished samples "
             "are skipped on a rerun. Exit status 0 when every input succeeded, 1 when some failed "
-            "(the others are still written), 2 on a usage error."
+            "(the others are still written) or the run stopped on a fault, 2 on a usage error or when "
+            "another run holds DIR (DIR/.equislide.lock)."
         ),
     )
     p.add_argument(
