@@ -52,9 +52,10 @@ def clip_to_slide(geojson: dict[str, Any], l0_size: Sequence[int] | None) -> dic
 def outputs_present(outputs: dict[str, str]) -> bool:
     """Every output a segment marker names is there: files non-empty, the OME-Zarr with its metadata."""
     for path in map(Path, outputs.values()):
-        if path.suffix == ".zarr" or path.name.endswith(".ome.zarr"):
-            if not (path / "zarr.json").is_file():
-                return False
+        if path.suffix == ".zarr":  # OME-NGFF 0.4 is zarr v2 (.zgroup); accept v3 (zarr.json) too
+            for group in (path, path / "labels" / "clusters"):
+                if not ((group / ".zgroup").is_file() or (group / "zarr.json").is_file()):
+                    return False
         elif not (path.is_file() and path.stat().st_size > 0):
             return False
     return True

@@ -279,9 +279,9 @@ def test_damaged_stores_are_repaired_and_failed_inputs_show_in_the_flow_state(
     # 4. the calibrated backbone truncated
     (backbone,) = (out / "models").glob("backbone-*.safetensors")
     backbone.write_bytes(backbone.read_bytes()[:1000])
-    untouched = {
-        p: p.stat().st_mtime_ns for p in store[sids[-1]].glob("features/layer3/_equislide_features_done.json")
-    }
+    intact = [*store[sids[-1]].glob("features/layer3/_equislide_features_done.json")]
+    intact.append(out / "samples" / f"{sids[-1]}.segment.json")
+    untouched = {p: p.stat().st_mtime_ns for p in intact}
 
     bad = tmp_path / "garbage.svs"
     bad.write_bytes(b"this is not a slide" * 100)
@@ -290,7 +290,8 @@ def test_damaged_stores_are_repaired_and_failed_inputs_show_in_the_flow_state(
     assert all(v in ("done", "skipped") for v in status.values()), report["samples"]
     assert png.is_file() and (store[sids[1]] / "tiles" / "zarr.json").is_file()
     assert (feats / "zarr.json").is_file()
-    for marker, mtime in untouched.items():  # intact samples' features were not recomputed
+    assert len(untouched) == 2
+    for marker, mtime in untouched.items():  # an intact sample's features and outputs were not redone
         assert marker.stat().st_mtime_ns == mtime
     assert state.is_completed() and state.name == PARTIAL_STATE_NAME, state
     assert state.message == "1 of 2 inputs failed"
