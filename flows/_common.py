@@ -38,14 +38,25 @@ from equislide.flows.cluster import (
 from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
 from equislide.stages.backbone import calibrated_backbone
 from equislide.stages.budget import BudgetSpec, run_within
-from equislide.stages.consistency import ConsistencySpec, sample_consistency
+from equislide.stages.consistency import (
+    ConsistencySpec,
+    sample_consistency,
+)
 from equislide.stages.inputs import assign_sample_ids, duplicate_inputs, failed_record, path_text, reason_of
 from equislide.stages.tile import SampleResult, SlidePlan, plan_slide, write_sample
-from equislide.storage import clean_partials, sample_store_path, write_manifest
+from equislide.storage import (
+    acquire_output_lock,
+    clean_partials,
+    release_output_lock,
+    sample_store_path,
+    write_manifest,
+)
 from equislide.text import pack_path, unpack_path
 from equislide.tiling import SamplePlan, SlideError
 
 __all__ = [
+    "LOCK_HOOKS",
+    "PARTIAL_STATE_NAME",
     "TASK_OPTIONS",
     "RunState",
     "backbone_stage",
@@ -59,7 +70,9 @@ __all__ = [
     "groups",
     "label_of",
     "notify",
+    "outcome",
     "plan_task",
+    "release_lock",
     "report_task",
     "run_flow",
     "set_progress_callback",
@@ -336,12 +349,68 @@ def backbone_stage(state: RunState, spec: FeatureSpec) -> None:
         state.backbone = barrier(state, "backbone", fut)
 
 
+_FLOW_LOCKS: dict[str, Path] = {}  # flow run ID -> the folder whose lock it holds
+
+
+def _lock_for_flow_run(root: Path) -> None:
+    """Hold ``root``'s lock (:mod:`equislide.storage.lock`) until the flow run ends (:func:`release_lock`).
+
+    Re-entrant in one process: under the CLI, which took it already, this only counts a hold; a
+    deployed run (no CLI) takes it here.
+    """
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    run = getattr(ctx, "flow_run", None)
+    acquire_output_lock(root, command=[f"prefect flow run {getattr(run, 'name', '?')}"])
+    if run is not None:
+        _FLOW_LOCKS[str(run.id)] = root
+
+
+def release_lock(flow_, flow_run, state) -> None:
+    """Flow hook (completion, failure, crash, cancellation): let go of the lock :func:`start_run` took."""
+    root = _FLOW_LOCKS.pop(str(flow_run.id), None)
+    if root is not None:
+        release_output_lock(root)
+
+
+#: Keyword arguments of ``@flow`` for flows that call :func:`start_run`.
+LOCK_HOOKS = {
+    "on_completion": [release_lock],
+    "on_failure": [release_lock],
+    "on_crashed": [release_lock],
+    "on_cancellation": [release_lock],
+}
+
+
+#: Name of the final state of a flow run in which some inputs failed (type COMPLETED, see :func:`outcome`).
+PARTIAL_STATE_NAME = "Completed with failures"
+
+
+def outcome(result: Any, failed: int, total: int, what: str = "inputs") -> Any:
+    """The flow's return value: ``result`` itself when nothing failed, else a COMPLETED state named
+    :data:`PARTIAL_STATE_NAME` with the message ``"N of M inputs failed"`` and ``result`` as its data.
+
+    Not FAILED: a bad slide is the data's problem, handled as designed (the others finished, the CLI
+    exits 1, ``run.json`` says why), and an operator's alerts on FAILED and CRASHED runs must keep
+    meaning that the service itself broke (a lost cluster, a full disk: the flow raises). The state's
+    name and message still show in the Prefect UI's run list and run page without opening the logs.
+    Callers of the flow get ``result`` either way.
+    """
+    if not failed:
+        return result
+    from prefect.states import Completed
+
+    return Completed(message=f"{failed} of {total} {what} failed", name=PARTIAL_STATE_NAME, data=result)
+
+
 def start_run(inputs: list[str], out: str) -> RunState:
     """The run folder made and cleaned of a killed run's leftovers, every input's sample ID, and the
     cluster started (its first use: a local one starts here, timed as the ``cluster`` stage) and
     described; warnings about its workers are logged."""
     root = Path(unpack_path(str(out)))
     (root / "tiles").mkdir(parents=True, exist_ok=True)
+    _lock_for_flow_run(root)
     clean_partials(root / "tiles")  # leftovers of a killed run; this run owns OUT
     paths = list(dict.fromkeys(unpack_path(str(p)) for p in inputs))
     ids, records = assign_sample_ids(paths)

@@ -60,6 +60,7 @@ from prefect.artifacts import (
 )
 
 from equislide.flows._common import (
+    LOCK_HOOKS,
     TASK_OPTIONS,
     RunState,
     backbone_stage,
@@ -72,6 +73,7 @@ from equislide.flows._common import (
     failure,
     groups,
     label_of,
+    outcome,
     report_task,
     run_flow,
     set_progress_callback,
@@ -291,7 +293,13 @@ def _segment_stage(state: RunState, layer: int, cluster: ClusterSpec, progress_i
     collect("segment", submitted, done, state.fail, after=progress)
 
 
-@flow(name="equislide-cohort", persist_result=False, log_prints=False, task_runner=deployment_runner())
+@flow(
+    name="equislide-cohort",
+    persist_result=False,
+    log_prints=False,
+    task_runner=deployment_runner(),
+    **LOCK_HOOKS,
+)
 def cohort_flow(
     inputs: list[str],
     out: str,
@@ -419,8 +427,10 @@ def cohort_flow(
     report = manifest.to_dict()
     report["path"] = report_path
     _artifacts(report)
-    logger.info("\n%s", summary_text(report))
-    return report
+    # One line here: the CLI prints the whole summary, and a deployed run has it as an artifact.
+    logger.info("%s; summary in artifact equislide-summary", summary_text(report).splitlines()[0])
+    failed = sum(1 for i in report["inputs"] if i["status"] == "failed")
+    return outcome(report, failed, len(report["inputs"]))
 
 
 def _manifest(

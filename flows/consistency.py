@@ -32,6 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from equislide.flows._common import (
+    LOCK_HOOKS,
     TASK_OPTIONS,
     RunState,
     backbone_task,
@@ -41,6 +42,7 @@ from equislide.flows._common import (
     failure,
     groups,
     label_of,
+    outcome,
     run_flow,
     start_run,
     tile_stage,
@@ -174,7 +176,13 @@ def study_report_task(out: str, docs: dict, first_sample: str | None) -> dict[st
     return {"summary": summary, "angles": per_angle, "metrics": len(rows), "annotations": annotated}
 
 
-@flow(name="equislide-consistency", persist_result=False, log_prints=False, task_runner=deployment_runner())
+@flow(
+    name="equislide-consistency",
+    persist_result=False,
+    log_prints=False,
+    task_runner=deployment_runner(),
+    **LOCK_HOOKS,
+)
 def consistency_flow(
     inputs: list[str],
     out: str,
@@ -289,8 +297,24 @@ def consistency_flow(
     report["timings"] = {k: round(v, 3) for k, v in state.stage_s.items()}
     report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
     _artifacts(report)
-    logger.info("\n%s", study_text(report))
-    return report
+    # One line here: the CLI prints the whole table, and a deployed run has it as an artifact.
+    logger.info("%s; table in artifact equislide-consistency", study_text(report).splitlines()[0])
+    return outcome(report, *_failed_inputs(state, failed, names, layers or [4]))
+
+
+def _failed_inputs(
+    state: RunState, failed: dict[str, str], names: list[str], layers: list[int]
+) -> tuple[int, int]:
+    """``(failed, total)`` inputs: an input fails with any of its samples, and all of them with a backbone
+    that could not be prepared."""
+    if any(f"{name} layer {layer}" in failed for name in names for layer in layers):
+        return len(state.paths), len(state.paths)
+    bad = {p for p in state.paths if p in failed}
+    for key in failed:
+        sid = key.split(" (", 1)[0]
+        if sid in state.samples:
+            bad.add(state.samples[sid]["input"])
+    return len(bad), len(state.paths)
 
 
 def study_text(report: dict[str, Any]) -> str:

@@ -45,6 +45,7 @@ __all__ = [
     "METADATA_KEY",
     "load_checkpoint",
     "load_tensors",
+    "read_checkpoint_document",
     "read_document",
     "save_checkpoint",
     "write_document",
@@ -143,6 +144,20 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
     _check_tensors(model, tensors, weights_path)
     model.load_state_dict(tensors, strict=True)
     return model.to(map_location).eval()
+
+
+def read_checkpoint_document(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The config document of a checkpoint, checked as :func:`load_checkpoint` checks it (header,
+    format, arch, checksum against the sidecar) but without parsing or loading its tensors: cheap
+    enough to vet a ``--weights`` option before any work starts.
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`, except for tensors that do not match the model.
+    """
+    document, _ = read_document(
+        path, key=METADATA_KEY, check=_check_document, kind="equislide config", writer="save_checkpoint"
+    )
+    return document
 
 
 def _check_is_file(path: Path) -> None:

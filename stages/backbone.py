@@ -99,7 +99,7 @@ def calibrated_backbone(
             status=status,
         )
 
-    if path.is_file() and path.with_suffix(".json").is_file():
+    if path.with_suffix(".json").is_file() and _checkpoint_intact(path):
         return ref("skipped")
     # Tiles of different sides (TMA cores of several slides) are calibrated in separate batches.
     tiles = [read_tiles(s, i, i + 1) for s, i in picks]
@@ -123,6 +123,18 @@ def calibrated_backbone(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return ref("written")
+
+
+def _checkpoint_intact(path: Path) -> bool:
+    """The checkpoint's header, config and checksum hold (a truncated or swapped file is made again)."""
+    from equislide.models._errors import CheckpointError
+    from equislide.models.checkpoint import read_checkpoint_document
+
+    try:
+        read_checkpoint_document(path)
+    except (CheckpointError, OSError):
+        return False
+    return True
 
 
 def load_backbone(backbone: BackboneRef, device: str = "auto") -> tuple[Any, dict[str, Any]]:

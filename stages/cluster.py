@@ -52,6 +52,18 @@ def cohort_identity(stores: Sequence[str | Path], *, layer: int, spec: ClusterSp
     }
 
 
+def _kmeans_intact(path: Path) -> bool:
+    """A saved K-means model loads (header, checksum, centroids); otherwise it is fitted again."""
+    from equislide.models._errors import CheckpointError
+    from equislide.models.kmeans import KMeansModel
+
+    try:
+        KMeansModel.load(path)
+    except (CheckpointError, OSError):
+        return False
+    return True
+
+
 def fit_cohort_stores(
     stores: Sequence[str | Path], out_dir: str | Path, *, layer: int, spec: ClusterSpec | None = None
 ) -> KMeansRef:
@@ -71,7 +83,7 @@ def fit_cohort_stores(
     identity = cohort_identity(stores, layer=layer, spec=spec)
     key = params_hash(identity)[:16]
     path = Path(out_dir) / f"kmeans-cohort-{key}.safetensors"
-    if path.is_file() and path.with_suffix(".json").is_file():
+    if path.with_suffix(".json").is_file() and _kmeans_intact(path):
         doc = read_json(path.with_suffix(".json")) or {}
         return KMeansRef(
             path=str(path),

@@ -143,6 +143,15 @@ def sample_tissue_vectors(store: str | Path, layer: int, stride: int, sampler: A
         sampler.add(sample_id, masked_vectors(feats, masks[start : start + len(feats)]))
 
 
+def _draw_intact(path: Path) -> bool:
+    """A saved draw parses as a 2-d float16 array (a damaged one is drawn again)."""
+    try:
+        drawn = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return False
+    return drawn.ndim == 2 and drawn.dtype == np.float16
+
+
 def draw_store_vectors(
     store: str | Path, out_dir: str | Path, *, layer: int, spec: ClusterSpec | None = None
 ) -> dict[str, Any]:
@@ -172,7 +181,7 @@ def draw_store_vectors(
         }
     )[:24]
     path = Path(out_dir) / f"draw-{key}.npy"
-    if path.is_file():
+    if _draw_intact(path):
         return {"path": str(path), "status": "skipped", "n_vectors": None}
     sampler = StratifiedSampler(spec.per_sample, seed=spec.seed)
     sample_tissue_vectors(store, layer, int(read_features_meta(store, layer)["stride"]), sampler)

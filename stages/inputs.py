@@ -5,6 +5,7 @@ Shared by the cohort flow and ``equislide tile``; a notebook calls :func:`assign
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,14 @@ def reason_of(err: BaseException) -> str:
         return one_line(err.reason + (f" ({err.detail})" if err.detail else ""))
     if isinstance(err, (BudgetExceeded, ChildFailed)):
         return one_line(err)
+    if isinstance(err, OSError) and err.errno in _DISK_FULL:
+        where = err.filename or "the output"
+        return one_line(f"disk full writing {where} ({err.strerror}); free space and rerun")
     return f"unexpected {type(err).__name__}: {one_line(err)}"
+
+
+# No space, quota exceeded, or a file-size limit (RLIMIT_FSIZE): to the run, the same full disk.
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def failed_record(path: str, reason: str, error: str, *, sample_id: str | None = None) -> dict[str, Any]:

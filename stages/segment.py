@@ -26,6 +26,7 @@ __all__ = [
     "SEGMENT_MARKER_SUFFIX",
     "TMA_GEOJSON_SUFFIX",
     "clip_to_slide",
+    "outputs_present",
     "overlay_picture",
     "segment_store",
     "tma_slides",
@@ -214,6 +215,18 @@ def _slide_background(
     return np.asarray(picture)
 
 
+def outputs_present(outputs: dict[str, str]) -> bool:
+    """Every output a segment marker names is there: files non-empty, the OME-Zarr with its metadata."""
+    for path in map(Path, outputs.values()):
+        if path.suffix == ".zarr":  # OME-NGFF 0.4 is zarr v2 (.zgroup); accept v3 (zarr.json) too
+            for group in (path, path / "labels" / "clusters"):
+                if not ((group / ".zgroup").is_file() or (group / "zarr.json").is_file()):
+                    return False
+        elif not (path.is_file() and path.stat().st_size > 0):
+            return False
+    return True
+
+
 def segment_store(
     store: str | Path,
     out_dir: str | Path,
@@ -272,7 +285,9 @@ def segment_store(
     if marker is not None and marker.get("key") == key:
         result = dict(marker["result"])
         result["outputs"] = {k: os.path.normpath(out_dir / v) for k, v in result["outputs"].items()}
-        return {**result, "status": "skipped", "seconds": 0.0}
+        if outputs_present(result["outputs"]):
+            return {**result, "status": "skipped", "seconds": 0.0}
+        # The marker vouches for outputs that are gone (deleted, or a concurrent run): write them again.
 
     if kmeans is not None:
         model = KMeansModel.load(kmeans.path)

@@ -14,6 +14,7 @@ from equislide.storage.features import FEATURES_FORMAT as FEATURES_FORMAT
 from equislide.storage.features import FeatureWriter as FeatureWriter
 from equislide.storage.features import features_key as features_key
 from equislide.storage.features import features_path as features_path
+from equislide.storage.features import features_problem as features_problem
 from equislide.storage.features import is_features_done as is_features_done
 from equislide.storage.features import open_features as open_features
 from equislide.storage.features import open_features_for_write as open_features_for_write
@@ -42,6 +43,11 @@ from equislide.storage.labels import stitch_image as stitch_image
 from equislide.storage.labels import stitch_labels as stitch_labels
 from equislide.storage.labels import stitch_store as stitch_store
 from equislide.storage.labels import tile_plane as tile_plane
+from equislide.storage.lock import LOCK_NAME as LOCK_NAME
+from equislide.storage.lock import OutputLocked as OutputLocked
+from equislide.storage.lock import acquire_output_lock as acquire_output_lock
+from equislide.storage.lock import output_lock as output_lock
+from equislide.storage.lock import release_output_lock as release_output_lock
 from equislide.storage.manifest import RunManifest as RunManifest
 from equislide.storage.manifest import collect_versions as collect_versions
 from equislide.storage.manifest import describe_inputs as describe_inputs
@@ -64,6 +70,7 @@ from equislide.storage.tile_store import open_sample_for_write as open_sample_fo
 from equislide.storage.tile_store import open_tiles as open_tiles
 from equislide.storage.tile_store import read_sample_meta as read_sample_meta
 from equislide.storage.tile_store import store_identity as store_identity
+from equislide.storage.tile_store import store_problem as store_problem
 
 __all__ = [
     "FEATURES_DONE_MARKER",
@@ -124,4 +131,11 @@ __all__ = [
     "sha256_file",
     "split_sample_id",
     "unique_sample_ids",
+    "LOCK_NAME",
+    "OutputLocked",
+    "acquire_output_lock",
+    "output_lock",
+    "release_output_lock",
+    "features_problem",
+    "store_problem",
 ]

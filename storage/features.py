@@ -56,6 +56,7 @@ __all__ = [
     "FEATURES_FORMAT",
     "FeatureWriter",
     "features_path",
+    "features_problem",
     "is_features_done",
     "open_features",
     "open_features_for_write",
@@ -298,7 +299,29 @@ def is_features_done(store_path: str | Path, layer: int, *, params: Mapping[str,
         and marker.get("tiles_input_sha256") == done.get("input_sha256")
         and marker.get("tiles_params_sha256") == done.get("params_sha256")
         and marker.get("sample_id") == done.get("sample_id")
+        and features_problem(store_path, layer) is None
     )
+
+
+def features_problem(store_path: str | Path, layer: int) -> str | None:
+    """Why ``features/layer{layer}`` is not what its done-marker vouches for (None when it is): the
+    array must open with its metadata and hold one row per tile of the store.
+
+    Two runs over one folder once left the marker without the array (``KeyError: 'layer4'`` in every
+    later run); such features are now simply extracted again.
+    """
+    try:
+        arr, meta = _open_feature_array(store_path, layer)
+        marker = _done_marker(Path(store_path), layer) or {}
+        group, _ = open_finished(store_path)
+        n_tiles = int(group["tiles"].shape[0])
+    except Exception as err:  # noqa: BLE001 - any unreadable part means the same: extract again
+        return f"{type(err).__name__}: {err}"
+    f_tile = int(meta.get("f_tile", -1))
+    expected = (n_tiles, int(meta.get("channels", -1)), f_tile, f_tile)
+    if tuple(arr.shape) != expected or marker.get("n_tiles") != n_tiles:
+        return f"features {tuple(arr.shape)} do not match {expected} ({marker.get('n_tiles')} tiles marked)"
+    return None
 
 
 def features_key(store_path: str | Path, layer: int) -> str | None:

@@ -13,7 +13,8 @@ Schema (``schema`` = :data:`MANIFEST_SCHEMA`, ``schema_version`` = :data:`MANIFE
       "device": {...},                                      # whatever the caller describes
       "samples": {"tma01/B3": {"status": "done", "error": null, "timings": {"features_s": 1.2},
                                "outputs": {...}}},
-      "timings": {"total_s": 12.3}
+      "timings": {"total_s": 12.3},
+      "error": "disk full ...", "error_detail": "Traceback ..."   # only when the run stopped on a fault
     }
 
 Versions are read from the installed distributions' metadata (``importlib.metadata``): nothing is
@@ -93,6 +94,9 @@ class RunManifest:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: str = field(default_factory=_now)
     updated: str = ""
+    #: Why the run stopped before its end (an infrastructure fault), and the traceback behind it.
+    error: str | None = None
+    error_detail: str | None = None
 
     def set_sample(
         self,
@@ -135,7 +139,7 @@ class RunManifest:
             "device": dict(self.device),
             "samples": {k: self.samples[k] for k in sorted(self.samples)},
             "timings": dict(self.timings),
-        }
+        } | ({"error": self.error, "error_detail": self.error_detail} if self.error else {})
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> RunManifest:
@@ -168,6 +172,8 @@ class RunManifest:
             run_id=str(doc.get("run_id", "")),
             created=str(doc.get("created", "")),
             updated=str(doc.get("updated", "")),
+            error=doc.get("error"),
+            error_detail=doc.get("error_detail"),
         )
 
 

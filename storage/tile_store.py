@@ -61,6 +61,7 @@ __all__ = [
     "SampleWriter",
     "clean_partials",
     "is_sample_done",
+    "store_problem",
     "open_sample_for_write",
     "open_tiles",
     "read_sample_meta",
@@ -443,7 +444,26 @@ def is_sample_done(
         and done.get("sample_id") == sample_id
         and done.get("input_sha256") == (input_sha256 or "")
         and done.get("params_sha256") == params_hash(dict(params or {}))
+        and store_problem(sample_store_path(root, sample_id)) is None
     )
+
+
+def store_problem(store_path: str | Path) -> str | None:
+    """Why a store with a done-marker is not what the marker vouches for (None when it is): its group,
+    ``tiles`` and ``coords`` must open, hold ``n_tiles`` rows and tiles of ``tile_with_halo`` px.
+
+    Metadata only (no chunk is read): a store damaged by hand, a full disk or a concurrent run is
+    then tiled again instead of failing every later stage and every rerun.
+    """
+    try:
+        group, meta = open_finished(store_path)
+        n, side = int(meta["n_tiles"]), int(meta["tile_with_halo"])
+        tiles, coords = group["tiles"].shape, group["coords"].shape
+    except Exception as err:  # noqa: BLE001 - any unreadable part means the same: tile it again
+        return f"{type(err).__name__}: {err}"
+    if tiles[:3] != (n, side, side) or coords[0] != n:
+        return f"tiles {tiles} / coords {coords} do not match n_tiles={n}, tile_with_halo={side}"
+    return None
 
 
 def store_identity(store_path: str | Path) -> dict[str, Any]:

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
-__all__ = ["add_mpp_arguments", "check_mpp_arguments", "check_out_dir", "progress_bar", "usage_error"]
+__all__ = [
+    "MAX_CLUSTERS",
+    "add_mpp_arguments",
+    "check_clusters",
+    "check_mpp_arguments",
+    "check_out_dir",
+    "check_seed",
+    "check_weights",
+    "progress_bar",
+    "usage_error",
+]
 
 #: Default of ``--max-tiles`` (:data:`equislide.tiling.MAX_TILES`, not imported: the CLI starts fast).
 _MAX_TILES = 100_000
@@ -17,15 +29,78 @@ def usage_error(prefix: str, message: str) -> int:
     return 2
 
 
-def check_out_dir(out: Path) -> str | None:
-    """Create the output folder; the problem in words, or None when it is usable."""
+def check_out_dir(out: Path | str) -> str | None:
+    """Create the output folder and prove it writable; the problem in words, or None when it is usable.
+
+    Writability is tried, not inferred from mode bits (root ignores them; a read-only mount does not
+    show in them): a run must not tile every input before finding it cannot write its report.
+    """
+    import errno
+    import tempfile
+
+    if str(out).strip() == "":
+        return "--out is empty: give the run folder (use --out . for the current folder)"
+    out = Path(out)
     if out.exists() and not out.is_dir():
         return f"--out {out} exists and is not a folder"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        return f"--out {out}: cannot create the folder ({err.strerror})"
+        why = "a part of the path is a file" if err.errno in (errno.ENOTDIR, errno.EEXIST) else err.strerror
+        return f"--out {out}: cannot create the folder ({why})"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".equislide-write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"--out {out}: the folder is not writable ({err.strerror})"
     return None
+
+
+def check_seed(seed: int) -> str | None:
+    """``--seed`` must be a valid numpy/torch seed."""
+    if not 0 <= seed < 2**32:
+        return f"--seed {seed} must be between 0 and {2**32 - 1}"
+    return None
+
+
+#: Most K-means clusters: every cluster keeps its own colour (the shared palette has 256 entries, 0 =
+#: no tissue) in the overlay, the OME-Zarr label colours and the QuPath classes, and labels fit uint8.
+MAX_CLUSTERS = 255
+
+
+def check_clusters(k: int) -> str | None:
+    if not 2 <= k <= MAX_CLUSTERS:
+        return f"--clusters {k} must be between 2 and {MAX_CLUSTERS} (one colour per cluster)"
+    return None
+
+
+def check_weights(path: str, backbone: str | None = None, option: str = "--weights") -> str | None:
+    """A checkpoint's header and config, read without loading its tensors; the problem or None.
+
+    ``backbone`` (registered name), when given, must be the checkpoint's architecture.
+    """
+    from equislide.models._errors import CheckpointError
+    from equislide.models.checkpoint import read_checkpoint_document
+
+    try:
+        document = read_checkpoint_document(path)
+    except CheckpointError as err:
+        return f"{option} {path}: {_without_path(str(err), path)}"
+    except OSError as err:
+        return f"{option} {path}: cannot read it ({err.strerror})"
+    arch = document.get("model", {}).get("arch")
+    if backbone is not None and arch != backbone:
+        return f"{option} {path}: holds a {arch!r} network, not {backbone!r}; pick the matching --backbone"
+    return None
+
+
+def _without_path(message: str, path: str) -> str:
+    """A checkpoint error without its leading path (the option already names the file)."""
+    for prefix in (f"{path}: ", f"{Path(path)}: "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
 
 
 def progress_bar():
@@ -99,3 +174,142 @@ def check_mpp_arguments(args) -> str | None:
     if getattr(args, "fit_native", False) and not args.native_pixels:
         return "--fit-native needs --native-pixels (without it no sample is at native pixels)"
     return None
+
+
+def fault_line(err: BaseException) -> str:
+    """What an infrastructure fault was, in one line an operator acts on (disk, cluster, or other)."""
+    import errno
+
+    from equislide.text import one_line
+
+    chain, seen = [], err
+    while seen is not None and len(chain) < 8:  # the root cause may hide under Prefect's wrappers
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            where = f" writing {e.filename}" if e.filename else ""
+            return f"disk full{where} ({e.strerror}); free space and rerun: finished work is kept"
+    for e in chain:
+        name = type(e).__name__
+        text = one_line(e)
+        if name in _CLUSTER_ERRORS or (isinstance(e, OSError) and "Timed out trying to connect" in text):
+            return f"the Dask cluster was lost ({name}: {text[:160]}); rerun when it is back (work is kept)"
+    return f"unexpected {type(err).__name__}: {one_line(err)[:300]}"
+
+
+#: Exceptions of ``distributed`` that mean the scheduler or the connection to it is gone.
+_CLUSTER_ERRORS = {"CommClosedError", "FutureCancelledError", "StreamClosedError", "CancelledError"}
+
+
+class _OneLine:
+    """A formatter that writes a record on one line, without its traceback (that stays in the flow run's
+    log on the Prefect server and in ``run.json``'s ``error_detail``)."""
+
+    def __init__(self, inner):
+        import logging
+
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record) -> str:
+        import copy
+
+        from equislide.text import one_line
+
+        plain = copy.copy(record)
+        plain.msg, plain.args = one_line(record.getMessage())[:400], ()
+        plain.exc_info = plain.exc_text = plain.stack_info = None
+        return self.inner.format(plain)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def one_line_logs():
+    """Console log handlers print one line per record for the block: a fault inside Prefect or Dask is
+    logged by each of them with its traceback (four for one lost scheduler, measured), which buries the
+    CLI's own one-line error."""
+    import logging
+
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    changed = []
+    for lg in loggers:
+        for h in lg.handlers:
+            if type(h).__name__ in ("StreamHandler", "PrefectConsoleHandler") and not isinstance(
+                h.formatter, _OneLine
+            ):
+                changed.append((h, h.formatter))
+                h.setFormatter(_OneLine(h.formatter))
+    try:
+        yield
+    finally:
+        for h, formatter in changed:
+            h.setFormatter(formatter)
+
+
+def record_fault(
+    out: str | Path,
+    command: list[str],
+    reason: str,
+    started: float,
+    inputs: list[str] | None = None,
+    report: str = "run.json",
+) -> bool:
+    """Put ``reason`` into ``OUT/<report>`` (this run's, or a new one naming the command and inputs); True
+    when written. A disk that is full may refuse even that: the caller still prints the line."""
+    import traceback
+
+    from equislide.files import atomic_write_json, read_json
+    from equislide.storage import RunManifest, read_manifest, write_manifest
+
+    path = Path(out) / report
+    detail = traceback.format_exc(limit=20)
+    try:
+        mine = path.is_file() and path.stat().st_mtime >= started  # written by this run before the fault
+        if report == "run.json":
+            manifest = read_manifest(path) if mine else RunManifest(command=list(command))
+            if not mine:
+                manifest.inputs = [{"path": str(p)} for p in inputs or []]
+            manifest.error, manifest.error_detail = reason, detail
+            write_manifest(path, manifest)
+        else:
+            doc = (read_json(path) if mine else None) or {
+                "command": list(command),
+                "inputs": [{"path": str(p)} for p in inputs or []],
+            }
+            atomic_write_json(path, {**doc, "error": reason, "error_detail": detail})
+    except Exception:  # noqa: BLE001 - nothing more to save; the printed line is what is left
+        return False
+    return True
+
+
+def locked_run(
+    prefix: str,
+    out: str,
+    command: list[str],
+    work,
+    *,
+    inputs: list[str] | None = None,
+    report: str = "run.json",
+):
+    """``work()`` holding ``out``'s lock: ``(0, result)``; ``(2, None)`` when another run holds the folder;
+    ``(1, None)`` after an infrastructure fault, printed as one line and recorded in ``run.json``."""
+    import time
+
+    from equislide.storage import OutputLocked, output_lock
+
+    started = time.time()
+    try:
+        with output_lock(out, command), one_line_logs():
+            return 0, work()
+    except OutputLocked as err:
+        return usage_error(prefix, str(err)), None
+    except Exception as err:  # noqa: BLE001 - an infrastructure fault: one line, not a traceback
+        line = fault_line(err)
+        saved = record_fault(out, command, line, started, inputs, report)
+        note = "" if saved else f" ({report} could not be written)"
+        print(f"{prefix}: error: {line}{note}", file=sys.stderr)
+        return 1, None

@@ -33,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "score their agreement with the 0-degree map (Cohen's kappa, mean Dice; feature-level "
             "ICC(3,1)) for each backbone. Writes DIR/metrics.csv, summary.csv, angles.csv, "
             "consistency.png and rotations.png. Exit status 0 when all were scored, 1 when some "
-            "failed, 2 on a usage error."
+            "failed or the run stopped on a fault (recorded in DIR/run.json), 2 on a usage error or when "
+            "another run holds DIR (DIR/.equislide.lock)."
         ),
     )
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide or image files")
@@ -79,6 +80,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
     """The flow's keyword arguments, or the first problem in words."""
+    from equislide.commands._common import check_clusters, check_seed, check_weights
+
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKBONE_ALIASES]
     if not names or unknown:
@@ -94,8 +97,8 @@ def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
         name, _, path = item.partition("=")
         if name not in BACKBONE_ALIASES or not path:
             return {}, f"--weights {item}: give BACKBONE=FILE with BACKBONE srenet, resnet18 or e2cnn"
-        if not Path(path).is_file():
-            return {}, f"--weights {item}: no such file"
+        if problem := check_weights(path, BACKBONE_ALIASES[name], option=f"--weights {name}="):
+            return {}, problem.replace(f"--weights {name}= {path}", f"--weights {item}", 1)
         weights[BACKBONE_ALIASES[name]] = path
     if args.angles < 2:
         return {}, f"--angles {args.angles} must be >= 2"
@@ -103,8 +106,8 @@ def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
         return {}, f"--regions {args.regions} must be >= 1 and --region {args.region} a multiple of 8, >= 64"
     if not 0 < args.mpp < 1e6 or (args.input_mpp is not None and not args.input_mpp > 0):
         return {}, "--mpp and --input-mpp must be positive numbers of µm per pixel"
-    if args.clusters < 2:
-        return {}, f"--clusters {args.clusters} must be >= 2"
+    if problem := check_clusters(args.clusters) or check_seed(args.seed):
+        return {}, problem
     if args.annotations is not None and not Path(args.annotations).is_dir():
         return {}, f"--annotations {args.annotations}: no such folder"
     return {
@@ -128,16 +131,25 @@ def run(args: argparse.Namespace) -> int:
     """Run the study; print its table and one line per failure; return the exit status."""
     import logging
 
-    from equislide.commands._common import check_out_dir, usage_error
+    from equislide.commands._common import check_out_dir, locked_run, usage_error
 
     options, problem = _options(args)
-    problem = problem or check_out_dir(Path(args.out))
+    problem = problem or check_out_dir(args.out)
     if problem:
         return usage_error(_PREFIX, problem)
     logging.getLogger("distributed").setLevel(logging.WARNING)
     from equislide.flows.consistency import run_study, study_text
 
-    report = run_study(args.slides, args.out, scheduler=args.scheduler, workers=args.workers, **options)
+    command = ["equislide", "consistency", *sys.argv[2:]]
+    status, report = locked_run(
+        _PREFIX,
+        args.out,
+        command,
+        lambda: run_study(args.slides, args.out, scheduler=args.scheduler, workers=args.workers, **options),
+        inputs=args.slides,
+    )
+    if report is None:
+        return status
     print(study_text(report))
     for what, reason in report["failed"].items():
         print(f"{_PREFIX}: FAILED {what}: {reason}", file=sys.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from equislide.commands._common import add_mpp_arguments, check_mpp_arguments
@@ -38,7 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "tmaCore objects (DIR/samples/<slide>.tma.geojson), plus DIR/run.json. "
             "Rerunning over the same DIR resumes. Runs report to the Prefect server PREFECT_API_URL "
             "names, else to one temporary local server (flow and workers alike). Exit status 0 when "
-            "every input succeeded, 1 when some failed, 2 on a usage error."
+            "every input succeeded, 1 when some failed or the run stopped on a fault (a lost cluster, a full "
+            "disk: one line, recorded in DIR/run.json), 2 on a usage error or when another run holds DIR "
+            "(DIR/.equislide.lock). --out, --weights, --seed and --clusters are checked before any work."
         ),
     )
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide or image files")
@@ -113,7 +114,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> str | None:
-    """The first problem with the options, in words; None when they are usable."""
+    """The first problem with the options, in words; None when they are usable (``--weights`` and
+    ``--out`` are checked by :func:`early_problem`)."""
+    from equislide.commands._common import check_clusters, check_seed
+
     if not 0 < args.mpp < 1e6:
         return f"--mpp {args.mpp} must be a positive number of µm per pixel"
     if hasattr(args, "force_mpp"):
@@ -124,12 +128,10 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--input-mpp {args.input_mpp} must be positive"
     if args.tile < 8 or args.halo < 0:
         return f"--tile {args.tile} must be >= 8 and --halo {args.halo} >= 0"
-    if args.clusters < 2:
-        return f"--clusters {args.clusters} must be >= 2"
+    if problem := check_clusters(args.clusters) or check_seed(args.seed):
+        return problem
     if args.workers is not None and args.workers < 1:
         return f"--workers {args.workers} must be >= 1"
-    if args.weights is not None and not Path(args.weights).is_file():
-        return f"--weights {args.weights}: no such file"
     if args.width is not None and args.width < 1:
         return f"--width {args.width} must be >= 1"
     if getattr(args, "angles", None) is not None and args.angles < 2:
@@ -141,6 +143,18 @@ def check_args(args: argparse.Namespace) -> str | None:
     except ValueError as err:
         return f"--budget: {err}"
     return None
+
+
+def early_problem(args: argparse.Namespace) -> str | None:
+    """Everything checkable before any work: the options, the checkpoint's header, the run folder."""
+    from equislide.commands._common import check_out_dir, check_weights
+
+    return (
+        check_args(args)
+        or (args.weights is not None and check_weights(args.weights, BACKBONE_ALIASES[args.backbone]))
+        or check_out_dir(args.out)
+        or None
+    )
 
 
 def run_flow(args: argparse.Namespace, *, command: list[str], prefix: str = _PREFIX) -> dict[str, Any]:
@@ -195,13 +209,18 @@ def run_flow(args: argparse.Namespace, *, command: list[str], prefix: str = _PRE
 
 def run(args: argparse.Namespace) -> int:
     """Segment every input; print the summary and one line per failed input; return the exit status."""
-    from equislide.commands._common import check_out_dir, usage_error
+    from equislide.commands._common import locked_run, usage_error
     from equislide.flows.cohort import summary_text
 
-    problem = check_args(args) or check_out_dir(Path(args.out))
+    problem = early_problem(args)
     if problem:
         return usage_error(_PREFIX, problem)
-    report = run_flow(args, command=["equislide", "segment", *sys.argv[2:]])
+    command = ["equislide", "segment", *sys.argv[2:]]
+    status, report = locked_run(
+        _PREFIX, args.out, command, lambda: run_flow(args, command=command), inputs=args.slides
+    )
+    if report is None:
+        return status
     print(summary_text(report))
     # Resolution warnings (--input-mpp contradicting the metadata, native pixels, ...) would
     # otherwise sit unseen in run.json.

@@ -45,7 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "(<slide>/<core>, each core stored whole as one tile), and write the tiles at the "
             "analysis resolution into one zarr v3 store per sample under --out. Finished samples "
             "are skipped on a rerun. Exit status 0 when every input succeeded, 1 when some failed "
-            "(the others are still written), 2 on a usage error."
+            "(the others are still written) or the run stopped on a fault, 2 on a usage error or when "
+            "another run holds DIR (DIR/.equislide.lock)."
         ),
     )
     p.add_argument(
@@ -296,11 +297,6 @@ def _run_dask(
 
 def run(args: argparse.Namespace) -> int:
     """Tile every input; print one line per failure; write the report; return the exit status."""
-    import json
-
-    from equislide import __version__
-    from equislide.storage import canonical_json, clean_partials
-
     if not (args.mpp > 0 and args.mpp < 1e6):
         return _usage_error(f"--mpp {args.mpp} must be a positive number of µm per pixel")
     if args.tile < 8:
@@ -312,13 +308,24 @@ def run(args: argparse.Namespace) -> int:
         return _usage_error(problem)
     if args.workers < 1:
         return _usage_error(f"--workers {args.workers} must be >= 1")
+    from equislide.commands._common import check_out_dir, locked_run
+
+    if problem := check_out_dir(args.out):
+        return _usage_error(problem)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        return _usage_error(f"--out {out} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        return _usage_error(f"--out {out}: cannot create the folder ({err.strerror})")
+    command = ["equislide", "tile", *sys.argv[2:]]
+    status, code = locked_run(
+        _PREFIX, str(out), command, lambda: _tile_all(args, out), inputs=args.slides, report=REPORT_NAME
+    )
+    return status if code is None else code
+
+
+def _tile_all(args: argparse.Namespace, out: Path) -> int:
+    """Tile every input into ``out`` (locked by the caller); the exit status."""
+    import json
+
+    from equislide import __version__
+    from equislide.storage import canonical_json, clean_partials
 
     try:
         budgets = BudgetSpec.parse(args.budget)

@@ -59,8 +59,9 @@ def test_good_plan_in_a_child_matches_in_process(tmp_path):
 
     path = tmp_path / "good.png"
     Image.fromarray(tissue_rgb(256, 256)).save(path)
-    a = run_within(60, "planning", plan_slide, path, tmp_path / "t", TilingSpec(tile=128, input_mpp=1.0), sample_id="good")
-    b = plan_slide(path, tmp_path / "t", TilingSpec(tile=128, input_mpp=1.0), sample_id="good")
+    spec = TilingSpec(tile=128, input_mpp=1.0)
+    a = run_within(60, "planning", plan_slide, path, tmp_path / "t", spec, sample_id="good")
+    b = plan_slide(path, tmp_path / "t", spec, sample_id="good")
     assert a.input_sha256 == b.input_sha256 and a.sample_ids == b.sample_ids
     assert [s.grid.n_tiles for s in a.todo] == [s.grid.n_tiles for s in b.todo]
 
