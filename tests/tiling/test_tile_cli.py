@@ -223,8 +223,10 @@ def test_hang_names_and_incremental_report(tmp_path: Path) -> None:
     d.mkdir()
     png = d / "good.png"
     Image.fromarray(tissue_rgb(256, 256)).save(png)
+    # The largest untiled TIFF the readers' limits still accept (2^28 px): its thumbnail decodes the
+    # whole level (about 10 s here), far over a 3 s planning budget.
     huge = d / "huge.tif"
-    huge.write_bytes(huge_untiled_tiff())
+    huge.write_bytes(huge_untiled_tiff(16384, 16383))
     odd = [
         os.fsdecode(os.fsencode(d) + b"/bad\xff\xfename.png"),
         str(d / "[bold red]rich[_] markup.png"),
@@ -248,7 +250,9 @@ def test_hang_names_and_incremental_report(tmp_path: Path) -> None:
         "--tile",
         "128",
         "--budget",
-        "plan=8",
+        "plan=3",
+        "--input-mpp",
+        "0.5",
     ]
     proc = subprocess.Popen([os.fsencode(a) for a in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen_partial = False
@@ -269,7 +273,7 @@ def test_hang_names_and_incremental_report(tmp_path: Path) -> None:
     assert seen_partial, "the report was not written before the hanging input finished"
     assert "Traceback" not in err
     failed = _failed_lines(err)
-    assert list(failed) == [str(huge)] and "time budget of 8 s" in failed[str(huge)]
+    assert list(failed) == [str(huge)] and "time budget of 3 s" in failed[str(huge)]
     report = json.loads((out / "tile_report.json").read_text(encoding="utf-8"))
     by_path = {r["path"]: r for r in report["inputs"]}
     assert report["summary"]["finished"] == len(inputs) == len(by_path)
