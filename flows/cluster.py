@@ -53,6 +53,10 @@ WORKER_PRE_SPAWN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
 
 
+#: Least time the temporary local Prefect server gets to start, s.
+EPHEMERAL_STARTUP_S = 90
+
+
 @contextlib.contextmanager
 def shared_prefect_api() -> Iterator[str | None]:
     """Run the block with ``PREFECT_API_URL`` set: the configured server, else one temporary local one.
@@ -73,7 +77,8 @@ def shared_prefect_api() -> Iterator[str | None]:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the process-wide instance Prefect's own clients would start
-    server.start(timeout=settings.server.ephemeral.startup_timeout_seconds)
+    # Prefect's 20 s default is too short on a loaded 2-core node (the demo timed out at load 10).
+    server.start(timeout=max(settings.server.ephemeral.startup_timeout_seconds, EPHEMERAL_STARTUP_S))
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield server.api_url
 

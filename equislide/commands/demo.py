@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     """Phantom -> cohort flow -> outputs, ARI and how to open the Prefect UI."""
     import time
 
-    from equislide.commands._common import check_out_dir, usage_error
+    from equislide.commands._common import check_out_dir, locked_run, usage_error
     from equislide.commands.segment import run_flow
     from equislide.evaluate import phantom_agreement
     from equislide.flows.cohort import summary_text
@@ -100,7 +100,16 @@ def run(args: argparse.Namespace) -> int:
         f"(BatchNorm recalibrated); cohort K-means k = {seg_args.clusters} on L2-normalised vectors "
         "(k = 4: the phantom's four tissue classes)"
     )
-    report = run_flow(seg_args, command=["equislide", "demo", *sys.argv[2:]], prefix=_PREFIX)
+    command = ["equislide", "demo", *sys.argv[2:]]
+    status, report = locked_run(
+        _PREFIX,
+        str(seg_args.out),
+        command,
+        lambda: run_flow(seg_args, command=command, prefix=_PREFIX),
+        inputs=[str(slide)],
+    )
+    if report is None:  # another run holds the folder, or an infrastructure fault (one line printed)
+        return status
     print(summary_text(report))
     agreement = phantom_agreement(report, slide.with_suffix(".json"))
     print(
