@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["one_line", "pack_path", "path_text", "printable", "unpack_path"]
+__all__ = [
+    "OneLineFormatter",
+    "one_line",
+    "one_line_console",
+    "pack_path",
+    "path_text",
+    "printable",
+    "unpack_path",
+]
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 #: Marks a packed path: the hex of its bytes, used only for names that are not UTF-8.
@@ -72,3 +80,45 @@ def unpack_path(text: str) -> str:
     except UnicodeDecodeError:  # only names that are not UTF-8 are ever packed
         return os.fsdecode(raw)
     return text
+
+
+class OneLineFormatter:
+    """A log formatter that writes a record on one line, without its traceback (that stays in the flow
+    run's log on the Prefect server and in ``run.json``'s ``error_detail``)."""
+
+    def __init__(self, inner):
+        import logging
+
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record) -> str:
+        import copy
+
+        plain = copy.copy(record)
+        plain.msg, plain.args = one_line(record.getMessage())[:400], ()
+        plain.exc_info = plain.exc_text = plain.stack_info = None
+        return self.inner.format(plain)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def one_line_console() -> list:
+    """Give every console handler of every logger a :class:`OneLineFormatter`; returns ``[(handler,
+    old formatter)]`` to undo it. Prefect and Dask log one fault with a traceback each (four for one
+    lost scheduler, measured), and a Dask worker logs its last heartbeat's failure with one when the
+    cluster closes; those would bury the CLI's own one-line error."""
+    import logging
+
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    changed = []
+    for lg in loggers:
+        for h in lg.handlers:
+            if type(h).__name__ in ("StreamHandler", "PrefectConsoleHandler") and not isinstance(
+                h.formatter, OneLineFormatter
+            ):
+                changed.append((h, h.formatter))
+                h.setFormatter(OneLineFormatter(h.formatter))
+    return changed

@@ -15,5 +15,7 @@ import equislide.models.extract  # noqa: F401
 import equislide.models.srenet  # noqa: F401
 import equislide.stages  # noqa: F401
 from equislide.stages.budget import warm
+from equislide.text import one_line_console
 
 warm()  # the forkserver of budgeted stage calls, started beside the worker rather than in its first task
+one_line_console()  # a worker's own console logs too: one line a record (tracebacks go to the server)

@@ -133,8 +133,8 @@ def render_overlay(
     canvas = Image.new("RGB", layout["canvas"], (255, 255, 255))
     canvas.paste(blended, layout["image_xy"])
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((layout["pad"], layout["pad"] // 2), title, fill=(0, 0, 0), font=font)
+    if layout["title"]:
+        draw.text((layout["pad"], layout["pad"] // 2), layout["title"], fill=(0, 0, 0), font=font)
     for (v, text), (x, y) in zip(items, layout["items"], strict=True):
         draw.rectangle([x, y, x + size - 1, y + size - 1], fill=label_color(v), outline=(0, 0, 0))
         draw.text(
@@ -175,10 +175,25 @@ def _legend_layout(w: int, h: int, items, title: str | None, size: int) -> dict:
         "items": spots,
     }
     best = min((right, below), key=lambda lay: (max(lay["canvas"]), lay["canvas"][0] * lay["canvas"][1]))
-    title_w = pad + (_text_width(title, size) if title else 0) + pad
-    best["canvas"] = (max(best["canvas"][0], title_w), best["canvas"][1])
+    # A long title (sample IDs run to 180 bytes) is cut to the picture's width, not the picture widened
+    # to it: a wider picture means larger text, which fed back into a font too large for FreeType.
+    best["title"] = _fit_text(title, size, best["canvas"][0] - 2 * pad) if title else None
     best["pad"] = pad
     return best
+
+
+def _fit_text(text: str, size: int, width: int) -> str:
+    """``text``, or its longest head that fits in ``width`` px with an ellipsis."""
+    if _text_width(text, size) <= width:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _text_width(text[:mid] + "…", size) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + "…"
 
 
 def _draw_scale_bar(canvas, xy: tuple[int, int], wh: tuple[int, int], px_um: float, size: int, font) -> None:

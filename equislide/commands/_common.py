@@ -202,47 +202,14 @@ def fault_line(err: BaseException) -> str:
 _CLUSTER_ERRORS = {"CommClosedError", "FutureCancelledError", "StreamClosedError", "CancelledError"}
 
 
-class _OneLine:
-    """A formatter that writes a record on one line, without its traceback (that stays in the flow run's
-    log on the Prefect server and in ``run.json``'s ``error_detail``)."""
-
-    def __init__(self, inner):
-        import logging
-
-        self.inner = inner or logging.Formatter()
-
-    def format(self, record) -> str:
-        import copy
-
-        from equislide.text import one_line
-
-        plain = copy.copy(record)
-        plain.msg, plain.args = one_line(record.getMessage())[:400], ()
-        plain.exc_info = plain.exc_text = plain.stack_info = None
-        return self.inner.format(plain)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 @contextlib.contextmanager
 def one_line_logs():
     """Console log handlers print one line per record for the block: a fault inside Prefect or Dask is
     logged by each of them with its traceback (four for one lost scheduler, measured), which buries the
     CLI's own one-line error."""
-    import logging
+    from equislide.text import one_line_console
 
-    loggers = [logging.getLogger()] + [
-        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
-    ]
-    changed = []
-    for lg in loggers:
-        for h in lg.handlers:
-            if type(h).__name__ in ("StreamHandler", "PrefectConsoleHandler") and not isinstance(
-                h.formatter, _OneLine
-            ):
-                changed.append((h, h.formatter))
-                h.setFormatter(_OneLine(h.formatter))
+    changed = one_line_console()
     try:
         yield
     finally:

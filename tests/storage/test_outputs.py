@@ -799,3 +799,15 @@ def test_real_slide_outputs_show_the_tissue_at_the_analysis_resolution(shared_da
 
     rgb, l_origin, down, warning = overlay_picture(store, meta)
     assert warning is None and l_origin == (0, 0) and down == 1 and rgb.shape == (593, 444, 3)
+
+
+def test_overlay_with_a_long_title_keeps_its_size() -> None:
+    """A 180-character sample ID once grew the picture, then the font, until FreeType refused it."""
+    from equislide.storage.overlay import render_overlay
+
+    img = np.full((64, 64, 3), 200, np.uint8)
+    lab = np.zeros((8, 8), np.uint8)
+    lab[2:5, 2:5] = 1
+    short = render_overlay(img, lab, title="core A1", pixel_size_um=2.0)
+    long = render_overlay(img, lab, title="x" * 180, pixel_size_um=2.0)
+    assert long.size == short.size
