@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         "(k = 4: the phantom's four tissue classes)"
     )
     command = ["equislide", "demo", *sys.argv[2:]]
+    Path(seg_args.out).mkdir(parents=True, exist_ok=True)  # the lock lives in it
     status, report = locked_run(
         _PREFIX,
         str(seg_args.out),
