@@ -158,9 +158,9 @@ CANVAS_MULTIPLE = 32
 
 def canvas_side(side: int) -> int:
     """Side of the white canvas that holds a ``side``-px square at every angle: at least its diagonal,
-    a multiple of :data:`CANVAS_MULTIPLE`, with the same margin on every side."""
-    out = CANVAS_MULTIPLE * math.ceil(side * math.sqrt(2) / CANVAS_MULTIPLE)
-    return out + CANVAS_MULTIPLE if (out - side) % 2 else out
+    a multiple of :data:`CANVAS_MULTIPLE`. The margins are equal when ``side`` is even, as every
+    stride-aligned square is (an odd one would sit a pixel off-centre, so 90 degrees is not exact)."""
+    return CANVAS_MULTIPLE * math.ceil(side * math.sqrt(2) / CANVAS_MULTIPLE)
 
 
 def _on_canvas(image: np.ndarray) -> tuple[np.ndarray, slice]:
