@@ -308,6 +308,10 @@ def run(args: argparse.Namespace) -> int:
         return _usage_error(problem)
     if args.workers < 1:
         return _usage_error(f"--workers {args.workers} must be >= 1")
+    try:
+        budgets = BudgetSpec.parse(args.budget)
+    except ValueError as err:
+        return _usage_error(f"--budget: {err}")
     from equislide.commands._common import check_out_dir, locked_run
 
     if problem := check_out_dir(args.out):
@@ -315,22 +319,22 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     command = ["equislide", "tile", *sys.argv[2:]]
     status, code = locked_run(
-        _PREFIX, str(out), command, lambda: _tile_all(args, out), inputs=args.slides, report=REPORT_NAME
+        _PREFIX,
+        str(out),
+        command,
+        lambda: _tile_all(args, out, budgets),
+        inputs=args.slides,
+        report=REPORT_NAME,
     )
     return status if code is None else code
 
 
-def _tile_all(args: argparse.Namespace, out: Path) -> int:
+def _tile_all(args: argparse.Namespace, out: Path, budgets: BudgetSpec) -> int:
     """Tile every input into ``out`` (locked by the caller); the exit status."""
     import json
 
     from equislide import __version__
     from equislide.storage import canonical_json, clean_partials
-
-    try:
-        budgets = BudgetSpec.parse(args.budget)
-    except ValueError as err:
-        return _usage_error(f"--budget: {err}")
 
     # The same file given twice is tiled once; different files with the same stem get unique IDs.
     unique: dict[Path, str] = {}
