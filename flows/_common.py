@@ -10,6 +10,7 @@ resumes from its own done-markers, and arrays are never pickled into Prefect's r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -42,7 +43,17 @@ from equislide.stages.consistency import (
     ConsistencySpec,
     sample_consistency,
 )
-from equislide.stages.inputs import assign_sample_ids, duplicate_inputs, failed_record, path_text, reason_of
+from equislide.stages.inputs import (
+    SETTLE_SECONDS,
+    InputsError,
+    ResolvedInputs,
+    assign_sample_ids,
+    duplicate_inputs,
+    failed_record,
+    path_text,
+    reason_of,
+    resolve_inputs,
+)
 from equislide.stages.tile import SampleResult, SlidePlan, plan_slide, write_sample
 from equislide.storage import (
     acquire_output_lock,
@@ -74,6 +85,7 @@ __all__ = [
     "plan_task",
     "release_lock",
     "report_task",
+    "resolve_stage",
     "run_flow",
     "set_progress_callback",
     "start_run",
@@ -286,6 +298,7 @@ class RunState:
         kmeans: The cohort model (after the K-means stage, ``fit="cohort"``).
         cluster: The cluster's description (workers, GPUs, scheduler), for the report.
         budgets: Seconds a stage call may take per input or sample (:class:`BudgetSpec`).
+        input_mpp: Per input, an mpp filling in missing metadata (a manifest's ``mpp`` column).
     """
 
     root: Path
@@ -301,6 +314,7 @@ class RunState:
     kmeans: KMeansRef | None = None
     cluster: dict[str, Any] = field(default_factory=dict)
     budgets: BudgetSpec = field(default_factory=BudgetSpec.from_env)
+    input_mpp: dict[str, float] = field(default_factory=dict)
 
     @property
     def tiles_root(self) -> Path:
@@ -404,17 +418,60 @@ def outcome(result: Any, failed: int, total: int, what: str = "inputs") -> Any:
     return Completed(message=f"{failed} of {total} {what} failed", name=PARTIAL_STATE_NAME, data=result)
 
 
-def start_run(inputs: list[str], out: str) -> RunState:
+def resolve_stage(
+    inputs: list[str] | None,
+    manifest_csv: str | None,
+    settle_seconds: float = SETTLE_SECONDS,
+    *,
+    force_mpp: float | None = None,
+) -> ResolvedInputs:
+    """This run's files from files, globs, folders and a manifest
+    (:func:`~equislide.stages.inputs.resolve_inputs`); logs how many were found and how many were left
+    for the next run because they are still arriving.
+
+    Raises:
+        InputsError: The manifest cannot be read, or gives mpp beside a forced one (one line).
+    """
+    resolved = resolve_inputs(list(inputs or []), manifest=manifest_csv, settle_seconds=settle_seconds)
+    if force_mpp is not None and resolved.input_mpp:
+        raise InputsError(
+            f"manifest {path_text(manifest_csv or '')}: its mpp column and force_mpp exclude each other "
+            "(the manifest's mpp fills in missing metadata; force_mpp overrides every input's)"
+        )
+    logger = get_run_logger()
+    for warning in resolved.warnings:
+        logger.warning(warning)
+    waiting = resolved.waiting
+    logger.info(
+        "%d inputs found, %d left for the next run (still arriving)%s",
+        len(resolved.paths) + len(resolved.failed),
+        len(waiting),
+        (": " + ", ".join(path_text(p) for p in waiting[:5]) + (" ..." if len(waiting) > 5 else ""))
+        if waiting
+        else "",
+    )
+    return resolved
+
+
+def start_run(inputs: list[str] | ResolvedInputs, out: str) -> RunState:
     """The run folder made and cleaned of a killed run's leftovers, every input's sample ID, and the
     cluster started (its first use: a local one starts here, timed as the ``cluster`` stage) and
-    described; warnings about its workers are logged."""
+    described; warnings about its workers are logged.
+
+    ``inputs``: files, or :func:`~equislide.stages.inputs.resolve_inputs`' answer (manifest sample IDs
+    and mpp per input; its bad manifest rows become failed inputs of the run).
+    """
+    resolved = inputs if isinstance(inputs, ResolvedInputs) else ResolvedInputs(paths=list(inputs))
     root = Path(unpack_path(str(out)))
     (root / "tiles").mkdir(parents=True, exist_ok=True)
     _lock_for_flow_run(root)
     clean_partials(root / "tiles")  # leftovers of a killed run; this run owns OUT
-    paths = list(dict.fromkeys(unpack_path(str(p)) for p in inputs))
-    ids, records = assign_sample_ids(paths)
-    state = RunState(root=root, paths=paths, ids=ids, records=records)
+    paths = list(dict.fromkeys(unpack_path(str(p)) for p in resolved.paths))
+    ids, records = assign_sample_ids(paths, resolved.sample_ids)
+    records.update(resolved.failed)
+    state = RunState(
+        root=root, paths=paths + list(resolved.failed), ids=ids, records=records, input_mpp=resolved.input_mpp
+    )
     with timed(state, "cluster"):
         state.cluster = cluster_description()
     state.workers = max(1, int(state.cluster.get("workers") or 1))
@@ -487,7 +544,10 @@ def tile_stage(state: RunState, spec: TilingSpec) -> None:
     written: dict[str, list[SampleResult]] = {p: [] for p in state.ids}
     pending: dict[Any, list[tuple[str, SamplePlan]]] = {}
     budgets = state.budgets
-    plan_futures = {plan_task.submit(p, tiles_root, state.ids[p], spec, budgets.plan): p for p in state.ids}
+    plan_futures = {
+        plan_task.submit(p, tiles_root, state.ids[p], _input_spec(state, p, spec), budgets.plan): p
+        for p in state.ids
+    }
     for fut in as_completed(list(plan_futures)):
         path = plan_futures[fut]
         reason = failure(fut)
@@ -522,6 +582,15 @@ def tile_stage(state: RunState, spec: TilingSpec) -> None:
         for r in results:
             state.samples[r.sample_id] = {"store": str(r.store), "input": path, "tiles": r.status}
             state.timings[r.sample_id] = {"tile_s": round(r.seconds, 3)}
+
+
+def _input_spec(state: RunState, path: str, spec: TilingSpec) -> TilingSpec:
+    """The tiling of one input: a manifest's mpp fills in missing metadata as ``input_mpp`` does (a
+    forced mpp still wins: the resolver refuses a manifest mpp beside one)."""
+    mpp = state.input_mpp.get(path)
+    if mpp is None or spec.force_mpp is not None:
+        return spec
+    return dataclasses.replace(spec, input_mpp=mpp)
 
 
 def weights_note(backbone: BackboneRef | None, weights: str | None) -> str:

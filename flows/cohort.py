@@ -75,6 +75,7 @@ from equislide.flows._common import (
     label_of,
     outcome,
     report_task,
+    resolve_stage,
     run_flow,
     set_progress_callback,
     start_run,
@@ -97,6 +98,7 @@ from equislide.stages.features import (
     DRAWS_DIR,
     store_features_and_draw,
 )
+from equislide.stages.inputs import SETTLE_SECONDS
 from equislide.stages.segment import segment_store, tma_slides, write_tma_geojson
 from equislide.storage import RunManifest, thumbnail_data_uri
 from equislide.text import one_line, path_text
@@ -301,9 +303,11 @@ def _segment_stage(state: RunState, layer: int, cluster: ClusterSpec, progress_i
     **LOCK_HOOKS,
 )
 def cohort_flow(
-    inputs: list[str],
+    inputs: list[str] | None,
     out: str,
     *,
+    manifest_csv: str | None = None,
+    settle_seconds: float = SETTLE_SECONDS,
     backbone: str = FeatureSpec.backbone,
     weights: str | None = None,
     layer: int = FeatureSpec.layer,
@@ -337,8 +341,14 @@ def cohort_flow(
     :class:`~equislide.specs.ClusterSpec`, whose defaults these are.
 
     Args:
-        inputs: Slide or image files.
+        inputs: Slide or image files, globs (``/data/inbox/**/*.svs``) or folders
+            (:func:`~equislide.stages.inputs.resolve_inputs`).
         out: Run folder: ``tiles/``, ``models/``, ``samples/`` and ``run.json``.
+        manifest_csv: A CSV of inputs: ``path`` (relative to the CSV), optional ``mpp`` (fills in
+            missing metadata, as ``input_mpp``) and ``sample_id``; a bad row fails alone, in one line.
+        settle_seconds: Files found by a glob, folder or manifest that were modified this recently, or
+            change over this long, are left for the next run (as are ``.part``/``.tmp`` names);
+            ``run.json`` counts them (``parameters.input_selection``).
         backbone: ``srenet18``, ``resnet18`` or ``e2cnn_resnet18``.
         weights: A checkpoint; None = seeded random weights, BatchNorm recalibrated on the cohort.
         layer: Feature stage 1-4.
@@ -393,7 +403,8 @@ def cohort_flow(
     )
     logger = get_run_logger()
     t_start = time.perf_counter()
-    state = start_run(inputs, out)
+    resolved = resolve_stage(inputs, manifest_csv, settle_seconds, force_mpp=force_mpp)
+    state = start_run(resolved, out)
     state.budgets = dataclasses.replace(BudgetSpec.from_env(), **(budgets or {}))
     progress_id = create_progress_artifact(0.0, key="equislide-progress", description="samples done / total")
 
@@ -416,6 +427,7 @@ def cohort_flow(
             _consistency_stage(state, rotations, cluster, device)
 
     manifest = _manifest(state, tiling, features, cluster, command)
+    manifest.parameters["input_selection"] = resolved.describe()
     if consistency:
         manifest.parameters["consistency"] = {
             "angles": list(rotations.angles),

@@ -43,6 +43,7 @@ from equislide.flows._common import (
     groups,
     label_of,
     outcome,
+    resolve_stage,
     run_flow,
     start_run,
     tile_stage,
@@ -50,6 +51,7 @@ from equislide.flows._common import (
 )
 from equislide.specs import ClusterSpec, FeatureSpec, TilingSpec
 from equislide.stages.consistency import ConsistencySpec, is_off90
+from equislide.stages.inputs import SETTLE_SECONDS
 from equislide.text import path_text
 
 __all__ = ["consistency_flow", "run_study", "study_text", "summarise_study"]
@@ -184,9 +186,11 @@ def study_report_task(out: str, docs: dict, first_sample: str | None) -> dict[st
     **LOCK_HOOKS,
 )
 def consistency_flow(
-    inputs: list[str],
+    inputs: list[str] | None,
     out: str,
     *,
+    manifest_csv: str | None = None,
+    settle_seconds: float = SETTLE_SECONDS,
     backbones: list[str] | None = None,
     weights: dict[str, str] | None = None,
     layers: list[int] | None = None,
@@ -209,8 +213,11 @@ def consistency_flow(
     """The rotation study; returns ``{"summary", "angles", "failed", "path"}``.
 
     Args:
-        inputs: Slide or image files (TMA slides are dearrayed; each core is a sample).
+        inputs: Slide or image files, globs or folders (TMA slides are dearrayed; each core is a sample).
         out: Study folder: ``tiles/``, ``models/``, ``consistency/``, the CSVs and pictures.
+        manifest_csv, settle_seconds: A manifest CSV of inputs, and the check that leaves files still
+            arriving for the next run (:func:`~equislide.stages.inputs.resolve_inputs`; as
+            :func:`~equislide.flows.cohort.cohort_flow`).
         backbones: Registered names (default ``srenet18``, ``resnet18``, ``e2cnn_resnet18``).
         weights: ``{backbone: checkpoint}``; others get seeded random weights (BatchNorm recalibrated).
         layers: Feature stages (default ``[4]``).
@@ -233,7 +240,8 @@ def consistency_flow(
     tiling = TilingSpec(mpp=mpp, tile=tile, halo=halo, input_mpp=input_mpp, tma=tma)
     spec = ConsistencySpec.steps(angles, regions=regions, region=region, seed=seed)
     cluster = ClusterSpec(k=clusters, fit="per-sample", per_sample=per_sample, seed=seed)
-    state: RunState = start_run(inputs, out)
+    resolved = resolve_stage(inputs, manifest_csv, settle_seconds)
+    state: RunState = start_run(resolved, out)
     logger.info("rotation study, backbones %s", names)
     with timed(state, "tile"):
         tile_stage(state, tiling)
@@ -294,6 +302,7 @@ def consistency_flow(
     report = study_report_task.submit(str(state.root), docs, first).result()
     report["failed"] = failed
     report["path"] = path_text(state.root)
+    report["input_selection"] = resolved.describe()
     report["timings"] = {k: round(v, 3) for k, v in state.stage_s.items()}
     report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
     _artifacts(report)

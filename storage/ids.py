@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from equislide.storage._errors import SampleIdError
@@ -92,26 +92,35 @@ def sample_store_path(root: str | Path, sample_id: str) -> Path:
     return Path(root).joinpath(*parts[:-1], parts[-1] + STORE_SUFFIX)
 
 
-def unique_sample_ids(paths: Iterable[str | Path]) -> dict[Path, str]:
+def unique_sample_ids(
+    paths: Iterable[str | Path], names: Mapping[str | Path, str] | None = None
+) -> dict[Path, str]:
     """Safe, unique sample IDs for input files, deterministic whatever the input order.
 
-    IDs come from the file stems (:func:`safe_sample_id`). Paths are sorted; the first of a clashing group
-    keeps the plain ID and the others get ``-2``, ``-3``, ... (skipping IDs that any file has as its own).
-    Clashes are case-insensitive (``casefold``) so stores stay distinct on case-insensitive file systems.
+    IDs come from the file stems (:func:`safe_sample_id`), or from ``names`` where it gives one (a
+    manifest's ``sample_id`` column, made safe the same way). Paths are sorted; given names claim their
+    ID first, then the first path of a clashing group keeps the plain ID and the others get ``-2``,
+    ``-3``, ... (skipping IDs that any file has as its own). Clashes are case-insensitive (``casefold``)
+    so stores stay distinct on case-insensitive file systems.
 
     Args:
         paths: Input files (duplicates of the same path count once).
+        names: ``{path: sample ID}`` for some of them; two paths given the same name clash like stems.
 
     Returns:
         ``{path: sample_id}`` in sorted path order.
+
+    Raises:
+        SampleIdError: A given name has nothing usable left once made safe.
     """
+    given = {Path(k): safe_sample_id(v) for k, v in (names or {}).items()}
     ordered = sorted({Path(p) for p in paths}, key=lambda p: (str(p).casefold(), str(p)))
-    bases = {p: safe_sample_id(p.stem if p.suffix else p.name) for p in ordered}
-    # First pass: the first path of each (case-insensitive) base keeps it, so a file whose own stem is
-    # "slide-2" is never pushed aside by a suffixed duplicate of "slide".
+    bases = {p: given.get(p) or safe_sample_id(p.stem if p.suffix else p.name) for p in ordered}
+    # First pass: given names, then the first path of each (case-insensitive) base keep it, so a file
+    # whose own stem is "slide-2" is never pushed aside by a suffixed duplicate of "slide".
     out: dict[Path, str] = {}
     taken: set[str] = set()
-    for path in ordered:
+    for path in sorted(ordered, key=lambda p: p not in given):  # stable: sorted order within each
         if bases[path].casefold() not in taken:
             taken.add(bases[path].casefold())
             out[path] = bases[path]

@@ -9,7 +9,9 @@ from pathlib import Path
 
 __all__ = [
     "MAX_CLUSTERS",
+    "add_input_arguments",
     "add_mpp_arguments",
+    "check_inputs",
     "check_clusters",
     "check_mpp_arguments",
     "check_out_dir",
@@ -54,6 +56,59 @@ def check_out_dir(out: Path | str) -> str | None:
         os.unlink(probe)
     except OSError as err:
         return f"--out {out}: the folder is not writable ({err.strerror})"
+    return None
+
+
+#: ``--settle-seconds`` default (:data:`equislide.stages.inputs.SETTLE_SECONDS`, not imported: the CLI
+#: starts fast).
+_SETTLE_SECONDS = 2.0
+
+
+def add_input_arguments(p) -> None:
+    """``SLIDE...`` (files, globs, folders), ``--manifest FILE.csv`` and ``--settle-seconds``."""
+    p.add_argument(
+        "slides",
+        nargs="*",
+        metavar="SLIDE",
+        help="slide or image files, globs (quoted, '**' recursive: '/data/inbox/**/*.svs') or folders "
+        "(every slide or image file under it)",
+    )
+    p.add_argument(
+        "--manifest",
+        default=None,
+        metavar="FILE.csv",
+        help="CSV of inputs with a header: path (relative to the CSV), optional mpp (fills in missing "
+        "metadata, as --input-mpp, per input) and sample_id; a bad row fails alone, naming the file and line",
+    )
+    p.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=_SETTLE_SECONDS,
+        metavar="S",
+        help="files found by a glob, folder or manifest that were modified in the last S seconds or change "
+        "over S seconds are left for the next run, as are .part/.partial/.tmp/.crdownload names "
+        f"(default {_SETTLE_SECONDS:g}; 0: no check). Files named directly are always taken",
+    )
+
+
+def check_inputs(args) -> str | None:
+    """The inputs' problem in words: none given, a bad settle time, or a manifest that cannot be read
+    (bad rows of a readable one fail alone, later); None when usable."""
+    slides, manifest = getattr(args, "slides", []), getattr(args, "manifest", None)
+    if not slides and manifest is None:
+        return "give SLIDE files, globs or folders, or --manifest FILE.csv"
+    settle = getattr(args, "settle_seconds", 0.0)
+    if not 0 <= settle <= 3600:
+        return f"--settle-seconds {settle:g} must be between 0 and 3600"
+    if manifest is not None:
+        from equislide.stages.inputs import InputsError, read_manifest
+
+        try:
+            read_manifest(manifest)
+        except InputsError as err:
+            return f"--manifest: {err}"
+        if getattr(args, "force_mpp", None) is not None and any(r.mpp for r in read_manifest(manifest)[0]):
+            return "--force-mpp and a manifest mpp column exclude each other (the manifest's mpp fills in)"
     return None
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from equislide.commands._common import add_input_arguments
 from equislide.specs import BACKBONE_ALIASES, ClusterSpec, TilingSpec
 
 _PREFIX = "equislide consistency"
@@ -37,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "another run holds DIR (DIR/.equislide.lock)."
         ),
     )
-    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide or image files")
+    add_input_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="study folder")
     p.add_argument(
         "--backbones",
@@ -124,6 +125,8 @@ def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
         "seed": args.seed,
         "model_kwargs": {"width": args.width} if args.width else None,
         "annotations": args.annotations,
+        "manifest_csv": args.manifest,
+        "settle_seconds": args.settle_seconds,
     }, None
 
 
@@ -131,10 +134,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the study; print its table and one line per failure; return the exit status."""
     import logging
 
-    from equislide.commands._common import check_out_dir, locked_run, usage_error
+    from equislide.commands._common import check_inputs, check_out_dir, locked_run, usage_error
 
     options, problem = _options(args)
-    problem = problem or check_out_dir(args.out)
+    problem = problem or check_inputs(args) or check_out_dir(args.out)
     if problem:
         return usage_error(_PREFIX, problem)
     logging.getLogger("distributed").setLevel(logging.WARNING)

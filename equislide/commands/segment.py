@@ -1,4 +1,5 @@
-"""``equislide segment SLIDE... --out DIR``: the cohort flow (tile, features, K-means, outputs, report).
+"""``equislide segment SLIDE... | --manifest FILE.csv --out DIR``: the cohort flow (tile, features,
+K-means, outputs, report).
 
 Runs :func:`equislide.flows.cohort.cohort_flow` on a Dask cluster (a local one sized to the machine, or
 ``--scheduler`` / ``EQUISLIDE_SCHEDULER``) under Prefect (the ephemeral local server, or the one
@@ -13,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from equislide.commands._common import add_mpp_arguments, check_mpp_arguments
+from equislide.commands._common import add_input_arguments, add_mpp_arguments, check_mpp_arguments
 from equislide.specs import BACKBONE_ALIASES, ClusterSpec, FeatureSpec, TilingSpec
 from equislide.stages.budget import BudgetSpec
 from equislide.text import printable
@@ -39,10 +40,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "names, else to one temporary local server (flow and workers alike). Exit status 0 when "
             "every input succeeded, 1 when some failed or the run stopped on a fault (a lost cluster, a full "
             "disk: one line, recorded in DIR/run.json), 2 on a usage error or when another run holds DIR "
-            "(DIR/.equislide.lock). --out, --weights, --seed and --clusters are checked before any work."
+            "(DIR/.equislide.lock). --out, --weights, --seed and --clusters are checked before any work. "
+            "Inputs may be globs, folders or a --manifest CSV: a scheduled run over an inbox takes the "
+            "slides that arrived since the last one, skips finished ones, and leaves slides still being "
+            "copied for the next run (DIR/run.json: parameters.input_selection)."
         ),
     )
-    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide or image files")
+    add_input_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="run folder")
     p.add_argument(
         "--weights",
@@ -147,10 +151,11 @@ def check_args(args: argparse.Namespace) -> str | None:
 
 def early_problem(args: argparse.Namespace) -> str | None:
     """Everything checkable before any work: the options, the checkpoint's header, the run folder."""
-    from equislide.commands._common import check_out_dir, check_weights
+    from equislide.commands._common import check_inputs, check_out_dir, check_weights
 
     return (
         check_args(args)
+        or check_inputs(args)
         or (args.weights is not None and check_weights(args.weights, BACKBONE_ALIASES[args.backbone]))
         or check_out_dir(args.out)
         or None
@@ -190,6 +195,11 @@ def run_flow(args: argparse.Namespace, *, command: list[str], prefix: str = _PRE
         "budgets": BudgetSpec.parse(getattr(args, "budget", None)).to_dict(),
         "command": [printable(a) for a in command],
     }
+    # demo builds its own arguments without these: the flow's defaults then.
+    if getattr(args, "manifest", None) is not None:
+        options["manifest_csv"] = args.manifest
+    if hasattr(args, "settle_seconds"):
+        options["settle_seconds"] = args.settle_seconds
     with progress_bar() as bar:
         rows = {}
 
@@ -222,6 +232,10 @@ def run(args: argparse.Namespace) -> int:
     if report is None:
         return status
     print(summary_text(report))
+    waiting = report.get("parameters", {}).get("input_selection", {}).get("waiting", [])
+    if waiting:
+        shown = ", ".join(waiting)
+        print(f"{_PREFIX}: {len(waiting)} inputs left for the next run (still arriving): {shown}")
     # Resolution warnings (--input-mpp contradicting the metadata, native pixels, ...) would
     # otherwise sit unseen in run.json.
     for record in report.get("parameters", {}).get("input_records", []):
