@@ -26,6 +26,7 @@ from equislide.text import one_line, path_text, unpack_path
 __all__ = [
     "FOLDER_SUFFIXES",
     "SETTLE_SECONDS",
+    "SETTLE_WAIT_MAX",
     "TEMP_SUFFIXES",
     "InputsError",
     "ManifestRow",
@@ -50,6 +51,9 @@ FOLDER_SUFFIXES = (
 #: Default settle check: a found file modified this recently, or whose size or mtime changes over this
 #: long, is still arriving. Small: a copy in progress touches its file every few milliseconds.
 SETTLE_SECONDS = 2.0
+#: The longest wait of the size/mtime check: a longer settle time widens only the mtime window, so an
+#: hourly run with a settle time of minutes does not sleep for them.
+SETTLE_WAIT_MAX = 10.0
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -307,10 +311,10 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[list[ManifestRow], dict
     return rows, failed
 
 
-def _unsettled(paths: list[str], settle_seconds: float, sleep=time.sleep) -> set[str]:
+def _unsettled(paths: list[str], settle_seconds: float) -> set[str]:
     """Files still arriving: modified within ``settle_seconds``, or whose size or mtime changes across a
-    wait of ``settle_seconds`` (the wait catches a writer whose clock is behind ours: a network file
-    system stamps mtimes with the server's clock)."""
+    wait of ``settle_seconds`` (at most :data:`SETTLE_WAIT_MAX`; the wait catches a writer whose clock is
+    behind ours: a network file system stamps mtimes with the server's clock)."""
     if settle_seconds <= 0 or not paths:
         return set()
 
@@ -326,7 +330,7 @@ def _unsettled(paths: list[str], settle_seconds: float, sleep=time.sleep) -> set
 
     before, t0 = stats(), time.time()
     recent = {p for p, s in before.items() if s is not None and s[1] / 1e9 > t0 - settle_seconds}
-    sleep(settle_seconds)
+    time.sleep(min(settle_seconds, SETTLE_WAIT_MAX))
     after = stats()
     return recent | {p for p in paths if before[p] != after[p] and before[p] is not None}
 
@@ -342,7 +346,8 @@ def resolve_inputs(
     A file named directly is always taken (a missing one fails later as an input, with its reason). Files
     a glob, a folder or the manifest yields are left for the next run while they arrive: a name ending
     in one of :data:`TEMP_SUFFIXES` (``slide.svs.part`` beside a ``*.svs`` glob counts), or modified in the
-    last ``settle_seconds`` / changing across a wait that long (``0``: no check, no wait). Each file is
+    last ``settle_seconds`` / changing across a wait that long (at most :data:`SETTLE_WAIT_MAX`; ``0``: no
+    check, no wait). Each file is
     taken once, in the order given.
 
     Args:
