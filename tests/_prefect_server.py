@@ -7,7 +7,7 @@ server's uvicorn, a worker's flow-run processes) and the test's own Prefect sett
 Client calls from the test process go through ``prefect.settings.temporary_settings(PREFECT_API_URL=...)``.
 
     with local_prefect_server(tmp_path) as server:
-        server.start("worker", ["prefect", "worker", "start", "--pool", "p"])
+        server.start("worker", [*PREFECT, "worker", "start", "--pool", "p"])
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from pathlib import Path
 
 __all__ = ["LocalPrefectServer", "free_port", "local_prefect_server", "prefect_env"]
 
-#: The environment's own ``prefect`` (the ``bin`` beside this interpreter), not one on ``PATH``.
-PREFECT = str(Path(sys.executable).with_name("prefect"))
+#: This interpreter's ``prefect``: neither one on ``PATH`` nor the ``bin/prefect`` script, whose shebang
+#: may name another environment's Python (a copied virtual environment) and so import other code.
+PREFECT = [sys.executable, "-m", "prefect"]
 
 
 def free_port() -> int:
@@ -107,6 +108,17 @@ class LocalPrefectServer:
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL it when the test process dies without its finalizers
+    (``kill`` of pytest), so no server outlives a killed test run; elsewhere nothing."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM to the process group, SIGKILL to what is left after ``grace`` seconds."""
     if proc.poll() is not None:
@@ -137,7 +149,7 @@ def local_prefect_server(
     server = LocalPrefectServer(api_url=f"http://127.0.0.1:{port}/api", home=home, logs=logs)
     try:
         proc = server.start(
-            "server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env
+            "server", [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env
         )
         deadline = time.monotonic() + timeout
         while True:

@@ -140,3 +140,27 @@ def test_a_bad_option_costs_no_cluster_or_server(slide, tmp_path):
     seconds = time.perf_counter() - t0
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert seconds < 20, seconds
+
+
+@pytest.mark.parametrize("command", ["segment", "consistency"])
+def test_inputs_are_checked_before_any_work(command, slide, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main([command, "--out", str(out)]) == 2
+    assert "give SLIDE files, globs or folders, or --manifest FILE.csv" in _one_error_line(capsys, command)
+    bad = tmp_path / "cohort.csv"
+    bad.write_text("file,mpp\nslide.png,0.5\n")
+    assert main([command, "--manifest", str(bad), "--out", str(out)]) == 2
+    line = _one_error_line(capsys, command)
+    assert f"--manifest: manifest {bad}: no 'path' column" in line, line
+    assert main([command, "--manifest", str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
+    assert "No such file" in _one_error_line(capsys, command)
+    assert main([command, str(slide), "--settle-seconds", "-1", "--out", str(out)]) == 2
+    assert "--settle-seconds -1 must be between 0 and 3600" in _one_error_line(capsys, command)
+    assert not (out / "run.json").exists()
+
+
+def test_manifest_mpp_and_force_mpp_exclude_each_other(slide, capsys, tmp_path):
+    csv = tmp_path / "cohort.csv"
+    csv.write_text(f"path,mpp\n{slide},0.5\n")
+    assert main(["segment", "--manifest", str(csv), "--force-mpp", "0.5", "--out", str(tmp_path / "o")]) == 2
+    assert "--force-mpp and a manifest mpp column exclude each other" in _one_error_line(capsys, "segment")
