@@ -43,7 +43,7 @@ def test_manifest_mpp_and_sample_ids_reach_the_run(prefect_harness, tmp_path):
         "cohort.csv line 4": "failed",
     }
     meta = read_sample_meta(report["samples"]["Patient_7"]["outputs"]["tiles"])
-    assert meta["mpp_source"] == "input_mpp" and meta["mpp"] == pytest.approx([2.0, 2.0]), meta
+    assert meta["mpp_source"] == "input_mpp" and meta["source_mpp_xy"] == pytest.approx([2.0, 2.0]), meta
     failed = {i["path"]: i["reason"] for i in report["inputs"] if i["status"] == "failed"}
     assert failed == {
         f"{csv} line 3": f"{csv} line 3: slides/no-mpp.png is already listed on line 2",
