@@ -388,7 +388,9 @@ def resolve_inputs(
             if row.sample_id is not None:
                 res.sample_ids[row.path] = row.sample_id
     found = list(dict.fromkeys(found))
-    late = _unsettled([p for p in found if p not in direct], settle_seconds)
+    found_by_name = [p for p in found if p not in direct]  # from a glob, folder or the manifest
+    late = {p for p in found_by_name if p.lower().endswith(TEMP_SUFFIXES)}
+    late |= _unsettled([p for p in found_by_name if p not in late], settle_seconds)
     res.paths = [p for p in found if p not in late]
     res.waiting = list(dict.fromkeys(res.waiting + [p for p in found if p in late]))
     for p in late:

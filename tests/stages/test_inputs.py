@@ -29,6 +29,10 @@ def test_recursive_glob_and_folder_leave_temporary_names_for_later(tmp_path):
     folder = resolve_inputs([str(tmp_path / "inbox")], settle_seconds=0)
     assert folder.paths == [a, b] and folder.waiting == [part]  # .txt and hidden files are not slides
     assert folder.describe()["left_for_later"] == 1 and folder.describe()["found"] == 2
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"path\n{a}\n{part}\n")  # a manifest written before the copy finished
+    listed = resolve_inputs([], manifest=csv, settle_seconds=0)
+    assert listed.paths == [a] and listed.waiting == [part]
 
 
 def test_files_being_written_are_left_for_the_next_run(tmp_path):
