@@ -697,14 +697,8 @@ def store_consistency(
         "icc_feature": float(np.nanmean([r["icc_feature"] for r in regions])) if regions else None,
         "annotation": _pooled_annotation(regions),
         "regions": regions,
-        "spec": {
-            "angles": list(spec.angles),
-            "regions": spec.regions,
-            "region": spec.region,
-            "track": spec.track,
-            "seed": spec.seed,
-            "canvas": spec.canvas,
-        },
+        "spec": {"angles": list(spec.angles), "regions": spec.regions, "region": spec.region,
+                 "track": spec.track, "seed": spec.seed, "canvas": spec.canvas},
         "seconds": round(time.perf_counter() - t0, 3),
     }
     atomic_write_json(path, doc)
