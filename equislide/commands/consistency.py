@@ -142,6 +142,12 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         return usage_error(_PREFIX, problem)
     apply_tls(args)
+    if args.scheduler:
+        from equislide.flows.cluster import scheduler_problem
+
+        if problem := scheduler_problem(args.scheduler):
+            print(f"{_PREFIX}: error: {problem}", file=sys.stderr)
+            return 1
     logging.getLogger("distributed").setLevel(logging.WARNING)
     from equislide.flows.consistency import run_study, study_text
 

@@ -223,6 +223,12 @@ def run(args: argparse.Namespace) -> int:
     from equislide.commands._tls import apply_tls
 
     apply_tls(args)
+    if args.scheduler:
+        from equislide.flows.cluster import scheduler_problem
+
+        if problem := scheduler_problem(args.scheduler):
+            print(f"{_PREFIX}: error: {problem}", file=sys.stderr)
+            return 1
     command = ["equislide", "segment", *sys.argv[2:]]
     status, report = locked_run(
         _PREFIX, args.out, command, lambda: run_flow(args, command=command), inputs=args.slides

@@ -223,11 +223,11 @@ def test_segment_through_tls_and_clients_without_the_certificate_refused(
     assert impostor.returncode == 1, impostor.stderr[-3000:]
     assert "Traceback" not in impostor.stderr, impostor.stderr[-3000:]
     errors = [line for line in impostor.stderr.splitlines() if line.startswith("equislide segment: error:")]
-    assert len(errors) == 1, impostor.stderr[-3000:]
+    assert len(errors) == 1 and "do not trust each other's TLS certificates" in errors[0], impostor.stderr
     took = time.monotonic() - start
-    assert took < 180, f"the refusal took {took:.0f} s"
+    assert took < 60, f"the refusal took {took:.0f} s"
     print(f"impostor refused in {took:.1f} s: {errors[0]}")
-    assert not (tmp_path / "impostor" / "samples").exists()
+    assert not (tmp_path / "impostor").exists() or not any((tmp_path / "impostor").iterdir())
 
     # The cluster's certificate: the cohort runs on the TLS cluster's worker.
     out = tmp_path / "run"
