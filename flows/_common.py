@@ -62,6 +62,7 @@ from equislide.storage import (
     sample_store_path,
     write_manifest,
 )
+from equislide.storage.confine import check_output_tree
 from equislide.text import pack_path, unpack_path
 from equislide.tiling import SamplePlan, SlideError
 
@@ -463,6 +464,8 @@ def start_run(inputs: list[str] | ResolvedInputs, out: str) -> RunState:
     """
     resolved = inputs if isinstance(inputs, ResolvedInputs) else ResolvedInputs(paths=list(inputs))
     root = Path(unpack_path(str(out)))
+    # Before anything below OUT is written or cleaned (a deployed run skips the CLI's check).
+    check_output_tree(root)
     (root / "tiles").mkdir(parents=True, exist_ok=True)
     _lock_for_flow_run(root)
     clean_partials(root / "tiles")  # leftovers of a killed run; this run owns OUT

@@ -8,6 +8,13 @@ clusters here start their workers with ``MALLOC_MMAP_THRESHOLD_`` at glibc's own
 (32 MiB), which restores the plain-process speed and keeps Dask's trimming; :func:`worker_warnings`
 tells when the workers of an existing cluster lack it.
 
+Why the addresses matter: everything equislide starts itself listens on loopback only. A local cluster
+is private to one run, so its scheduler, workers, nannies and HTTP endpoints bind ``127.0.0.1``
+(:data:`LOCAL_HOST`); the temporary Prefect server is Prefect's own and binds ``127.0.0.1`` too. Only
+the scheduler's dashboard can be moved, deliberately: ``EQUISLIDE_DASHBOARD=0.0.0.0:8787``. Servers
+meant to be reached from elsewhere (a shared scheduler, ``prefect server start``) are started by
+``deploy/``, with TLS and API auth.
+
 Why the API matters: with no ``PREFECT_API_URL`` Prefect starts a temporary server *per process* on
 first use. The flow's settings travel with every task to the Dask workers, and in that mode they hold
 no URL, so each worker process would start its own uvicorn server on the same SQLite database: about
@@ -29,6 +36,8 @@ from prefect.context import FlowRunContext
 from prefect_dask import DaskTaskRunner
 
 __all__ = [
+    "DASHBOARD_ENV",
+    "LOCAL_HOST",
     "PRELOAD",
     "dask_client",
     "local_cluster_spec",
@@ -39,6 +48,7 @@ __all__ = [
     "cluster_description",
     "gpu_workers",
     "make_task_runner",
+    "scheduler_problem",
     "shared_prefect_api",
     "worker_environment",
     "worker_warnings",
@@ -50,6 +60,10 @@ SCHEDULER_ENV = "EQUISLIDE_SCHEDULER"
 PRELOAD = "equislide.flows._preload"
 #: Environment of every local worker process from its start (Dask's nanny "pre-spawn" environment).
 WORKER_PRE_SPAWN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+#: Interface every server of a local cluster binds.
+LOCAL_HOST = "127.0.0.1"
+#: Environment variable: where a local cluster serves its Dask dashboard (default: nowhere but loopback).
+DASHBOARD_ENV = "EQUISLIDE_DASHBOARD"
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
 
 
@@ -198,7 +212,17 @@ def local_cluster_spec(workers: int | None = None) -> tuple[str, dict[str, Any]]
         n_gpus = int(get_n_gpus())
     except Exception:  # dask-cuda missing, or no NVIDIA driver
         n_gpus = 0
-    common = {"dashboard_address": None, "silence_logs": logging.ERROR, "preload": [PRELOAD]}
+    # The scheduler serves HTTP (health, metrics) even without the dashboard, on 8787 of ``host`` unless
+    # told otherwise: a random loopback port keeps it private and off other runs' 8787.
+    dashboard = os.environ.get(DASHBOARD_ENV) or None
+    common = {
+        "host": LOCAL_HOST,
+        "dashboard_address": dashboard or f"{LOCAL_HOST}:0",
+        "silence_logs": logging.ERROR,
+        "preload": [PRELOAD],
+    }
+    if not dashboard:
+        common["scheduler_kwargs"] = {"dashboard": False}
     if n_gpus:
         kwargs = {**common, "resources": {"GPU": 1}}
         if workers:
@@ -206,6 +230,35 @@ def local_cluster_spec(workers: int | None = None) -> tuple[str, dict[str, Any]]
         return "dask_cuda.LocalCUDACluster", kwargs
     n = workers or os.cpu_count() or 1
     return "distributed.LocalCluster", {**common, "n_workers": n, "threads_per_worker": 1, "processes": True}
+
+
+def scheduler_problem(address: str, *, timeout: float = 10.0) -> str | None:
+    """Why this process cannot use the Dask scheduler at ``address``, in one line; None when it answers.
+
+    Checked before a flow (and its Prefect server) starts: a scheduler that refuses this client's TLS
+    certificate does so in 0.1 s, where the flow took 77 s on 2 cores to fail on it as "the Dask
+    cluster was lost (StreamClosedError)". Uses the Dask TLS configuration, as the run will.
+    """
+    from distributed import Client
+
+    from equislide.text import one_line
+
+    try:
+        with Client(address, timeout=timeout, set_as_default=False):
+            return None
+    except Exception as err:  # noqa: BLE001 - every way of failing ends the same: one line, no run
+        chain, seen = [], err
+        while seen is not None and len(chain) < 8:
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        if address.startswith("tls://") and any("SSL" in type(e).__name__ for e in chain):
+            cause = next(e for e in chain if "SSL" in type(e).__name__)
+            return (
+                f"the Dask scheduler {address} and this client do not trust each other's TLS certificates "
+                f"({type(cause).__name__}: {one_line(cause)[:160]}); give --tls-ca-file, --tls-cert and "
+                "--tls-key from the cluster's CA"
+            )
+        return f"cannot reach the Dask scheduler {address} ({type(err).__name__}: {one_line(err)[:200]})"
 
 
 def make_task_runner(*, scheduler: str | None = None, workers: int | None = None) -> DaskTaskRunner:

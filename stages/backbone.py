@@ -86,7 +86,9 @@ def calibrated_backbone(
         "calibration": [{**store_identity(s), "tile": int(i)} for s, i in picks],
     }
     key = params_hash(provenance)[:16]
-    path = Path(out_dir) / f"backbone-{key}.safetensors"
+    from equislide.storage.confine import confined
+
+    path = confined(out_dir, Path(out_dir) / f"backbone-{key}.safetensors")
 
     def ref(status: str) -> BackboneRef:
         return BackboneRef(

@@ -82,7 +82,9 @@ def fit_cohort_stores(
         raise ValueError("no sample with features to fit K-means on")
     identity = cohort_identity(stores, layer=layer, spec=spec)
     key = params_hash(identity)[:16]
-    path = Path(out_dir) / f"kmeans-cohort-{key}.safetensors"
+    from equislide.storage.confine import confined
+
+    path = confined(out_dir, Path(out_dir) / f"kmeans-cohort-{key}.safetensors")
     if path.with_suffix(".json").is_file() and _kmeans_intact(path):
         doc = read_json(path.with_suffix(".json")) or {}
         return KMeansRef(

@@ -625,7 +625,9 @@ def store_consistency(
     cluster = cluster or ClusterSpec(fit="per-sample")
     t0 = time.perf_counter()
     meta = read_sample_meta(store)
-    base = Path(out_dir) / f"{meta['sample_id']}{name or ''}"
+    from equislide.storage.confine import confined
+
+    base = confined(out_dir, Path(out_dir) / f"{meta['sample_id']}{name or ''}")
     path = base.with_name(base.name + CONSISTENCY_SUFFIX)
     identity = {
         "annotation": None if annotation is None else sha256_file(annotation),

@@ -180,7 +180,9 @@ def draw_store_vectors(
             "seed": int(spec.seed),
         }
     )[:24]
-    path = Path(out_dir) / f"draw-{key}.npy"
+    from equislide.storage.confine import confined
+
+    path = confined(out_dir, Path(out_dir) / f"draw-{key}.npy")
     if _draw_intact(path):
         return {"path": str(path), "status": "skipped", "n_vectors": None}
     sampler = StratifiedSampler(spec.per_sample, seed=spec.seed)

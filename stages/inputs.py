@@ -115,7 +115,9 @@ def reason_of(err: BaseException) -> str:
 
     if isinstance(err, SlideError):
         return one_line(err.reason + (f" ({err.detail})" if err.detail else ""))
-    if isinstance(err, (BudgetExceeded, ChildFailed)):
+    from equislide.storage.confine import OutsideOutputError
+
+    if isinstance(err, (BudgetExceeded, ChildFailed, OutsideOutputError)):
         return one_line(err)
     if isinstance(err, OSError) and err.errno in _DISK_FULL:
         where = err.filename or "the output"

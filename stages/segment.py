@@ -268,8 +268,10 @@ def segment_store(
     t0 = time.perf_counter()
     meta = read_sample_meta(store)
     sample_id = meta["sample_id"]
+    from equislide.storage.confine import confined
+
     out_dir = Path(out_dir)
-    base = out_dir / sample_id
+    base = confined(out_dir, out_dir / sample_id)  # the ID comes from the store's metadata
     marker_path = base.with_name(base.name + SEGMENT_MARKER_SUFFIX)
     fmeta = read_features_meta(store, layer)
     stride = int(fmeta["stride"])

@@ -37,6 +37,7 @@ import numpy as np
 
 from equislide.files import publish_dir
 from equislide.storage._errors import IncompleteSampleError, StoreLayoutError
+from equislide.storage.confine import confined
 from equislide.storage.hashing import canonical_json, params_hash
 from equislide.storage.tile_store import (
     DONE_MARKER,
@@ -251,7 +252,8 @@ def open_features_for_write(
 
     import zarr
 
-    folder = store_path / "features"
+    # Written into the existing tile store: a symlink planted inside it must not lead elsewhere.
+    folder = confined(store_path, store_path / "features")
     for stale in _stale(folder, name):
         shutil.rmtree(stale, ignore_errors=True)
     root = zarr.open_group(zarr.storage.LocalStore(store_path), mode="r+")

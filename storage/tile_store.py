@@ -47,6 +47,7 @@ import numpy as np
 
 from equislide.files import publish_dir
 from equislide.storage._errors import IncompleteSampleError, StoreLayoutError
+from equislide.storage.confine import confined
 from equislide.storage.hashing import canonical_json, params_hash
 from equislide.storage.ids import STORE_SUFFIX, sample_store_path
 
@@ -345,7 +346,7 @@ def open_sample_for_write(
     """
     import zarr
 
-    final = sample_store_path(root, sample_id)
+    final = confined(root, sample_store_path(root, sample_id))
     if n_tiles < 0 or tile <= 0 or halo < 0 or shard_tiles <= 0:
         raise ValueError(
             f"need n_tiles >= 0, tile > 0, halo >= 0, shard_tiles > 0; got {n_tiles}, {tile}, {halo}, "

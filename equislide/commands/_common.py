@@ -56,6 +56,12 @@ def check_out_dir(out: Path | str) -> str | None:
         os.unlink(probe)
     except OSError as err:
         return f"--out {out}: the folder is not writable ({err.strerror})"
+    from equislide.storage.confine import OutsideOutputError, check_output_tree
+
+    try:
+        check_output_tree(out)
+    except OutsideOutputError as err:
+        return f"--out {out}: {err}"
     return None
 
 

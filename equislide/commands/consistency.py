@@ -75,6 +75,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler", default=os.environ.get(SCHEDULER_ENV), metavar="ADDR", help="existing Dask scheduler"
     )
+    from equislide.commands._tls import add_tls_arguments
+
+    add_tls_arguments(p)
     p.add_argument("--workers", type=int, default=None, help="local Dask workers (default: CPU cores)")
     return p
 
@@ -135,11 +138,19 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from equislide.commands._common import check_inputs, check_out_dir, locked_run, usage_error
+    from equislide.commands._tls import apply_tls, tls_problem
 
     options, problem = _options(args)
-    problem = problem or check_inputs(args) or check_out_dir(args.out)
+    problem = problem or check_inputs(args) or tls_problem(args) or check_out_dir(args.out)
     if problem:
         return usage_error(_PREFIX, problem)
+    apply_tls(args)
+    if args.scheduler:
+        from equislide.flows.cluster import scheduler_problem
+
+        if problem := scheduler_problem(args.scheduler):
+            print(f"{_PREFIX}: error: {problem}", file=sys.stderr)
+            return 1
     logging.getLogger("distributed").setLevel(logging.WARNING)
     from equislide.flows.consistency import run_study, study_text
 

@@ -88,8 +88,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--scheduler",
         default=os.environ.get(SCHEDULER_ENV),
         metavar="ADDR",
-        help=f"existing Dask scheduler, e.g. tcp://host:8786 (default: ${SCHEDULER_ENV})",
+        help=f"existing Dask scheduler, e.g. tcp://host:8786 or tls://host:8786 (default: ${SCHEDULER_ENV})",
     )
+    from equislide.commands._tls import add_tls_arguments
+
+    add_tls_arguments(p)
     p.add_argument("--workers", type=int, default=None, help="local Dask workers (default: CPU cores)")
     p.add_argument(
         "--consistency",
@@ -152,10 +155,12 @@ def check_args(args: argparse.Namespace) -> str | None:
 def early_problem(args: argparse.Namespace) -> str | None:
     """Everything checkable before any work: the options, the checkpoint's header, the run folder."""
     from equislide.commands._common import check_inputs, check_out_dir, check_weights
+    from equislide.commands._tls import tls_problem
 
     return (
         check_args(args)
         or check_inputs(args)
+        or tls_problem(args)
         or (args.weights is not None and check_weights(args.weights, BACKBONE_ALIASES[args.backbone]))
         or check_out_dir(args.out)
         or None
@@ -225,6 +230,15 @@ def run(args: argparse.Namespace) -> int:
     problem = early_problem(args)
     if problem:
         return usage_error(_PREFIX, problem)
+    from equislide.commands._tls import apply_tls
+
+    apply_tls(args)
+    if args.scheduler:
+        from equislide.flows.cluster import scheduler_problem
+
+        if problem := scheduler_problem(args.scheduler):
+            print(f"{_PREFIX}: error: {problem}", file=sys.stderr)
+            return 1
     command = ["equislide", "segment", *sys.argv[2:]]
     status, report = locked_run(
         _PREFIX, args.out, command, lambda: run_flow(args, command=command), inputs=args.slides

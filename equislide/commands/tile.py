@@ -88,8 +88,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--scheduler",
         default=os.environ.get(SCHEDULER_ENV),
         metavar="ADDR",
-        help=f"address of an existing Dask scheduler, e.g. tcp://host:8786 (default: ${SCHEDULER_ENV})",
+        help=f"address of an existing Dask scheduler, e.g. tcp://host:8786 or tls://host:8786 "
+        f"(default: ${SCHEDULER_ENV})",
     )
+    from equislide.commands._tls import add_tls_arguments
+
+    add_tls_arguments(p)
     add_budget_option(p)
     return p
 
@@ -313,9 +317,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _usage_error(f"--budget: {err}")
     from equislide.commands._common import check_out_dir, locked_run
+    from equislide.commands._tls import apply_tls, tls_problem
 
-    if problem := check_out_dir(args.out):
+    if problem := tls_problem(args) or check_out_dir(args.out):
         return _usage_error(problem)
+    apply_tls(args)
     out = Path(args.out)
     command = ["equislide", "tile", *sys.argv[2:]]
     status, code = locked_run(
