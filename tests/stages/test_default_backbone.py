@@ -3,7 +3,7 @@ asks, skipped for ``"random"`` and for builder arguments the packaged network do
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,24 +11,11 @@ import pytest
 
 from equislide import stages
 from equislide.files import sha256_file
-from equislide.models.defaults import REGISTRY_FORMAT, WEIGHTS_DIR_ENV
+from equislide.models.defaults import WEIGHTS_DIR_ENV
 from equislide.specs import RANDOM_WEIGHTS, FeatureSpec
 
-
-def standin_weights(folder: Path, tiles: np.ndarray, *, width: int = 8, **entry) -> Path:
-    """A stand-in for trained weights: a seeded width-``width`` SRENet-18 with its BatchNorm calibrated
-    on ``tiles`` (finite float16 features, like trained statistics), saved and made the default."""
-    from equislide.models import save_checkpoint
-    from equislide.models.extract import prepare_backbone
-
-    model, _ = prepare_backbone(
-        "srenet18", layer=4, calibration_tiles=tiles, seed=7, device="cpu", model_kwargs={"width": width}
-    )
-    path = save_checkpoint(model, folder / "srenet18.safetensors", provenance={"stand-in": True})
-    record = {"file": path.name, "sha256": sha256_file(path), "default": True, "why": "a test"} | entry
-    doc = {"format": REGISTRY_FORMAT, "format_version": 1, "backbones": {"srenet18": record}}
-    (folder / "defaults.json").write_text(json.dumps(doc), encoding="utf-8")
-    return path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _weights import standin_weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")
