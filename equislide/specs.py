@@ -27,6 +27,7 @@ from typing import Any, Literal
 __all__ = [
     "BACKBONES",
     "BACKBONE_ALIASES",
+    "RANDOM_WEIGHTS",
     "BATCH_TILES",
     "CLUSTER_FORMAT",
     "TILING_FORMAT",
@@ -47,6 +48,9 @@ CLUSTER_FORMAT = "equislide-segment/1"
 BACKBONES = ("srenet18", "resnet18", "e2cnn_resnet18")
 #: The CLI's short backbone names.
 BACKBONE_ALIASES = {"srenet": "srenet18", "resnet18": "resnet18", "e2cnn": "e2cnn_resnet18"}
+#: ``FeatureSpec.weights`` (and ``--weights``) value asking for the seeded random initialisation even
+#: where packaged default weights exist.
+RANDOM_WEIGHTS = "random"
 
 TmaMode = Literal["auto", "yes", "no"]
 FitMode = Literal["cohort", "per-sample"]
@@ -152,10 +156,14 @@ class FeatureSpec:
     Attributes:
         backbone: Registered model name (:data:`BACKBONES`).
         layer: Feature stage 1-4.
-        weights: A checkpoint to use as is; None = seeded random weights, BatchNorm recalibrated on the
-            cohort's tiles.
+        weights: A checkpoint to use as is; None = the backbone's packaged default weights
+            (:func:`equislide.models.defaults.packaged_weights`) when the registry makes some the
+            default and ``model_kwargs`` agree with them, else seeded random weights with BatchNorm
+            recalibrated on the cohort's tiles; :data:`RANDOM_WEIGHTS` (``"random"``) = the latter
+            always.
         seed: Seed of the random initialisation.
-        model_kwargs: Builder arguments of a random initialisation (e.g. ``{"width": 16}``).
+        model_kwargs: Builder arguments of a random initialisation (e.g. ``{"width": 16}``); any that
+            differ from the packaged default's config make a run use random weights instead.
         calibration_tiles: Most tiles BatchNorm is recalibrated on (random weights).
         device: Feature device: ``"auto"`` (CUDA when the worker has one), ``"cpu"``, ``"cuda:0"``...
         batch_tiles: Tiles per forward pass.
@@ -243,8 +251,10 @@ class BackboneRef:
         backbone: Registered model name.
         layer: Feature stage.
         weights_random: True for a seeded random initialisation (BatchNorm recalibrated).
-        provenance: How it was made (seed, calibration tiles) or where it came from.
-        status: ``"given"``, ``"written"`` or ``"skipped"`` (reused from an earlier run).
+        provenance: How it was made (seed, calibration tiles) or where it came from; packaged default
+            weights have ``"source": "packaged"``, their ``name``, ``sha256`` and ``why``.
+        status: ``"given"`` (a file or packaged weights used as they are), ``"written"`` or
+            ``"skipped"`` (reused from an earlier run).
     """
 
     path: str
@@ -266,6 +276,12 @@ class BackboneRef:
             "layer": int(self.layer),
             "normalisation": dict(NORMALISATION),
         }
+
+    def source(self) -> str:
+        """``"packaged"`` (the package's default weights), ``"random"`` or ``"file"`` (a given file)."""
+        if self.provenance.get("source") == "packaged":
+            return "packaged"
+        return "random" if self.weights_random else "file"
 
     def key(self) -> str:
         """Hex SHA-256 of :meth:`params`: the features' done-marker key."""

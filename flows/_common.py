@@ -36,8 +36,8 @@ from equislide.flows.cluster import (
     worker_environment,
     worker_warnings,
 )
-from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
-from equislide.stages.backbone import calibrated_backbone
+from equislide.specs import RANDOM_WEIGHTS, BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
+from equislide.stages.backbone import calibrated_backbone, packaged_default
 from equislide.stages.budget import BudgetSpec, run_within
 from equislide.stages.consistency import (
     ConsistencySpec,
@@ -73,6 +73,7 @@ __all__ = [
     "RunState",
     "backbone_stage",
     "backbone_task",
+    "packaged_for",
     "barrier",
     "collect",
     "consistency_task",
@@ -252,11 +253,14 @@ def tile_task(
 
 
 @task(name="backbone", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, **TASK_OPTIONS)
-def backbone_task(stores: list[str], models_dir: str, spec: FeatureSpec) -> BackboneRef:
-    """The checkpoint every feature task loads (random weights: BatchNorm recalibrated on the cohort)."""
+def backbone_task(
+    stores: list[str], models_dir: str, spec: FeatureSpec, packaged: Any = None
+) -> BackboneRef:
+    """The checkpoint every feature task loads (random weights: BatchNorm recalibrated on the cohort);
+    ``packaged`` as :func:`~equislide.stages.backbone.packaged_default` gave it where the flow runs."""
     get_run_logger().info("preparing %s for %d samples", spec.backbone, len(stores))
     with all_cores():  # a barrier: every other worker waits for this task
-        return calibrated_backbone(stores, models_dir, spec)
+        return calibrated_backbone(stores, models_dir, spec, packaged=packaged)
 
 
 @task(name="report", retries=2, retry_delay_seconds=2, **TASK_OPTIONS)
@@ -360,8 +364,16 @@ def barrier(state: RunState, stage: str, future) -> Any | None:
 def backbone_stage(state: RunState, spec: FeatureSpec) -> None:
     live = state.live()
     if live:
-        fut = backbone_task.submit(sorted(store for _, store in live), str(state.models_dir), spec)
+        fut = backbone_task.submit(
+            sorted(store for _, store in live), str(state.models_dir), spec, packaged_for(spec)
+        )
         state.backbone = barrier(state, "backbone", fut)
+
+
+def packaged_for(spec: FeatureSpec) -> Any:
+    """The packaged default weights ``spec`` runs with, resolved here where the flow runs (None for
+    random or given weights), so that every worker uses what the flow checked."""
+    return None if spec.weights is not None else packaged_default(spec)
 
 
 _FLOW_LOCKS: dict[str, Path] = {}  # flow run ID -> the folder whose lock it holds
@@ -597,7 +609,17 @@ def _input_spec(state: RunState, path: str, spec: TilingSpec) -> TilingSpec:
 
 
 def weights_note(backbone: BackboneRef | None, weights: str | None) -> str:
-    if weights:
+    """Which weights a run used, in words (run.json's ``weights_note``, the summary's backbone line)."""
+    if backbone is not None and backbone.source() == "packaged":
+        prov = backbone.provenance
+        how = (
+            "BatchNorm as trained"
+            if "calibration" not in prov
+            else f"BatchNorm recalibrated on {len(prov['calibration'])} of the cohort's tiles"
+        )
+        why = f"; {prov['why']}" if prov.get("why") else ""
+        return f"packaged default weights {prov['name']} (sha256 {prov['sha256']}), {how}{why}"
+    if weights and weights != RANDOM_WEIGHTS:
         return f"weights from {weights}"
     if backbone is None:
         return "no backbone was prepared"

@@ -350,7 +350,9 @@ def cohort_flow(
             change over this long, are left for the next run (as are ``.part``/``.tmp`` names);
             ``run.json`` counts them (``parameters.input_selection``).
         backbone: ``srenet18``, ``resnet18`` or ``e2cnn_resnet18``.
-        weights: A checkpoint; None = seeded random weights, BatchNorm recalibrated on the cohort.
+        weights: A checkpoint; None = the backbone's packaged default weights where the package
+            makes some the default, else (and with ``"random"``) seeded random weights, BatchNorm
+            recalibrated on the cohort.
         layer: Feature stage 1-4.
         clusters: K-means k.
         fit: ``"cohort"`` (one model for all samples) or ``"per-sample"`` (the paper's protocol).
@@ -463,6 +465,8 @@ def _manifest(
             "backbone": features.backbone,
             "weights": features.weights,
             "weights_note": weights_note(state.backbone, features.weights),
+            # "packaged" (the package's default weights), "random" or "file" (--weights FILE).
+            "weights_source": None if state.backbone is None else state.backbone.source(),
             "layer": features.layer,
             "clusters": cluster.k,
             "fit": cluster.fit,

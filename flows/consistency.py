@@ -43,11 +43,13 @@ from equislide.flows._common import (
     groups,
     label_of,
     outcome,
+    packaged_for,
     resolve_stage,
     run_flow,
     start_run,
     tile_stage,
     timed,
+    weights_note,
 )
 from equislide.specs import ClusterSpec, FeatureSpec, TilingSpec
 from equislide.stages.consistency import ConsistencySpec, is_off90
@@ -219,7 +221,9 @@ def consistency_flow(
             arriving for the next run (:func:`~equislide.stages.inputs.resolve_inputs`; as
             :func:`~equislide.flows.cohort.cohort_flow`).
         backbones: Registered names (default ``srenet18``, ``resnet18``, ``e2cnn_resnet18``).
-        weights: ``{backbone: checkpoint}``; others get seeded random weights (BatchNorm recalibrated).
+        weights: ``{backbone: checkpoint or "random"}``; others get their packaged default weights
+            where the package makes some the default, else seeded random weights (BatchNorm
+            recalibrated).
         layers: Feature stages (default ``[4]``).
         angles: Rotation steps around the circle (12: every 30 degrees).
         regions, region: Regions per whole slide and their side (analysis px).
@@ -248,6 +252,7 @@ def consistency_flow(
     results_dir = state.root / "consistency"
     docs: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = dict(state.errors)
+    used: dict[str, str] = {}  # "<backbone> L<layer>" -> the weights it ran with, in words
     for name in names:
         for layer in layers or [4]:
             features = FeatureSpec(
@@ -263,13 +268,16 @@ def consistency_flow(
             if not live:
                 break
             with timed(state, f"backbone_{name}_{layer}"):
-                fut = backbone_task.submit(sorted(s for _, s in live), str(state.models_dir), features)
+                fut = backbone_task.submit(
+                    sorted(s for _, s in live), str(state.models_dir), features, packaged_for(features)
+                )
                 reason = failure(fut)
             if reason is not None:
                 failed[f"{name} layer {layer}"] = reason
                 logger.warning("FAILED backbone %s layer %d: %s", name, layer, reason)
                 continue
             net = fut.result()
+            used[f"{name} L{layer}"] = weights_note(net, features.weights)
 
             def done(sid: str, doc: dict[str, Any], name=name, layer=layer) -> None:
                 docs[f"{sid}|{name}|{layer}"] = doc
@@ -301,6 +309,7 @@ def consistency_flow(
     first = next((sid for sid, _ in state.live()), None)
     report = study_report_task.submit(str(state.root), docs, first).result()
     report["failed"] = failed
+    report["weights"] = used
     report["path"] = path_text(state.root)
     report["input_selection"] = resolved.describe()
     report["timings"] = {k: round(v, 3) for k, v in state.stage_s.items()}
@@ -345,6 +354,8 @@ def study_text(report: dict[str, Any]) -> str:
             f"{row['backbone']:16s}{row['layer']:>6d}{row['samples']:>4d}{pm(row, 'kappa'):>16s}"
             f"{pm(row, 'dice'):>16s}{kappa_all:>12s}{icc:>10s}{row['icc_area']:>10.3f}"
         )
+    for what, note in report.get("weights", {}).items():
+        lines.append(f"  weights {what}: {note}")
     for what, reason in report["failed"].items():
         lines.append(f"  FAILED {what}: {reason}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "FeatureRangeError",
     "CheckpointError",
+    "DefaultWeightsError",
     "KMeansError",
     "ModelConfigError",
     "OptionalDependencyError",
@@ -36,3 +37,7 @@ class OptionalDependencyError(ImportError):
 
 class FeatureRangeError(ValueError):
     """Features are not finite or too large for float16 (an uncalibrated network, usually)."""
+
+
+class DefaultWeightsError(CheckpointError):
+    """The registry of packaged default weights, or a file it names, is missing, malformed or altered."""

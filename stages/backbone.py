@@ -1,8 +1,11 @@
 """The backbone stage: the one network every feature task of a run loads.
 
-Given weights are used as they are. Without, a seeded random initialisation has its BatchNorm
-recalibrated on a deterministic choice of the cohort's tiles and is saved (safetensors + JSON) under
-the run's ``models/`` folder, so every worker (and a resumed run) loads the very same network.
+Given weights are used as they are. Without, the backbone's packaged default weights are used when the
+package's registry makes some the default (:mod:`equislide.models.defaults`; their BatchNorm statistics
+as trained, unless the registry asks for recalibration); else, or with ``weights="random"``, a seeded
+random initialisation has its BatchNorm recalibrated on a deterministic choice of the cohort's tiles.
+A recalibrated network is saved (safetensors + JSON) under the run's ``models/`` folder, so every
+worker (and a resumed run) loads the very same network.
 :func:`load_backbone` loads a :class:`~equislide.specs.BackboneRef` once per process.
 """
 
@@ -16,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from equislide.specs import CLUSTER_FORMAT, BackboneRef, FeatureSpec
+from equislide.specs import CLUSTER_FORMAT, RANDOM_WEIGHTS, BackboneRef, FeatureSpec
 
-__all__ = ["calibrated_backbone", "clear_backbone_cache", "load_backbone", "read_tiles"]
+__all__ = ["calibrated_backbone", "clear_backbone_cache", "load_backbone", "packaged_default", "read_tiles"]
 
 _BACKBONES: dict[tuple[str, str, int, str], Any] = {}
 
@@ -31,7 +34,11 @@ def read_tiles(store: str | Path, start: int, stop: int) -> np.ndarray:
 
 
 def calibrated_backbone(
-    stores: Sequence[str | Path], out_dir: str | Path, spec: FeatureSpec | None = None
+    stores: Sequence[str | Path],
+    out_dir: str | Path,
+    spec: FeatureSpec | None = None,
+    *,
+    packaged: Any = "resolve",
 ) -> BackboneRef:
     """The backbone checkpoint every feature task loads, and how it was made.
 
@@ -41,6 +48,9 @@ def calibrated_backbone(
         spec: The network (default :class:`~equislide.specs.FeatureSpec`). Calibration tiles are taken
             round-robin over the stores sorted by sample ID, evenly spaced within each store, so the
             choice depends only on the stores.
+        packaged: The packaged default weights to use when ``spec.weights`` is None, as
+            :func:`packaged_default` gives them (None: random); ``"resolve"`` (default) looks them up
+            here. A flow resolves them where it starts, so its workers use what it saw.
 
     Returns:
         The reference; ``status`` is ``"given"``, ``"written"`` or ``"skipped"`` (an earlier run's).
@@ -52,6 +62,27 @@ def calibrated_backbone(
 
     spec = spec or FeatureSpec()
     if spec.weights is not None:
+        packaged = None
+    elif packaged == "resolve":
+        packaged = packaged_default(spec)
+    if packaged is not None and not packaged.recalibrate:
+        return BackboneRef(
+            path=str(packaged.path),
+            sha256=packaged.sha256,
+            backbone=spec.backbone,
+            layer=int(spec.layer),
+            weights_random=False,
+            provenance={
+                "source": "packaged",
+                "weights": packaged.label(),
+                "name": packaged.name,
+                "sha256": packaged.sha256,
+                "why": packaged.why,
+                "batchnorm": "as trained (not recalibrated)",
+            },
+            status="given",
+        )
+    if spec.weights not in (None, RANDOM_WEIGHTS):
         path = Path(spec.weights)
         path = path.with_suffix(".safetensors") if path.suffix == ".json" else path
         return BackboneRef(
@@ -85,6 +116,15 @@ def calibrated_backbone(
         "batchnorm": "recalibrated on the cohort's tiles",
         "calibration": [{**store_identity(s), "tile": int(i)} for s, i in picks],
     }
+    if packaged is not None:  # trained weights whose registry entry asks for recalibration
+        provenance.update(
+            source="packaged",
+            init=packaged.label(),
+            name=packaged.name,
+            sha256=packaged.sha256,
+            why=packaged.why,
+            model_kwargs={},
+        )
     key = params_hash(provenance)[:16]
     from equislide.storage.confine import confined
 
@@ -96,7 +136,7 @@ def calibrated_backbone(
             sha256=sha256_file(path),
             backbone=spec.backbone,
             layer=int(spec.layer),
-            weights_random=True,
+            weights_random=packaged is None,
             provenance=provenance,
             status=status,
         )
@@ -109,11 +149,13 @@ def calibrated_backbone(
     batches = [b for b in batches if len(b)]
     model, _ = prepare_backbone(
         spec.backbone,
+        weights=None if packaged is None else packaged.path,
         layer=spec.layer,
         calibration_tiles=batches,
         seed=spec.seed,
         device="cpu",
-        model_kwargs=dict(spec.model_kwargs),
+        recalibrate=True,
+        model_kwargs=dict(spec.model_kwargs) if packaged is None else None,
     )
     # Both files land together: written in a private folder, then renamed (sidecar first).
     tmp_dir = Path(out_dir) / f".backbone-{key}.partial-{uuid.uuid4().hex[:12]}"
@@ -125,6 +167,27 @@ def calibrated_backbone(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return ref("written")
+
+
+def packaged_default(spec: FeatureSpec):
+    """The packaged default weights a run of ``spec`` without ``weights`` uses, or None (random).
+
+    None also when ``spec.model_kwargs`` ask for a network the packaged one is not (``--width 16``
+    against weights trained at width 64): builder arguments only ever describe random weights.
+
+    Raises:
+        DefaultWeightsError: the registry or the default's file is broken (a damaged installation).
+    """
+    from equislide.models.checkpoint import read_checkpoint_document
+    from equislide.models.defaults import packaged_weights
+
+    found = packaged_weights(spec.backbone)
+    if found is None or not spec.model_kwargs:
+        return found
+    config = read_checkpoint_document(found.path)["model"]
+    if all(k in config and config[k] == v for k, v in spec.model_kwargs.items()):
+        return found
+    return None
 
 
 def _checkpoint_intact(path: Path) -> bool:

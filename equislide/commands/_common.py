@@ -10,6 +10,7 @@ from pathlib import Path
 __all__ = [
     "MAX_CLUSTERS",
     "add_input_arguments",
+    "WEIGHTS_HELP",
     "add_mpp_arguments",
     "check_inputs",
     "check_clusters",
@@ -17,6 +18,7 @@ __all__ = [
     "check_out_dir",
     "check_seed",
     "check_weights",
+    "check_weights_option",
     "progress_bar",
     "usage_error",
 ]
@@ -153,6 +155,32 @@ def check_weights(path: str, backbone: str | None = None, option: str = "--weigh
     arch = document.get("model", {}).get("arch")
     if backbone is not None and arch != backbone:
         return f"{option} {path}: holds a {arch!r} network, not {backbone!r}; pick the matching --backbone"
+    return None
+
+
+#: ``--weights`` help shared by ``segment`` and ``demo``.
+WEIGHTS_HELP = (
+    "backbone checkpoint (.safetensors); 'random' = a seeded random initialisation with BatchNorm "
+    "recalibrated on the cohort's tiles; default: the backbone's packaged default weights where the "
+    "package makes some the default (README, Weights; none is today), else 'random'"
+)
+
+
+def check_weights_option(value: str | None, backbone: str, option: str = "--weights") -> str | None:
+    """``--weights`` as given: None = the packaged default (its registry and file must be intact),
+    ``random``, or a checkpoint of ``backbone``; the problem in words, or None."""
+    from equislide.models._errors import DefaultWeightsError
+    from equislide.models.defaults import packaged_weights
+    from equislide.specs import RANDOM_WEIGHTS
+
+    if value == RANDOM_WEIGHTS:
+        return None
+    if value is not None:
+        return check_weights(value, backbone, option=option)
+    try:
+        packaged_weights(backbone)
+    except DefaultWeightsError as err:
+        return f"packaged default weights of {backbone}: {err} (give --weights FILE or --weights random)"
     return None
 
 

@@ -54,8 +54,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--weights",
         action="append",
         default=[],
-        metavar="BACKBONE=FILE",
-        help="checkpoint of a backbone, e.g. srenet=srenet.safetensors (repeatable); default random + BN",
+        metavar="BACKBONE=FILE|random",
+        help="weights of a backbone, e.g. srenet=srenet.safetensors or resnet18=random (repeatable; "
+        "'random' alone: every backbone). Default: the backbone's packaged default weights where the "
+        "package makes some the default (README, Weights; none is today), else seeded random weights "
+        "with BatchNorm recalibrated",
     )
     p.add_argument(
         "--annotations",
@@ -70,7 +73,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=_TILING.mpp, help=f"analysis µm/px (default {_TILING.mpp})")
     p.add_argument("--input-mpp", type=float, default=None, metavar="X", help="µm per level-0 px, all inputs")
     p.add_argument("--tma", choices=("auto", "yes", "no"), default=_TILING.tma, help="split TMAs into cores")
-    p.add_argument("--width", type=int, default=None, help="stage-1 channels of random weights (default 64)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="stage-1 channels of random weights (default 64); a width the packaged default weights "
+        "do not have means random weights",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of weights, regions and K-means")
     p.add_argument(
         "--scheduler", default=os.environ.get(SCHEDULER_ENV), metavar="ADDR", help="existing Dask scheduler"
@@ -84,7 +93,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
     """The flow's keyword arguments, or the first problem in words."""
-    from equislide.commands._common import check_clusters, check_seed, check_weights
+    from equislide.commands._common import check_clusters, check_seed, check_weights, check_weights_option
+    from equislide.specs import RANDOM_WEIGHTS
 
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKBONE_ALIASES]
@@ -98,12 +108,24 @@ def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
         return {}, f"--layers {args.layers}: stages are 1-4"
     weights = {}
     for item in args.weights:
+        if item == RANDOM_WEIGHTS:
+            weights.update({BACKBONE_ALIASES[b]: RANDOM_WEIGHTS for b in names})
+            continue
         name, _, path = item.partition("=")
         if name not in BACKBONE_ALIASES or not path:
-            return {}, f"--weights {item}: give BACKBONE=FILE with BACKBONE srenet, resnet18 or e2cnn"
-        if problem := check_weights(path, BACKBONE_ALIASES[name], option=f"--weights {name}="):
+            return {}, (
+                f"--weights {item}: give BACKBONE=FILE or BACKBONE=random with BACKBONE srenet, resnet18 "
+                "or e2cnn, or 'random' for every backbone"
+            )
+        if path != RANDOM_WEIGHTS and (
+            problem := check_weights(path, BACKBONE_ALIASES[name], option=f"--weights {name}=")
+        ):
             return {}, problem.replace(f"--weights {name}= {path}", f"--weights {item}", 1)
         weights[BACKBONE_ALIASES[name]] = path
+    for b in names:
+        full = BACKBONE_ALIASES[b]
+        if full not in weights and (problem := check_weights_option(None, full)):
+            return {}, problem
     if args.angles < 2:
         return {}, f"--angles {args.angles} must be >= 2"
     if args.regions < 1 or args.region < 64 or args.region % 8:

@@ -2,7 +2,8 @@
 
 Writes the synthetic H&E TMA (:func:`equislide.tiling.write_phantom`), runs the cohort flow on it with
 defaults small enough for a laptop (a 3 x 3 array of 800 µm cores, 2.5 µm/px, SRENet-18 of width 32 at
-layer 3, random weights with BatchNorm recalibrated on the cores, cohort K-means with k = 4), prints the
+layer 3, random weights with BatchNorm recalibrated on the cores unless packaged default weights or
+``--weights`` are given, cohort K-means with k = 4), prints the
 settings, where the outputs are, the adjusted Rand index of the clusters against the phantom's
 ground-truth classes on tissue pixels, and how to look at the run in the Prefect UI.
 
@@ -47,15 +48,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cores", type=int, default=9, help="TMA grid positions (default 9; one is left empty)")
     p.add_argument("--workers", type=int, default=None, help="local Dask workers (default: CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom and of the run")
+    from equislide.commands._common import WEIGHTS_HELP
+
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE|random",
+        help=f"SRENet-18 weights: {WEIGHTS_HELP}. Random weights have width {DEMO_WIDTH}",
+    )
     return p
 
 
-def demo_args(out: Path, slide: Path, *, workers: int | None, seed: int) -> argparse.Namespace:
+def demo_width(weights: str | None) -> int | None:
+    """SRENet width of the demo: :data:`DEMO_WIDTH` for random weights; None (the checkpoint's own)
+    for a file or packaged default weights.
+
+    Raises:
+        DefaultWeightsError: ``weights`` is None and the packaged registry is broken.
+    """
+    from equislide.models.defaults import packaged_weights
+    from equislide.specs import RANDOM_WEIGHTS
+
+    if weights == RANDOM_WEIGHTS or (weights is None and packaged_weights("srenet18") is None):
+        return DEMO_WIDTH
+    return None
+
+
+def demo_args(
+    out: Path, slide: Path, *, workers: int | None, seed: int, weights: str | None = None
+) -> argparse.Namespace:
     """The ``segment`` options the demo runs with (small enough for 2 CPU cores)."""
     return argparse.Namespace(
         slides=[str(slide)],
         out=str(out),
-        weights=None,
+        weights=weights,
         backbone="srenet",
         layer=DEMO_LAYER,
         clusters=DEMO_CLUSTERS,
@@ -66,7 +92,7 @@ def demo_args(out: Path, slide: Path, *, workers: int | None, seed: int) -> argp
         halo=16,
         input_mpp=None,
         tma="auto",
-        width=DEMO_WIDTH,
+        width=demo_width(weights),
         seed=seed,
         scheduler=None,
         workers=workers,
@@ -77,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     """Phantom -> cohort flow -> outputs, ARI and how to open the Prefect UI."""
     import time
 
-    from equislide.commands._common import check_out_dir, locked_run, usage_error
+    from equislide.commands._common import check_out_dir, check_weights_option, locked_run, usage_error
     from equislide.commands.segment import run_flow
     from equislide.evaluate import phantom_agreement
     from equislide.flows.cohort import summary_text
@@ -86,19 +112,25 @@ def run(args: argparse.Namespace) -> int:
     if args.cores < 2:
         return usage_error(_PREFIX, f"--cores {args.cores} must be >= 2")
     out = Path(args.out)
-    problem = check_out_dir(out)
+    weights = getattr(args, "weights", None)
+    problem = check_weights_option(weights, "srenet18") or check_out_dir(out)
     if problem:
         return usage_error(_PREFIX, problem)
     t0 = time.perf_counter()
     slide = out / "phantom" / "phantom.tiff"
     if not (slide.is_file() and slide.with_suffix(".json").is_file()):
         write_phantom(slide, cores=args.cores, core_diameter_um=800.0, seed=args.seed)
-    seg_args = demo_args(out / "run", slide, workers=args.workers, seed=args.seed)
+    seg_args = demo_args(out / "run", slide, workers=args.workers, seed=args.seed, weights=weights)
+    network = (
+        f"SRENet-18 width {seg_args.width}, layer {seg_args.layer}, random weights (BatchNorm recalibrated)"
+        if seg_args.width is not None
+        else f"SRENet-18 layer {seg_args.layer}, "
+        + (f"weights from {weights}" if weights else "the packaged default weights")
+    )
     print(
         f"demo: settings: phantom of {args.cores} positions (800 µm cores, seed {args.seed}); "
-        f"{seg_args.mpp} µm/px; SRENet-18 width {seg_args.width}, layer {seg_args.layer}, random weights "
-        f"(BatchNorm recalibrated); cohort K-means k = {seg_args.clusters} on L2-normalised vectors "
-        "(k = 4: the phantom's four tissue classes)"
+        f"{seg_args.mpp} µm/px; {network}; cohort K-means k = {seg_args.clusters} on L2-normalised "
+        "vectors (k = 4: the phantom's four tissue classes)"
     )
     command = ["equislide", "demo", *sys.argv[2:]]
     Path(seg_args.out).mkdir(parents=True, exist_ok=True)  # the lock lives in it

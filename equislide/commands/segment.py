@@ -14,7 +14,12 @@ import os
 import sys
 from typing import Any
 
-from equislide.commands._common import add_input_arguments, add_mpp_arguments, check_mpp_arguments
+from equislide.commands._common import (
+    WEIGHTS_HELP,
+    add_input_arguments,
+    add_mpp_arguments,
+    check_mpp_arguments,
+)
 from equislide.specs import BACKBONE_ALIASES, ClusterSpec, FeatureSpec, TilingSpec
 from equislide.stages.budget import BudgetSpec
 from equislide.text import printable
@@ -48,13 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_input_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="run folder")
-    p.add_argument(
-        "--weights",
-        default=None,
-        metavar="FILE",
-        help="backbone checkpoint (.safetensors); default: a seeded random initialisation with "
-        "BatchNorm recalibrated on the cohort's tiles (no trained weights ship yet)",
-    )
+    p.add_argument("--weights", default=None, metavar="FILE|random", help=WEIGHTS_HELP)
     p.add_argument("--backbone", choices=sorted(BACKBONE_ALIASES), default="srenet", help="default srenet")
     p.add_argument(
         "--layer",
@@ -82,7 +81,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_mpp_arguments(p, cohort=True)
     p.add_argument("--tma", choices=("auto", "yes", "no"), default=_TILING.tma, help="split TMAs into cores")
-    p.add_argument("--width", type=int, default=None, help="stage-1 channels of random weights (default 64)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="stage-1 channels of random weights (default 64); a width the packaged default weights "
+        "do not have means random weights",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of weights, vector draws and K-means")
     p.add_argument(
         "--scheduler",
@@ -154,14 +159,14 @@ def check_args(args: argparse.Namespace) -> str | None:
 
 def early_problem(args: argparse.Namespace) -> str | None:
     """Everything checkable before any work: the options, the checkpoint's header, the run folder."""
-    from equislide.commands._common import check_inputs, check_out_dir, check_weights
+    from equislide.commands._common import check_inputs, check_out_dir, check_weights_option
     from equislide.commands._tls import tls_problem
 
     return (
         check_args(args)
         or check_inputs(args)
         or tls_problem(args)
-        or (args.weights is not None and check_weights(args.weights, BACKBONE_ALIASES[args.backbone]))
+        or check_weights_option(args.weights, BACKBONE_ALIASES[args.backbone])
         or check_out_dir(args.out)
         or None
     )

@@ -89,6 +89,10 @@ def test_study_compares_backbones_and_a_bad_input_fails_alone(
     for picture in ("consistency.png", "rotations.png"):
         assert (tmp_path / picture).stat().st_size > 1000
     assert "srenet18" in study_text(report)
+    # Which weights each backbone ran with: random here, as the package makes nothing the default.
+    assert sorted(report["weights"]) == ["resnet18 L2", "srenet18 L2"]
+    assert report["weights"]["srenet18 L2"].startswith("no trained weights: random(seed=0)")
+    assert "weights srenet18 L2: no trained weights" in study_text(report)
     with (tmp_path / "annotations.csv").open() as fh:
         scores = list(csv.DictReader(fh))
     assert len(scores) == 2 * 4 and list(scores[0])[:6] == [
