@@ -20,8 +20,11 @@ task run costs API calls and state changes, while a group's samples still succee
    ``.ome.zarr`` / ``.png`` / ``.geojson`` (fitting K-means per sample first when ``fit="per-sample"``);
    then ``tma`` once: :func:`equislide.stages.segment.write_tma_geojson` -> ``OUT/samples/<slide>``
    ``.tma.geojson`` per TMA slide (its grid as QuPath ``tmaCore`` objects).
-6. ``report``: :func:`equislide.storage.write_manifest` -> ``OUT/run.json``; Prefect artifacts (progress,
-   a per-sample table, a markdown summary with overlay thumbnails).
+6. ``report``: :func:`equislide.storage.write_manifest` -> ``OUT/run.json``.
+
+After every stage the run's Prefect artifacts are brought up to date (:mod:`equislide.flows.monitor`):
+a progress bar weighted by the stages' measured costs, the per-sample table and the markdown summary
+with overlay thumbnails, each one artifact per key, updated in place.
 
 Run state (samples, stores, failures, timings) lives in one :class:`RunState`; each stage is a short
 function of it, and the flow body is the list of stages.

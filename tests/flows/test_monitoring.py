@@ -52,9 +52,11 @@ def _read_back(flow_run_id):
         LogFilter,
         LogFilterFlowRunId,
     )
-    from prefect.logging.handlers import APILogHandler
+    from prefect.logging.handlers import APILogWorker
 
-    APILogHandler.flush()  # the flow's last records are still in the handler's batch otherwise
+    APILogWorker.drain_all(
+        timeout=30, at_exit=False
+    )  # the flow's last records are still in the handler's batch otherwise
 
     async def read():
         async with get_client() as client:
