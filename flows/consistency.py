@@ -389,7 +389,9 @@ def _publish_so_far(monitor: Monitor, docs: dict[str, dict[str, Any]], failed: d
     if summary:
         monitor.table("equislide-consistency-summary", summary, "per backbone (so far)")
     if failed:
-        get_run_logger().warning("%d failed so far: %s", len(failed), "; ".join(sorted(failed)))
+        shown = sorted(failed)
+        more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+        get_run_logger().warning("%d failed so far: %s%s", len(failed), "; ".join(shown[:5]), more)
 
 
 def _artifacts(monitor: Monitor, report: dict[str, Any]) -> None:
