@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -159,6 +160,7 @@ def check(out: Path, chromium: str) -> dict:
         assert run["state"]["name"] == "Completed with failures", run["state"]
     finally:
         _stop(server)
+        shutil.rmtree(work, ignore_errors=True)  # the screenshots stay in `out`
     return found
 
 
