@@ -72,6 +72,7 @@ __all__ = [
     "TASK_OPTIONS",
     "RunState",
     "backbone_stage",
+    "backbone_run_name",
     "backbone_task",
     "packaged_for",
     "barrier",
@@ -83,9 +84,12 @@ __all__ = [
     "groups",
     "label_of",
     "notify",
+    "failed_message",
     "outcome",
+    "result_of",
     "plan_task",
     "release_lock",
+    "report_run_name",
     "report_task",
     "resolve_stage",
     "run_flow",
@@ -208,7 +212,35 @@ def groups(items: list[Any], workers: int) -> list[list[Any]]:
 def label_of(items: list[tuple[str, Any]]) -> str:
     """A task run's name part: its first sample ID, and the last and count when there are several."""
     sample_ids = [sid for sid, _ in items]
-    return sample_ids[0] + (f" .. {sample_ids[-1]} ({len(sample_ids)})" if len(sample_ids) > 1 else "")
+    return sample_ids[0] + (
+        f" .. {sample_ids[-1]} ({len(sample_ids)} samples)" if len(sample_ids) > 1 else ""
+    )
+
+
+def _samples(n: int) -> str:
+    return f"{n} sample" + ("" if n == 1 else "s")
+
+
+# Task run names for tasks without a sample label: what the run did, not Prefect's ``kmeans-b29``.
+# Module-level functions of the task's parameters (Prefect calls them on the worker, so they pickle).
+
+
+def backbone_run_name(parameters: dict[str, Any]) -> str:
+    spec, packaged = parameters["spec"], parameters.get("packaged")
+    if packaged is not None:
+        how = f"packaged weights {packaged.name}"
+    elif spec.weights and spec.weights != RANDOM_WEIGHTS:
+        how = f"weights {Path(spec.weights).name}"
+    else:
+        how = "random init, BatchNorm recalibrated"
+    return f"backbone {spec.backbone} layer {spec.layer} ({how}, {_samples(len(parameters['stores']))})"
+
+
+def report_run_name(parameters: dict[str, Any]) -> str:
+    samples = parameters["manifest"].get("samples") or {}
+    failed = sum(1 for s in samples.values() if s.get("status") == "failed")
+    folder = Path(unpack_path(parameters["out"])).name
+    return f"report {folder}/run.json ({_samples(len(samples))}, {failed} failed)"
 
 
 @task(
@@ -252,7 +284,14 @@ def tile_task(
     )
 
 
-@task(name="backbone", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, **TASK_OPTIONS)
+@task(
+    name="backbone",
+    task_run_name=backbone_run_name,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    **TASK_OPTIONS,
+)
 def backbone_task(
     stores: list[str], models_dir: str, spec: FeatureSpec, packaged: Any = None
 ) -> BackboneRef:
@@ -263,7 +302,7 @@ def backbone_task(
         return calibrated_backbone(stores, models_dir, spec, packaged=packaged)
 
 
-@task(name="report", retries=2, retry_delay_seconds=2, **TASK_OPTIONS)
+@task(name="report", task_run_name=report_run_name, retries=2, retry_delay_seconds=2, **TASK_OPTIONS)
 def report_task(out: str, manifest: dict[str, Any]) -> str:
     """Write ``run.json`` atomically."""
     return str(write_manifest(out, manifest))
@@ -414,21 +453,32 @@ LOCK_HOOKS = {
 PARTIAL_STATE_NAME = "Completed with failures"
 
 
-def outcome(result: Any, failed: int, total: int, what: str = "inputs") -> Any:
-    """The flow's return value: ``result`` itself when nothing failed, else a COMPLETED state named
-    :data:`PARTIAL_STATE_NAME` with the message ``"N of M inputs failed"`` and ``result`` as its data.
+def failed_message(failed: int, total: int, what: str = "inputs") -> str:
+    return f"{failed} of {total} {what} failed"
 
-    Not FAILED: a bad slide is the data's problem, handled as designed (the others finished, the CLI
-    exits 1, ``run.json`` says why), and an operator's alerts on FAILED and CRASHED runs must keep
-    meaning that the service itself broke (a lost cluster, a full disk: the flow raises). The state's
-    name and message still show in the Prefect UI's run list and run page without opening the logs.
-    Callers of the flow get ``result`` either way.
+
+def outcome(result: Any, failed: int, total: int, what: str = "inputs") -> Any:
+    """The flow's return value: ``result`` itself when nothing failed; a COMPLETED state named
+    :data:`PARTIAL_STATE_NAME` with the message ``"N of M inputs failed"`` and ``result`` as its data
+    when some failed; a FAILED state with that message when every one failed.
+
+    Some failed is not FAILED: a bad slide is the data's problem, handled as designed (the others
+    finished, the CLI exits 1, ``run.json`` says why), and an operator's alerts on FAILED and CRASHED
+    runs must keep meaning that nothing came out of the run (or the service broke: the flow raises).
+    The state's name and message show in the Prefect UI's run list and run page without opening the
+    logs, and the count is logged. :func:`run_flow` hands ``result`` back in every case.
     """
     if not failed:
         return result
-    from prefect.states import Completed
+    from prefect.states import Completed, Failed
 
-    return Completed(message=f"{failed} of {total} {what} failed", name=PARTIAL_STATE_NAME, data=result)
+    message = failed_message(failed, total, what)
+    get_run_logger().warning(
+        "%s; the flow run ends %s", message, "Failed" if failed >= total else PARTIAL_STATE_NAME
+    )
+    if failed >= total:
+        return Failed(message=message, data=result)
+    return Completed(message=message, name=PARTIAL_STATE_NAME, data=result)
 
 
 def resolve_stage(
@@ -515,7 +565,18 @@ def run_flow(
         with worker_environment():  # a local cluster starts inside the flow
             # Prefect encodes parameters as JSON, which refuses names that are not UTF-8: pack those.
             packed = [pack_path(p) for p in inputs]
-            return flow_.with_options(task_runner=runner)(packed, pack_path(out), **kw)
+            state = flow_.with_options(task_runner=runner)(packed, pack_path(out), return_state=True, **kw)
+            return result_of(state)
+
+
+def result_of(state: Any) -> Any:
+    """A finished flow run's return value, also when :func:`outcome` made it FAILED (every input failed:
+    the report is its data); a run that raised raises here."""
+    if state.is_failed():
+        data = state.result(raise_on_failure=False)
+        if isinstance(data, dict):
+            return data
+    return state.result()
 
 
 def collect(
@@ -525,8 +586,12 @@ def collect(
     fail: Callable[[str, str], None],
     *,
     after: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> None:
-    """Wait for a stage's group tasks as they finish: each sample's result, or its reason to fail."""
+    """Wait for a stage's group tasks as they finish: each sample's result, or its reason to fail.
+
+    ``after(n)`` and ``progress(fraction)`` are told as each group finishes (samples finished so far,
+    and their fraction of the stage)."""
     total = sum(len(items) for items in submitted.values())
     n = 0
     for fut in as_completed(list(submitted)):
@@ -542,11 +607,15 @@ def collect(
         n += len(items)
         if after is not None:
             after(n)
+        if progress is not None:
+            progress(n / max(total, 1))
         notify(stage, n, total)
 
 
-def tile_stage(state: RunState, spec: TilingSpec) -> None:
+def tile_stage(state: RunState, spec: TilingSpec, progress: Callable[[float], None] | None = None) -> None:
     """Plan every input, then write its samples in groups (:func:`groups`) as the plans arrive.
+
+    ``progress(fraction)``: half for the plans, half for the samples written (of those planned).
 
     Fills ``state.records`` (per input), ``samples``, ``errors`` (a sample that cannot be tiled fails
     alone) and ``timings``. Groups are contiguous runs of samples (neighbouring TMA cores share slide
@@ -563,7 +632,9 @@ def tile_stage(state: RunState, spec: TilingSpec) -> None:
         plan_task.submit(p, tiles_root, state.ids[p], _input_spec(state, p, spec), budgets.plan): p
         for p in state.ids
     }
-    for fut in as_completed(list(plan_futures)):
+    tell = progress or (lambda fraction: None)
+    for n_planned, fut in enumerate(as_completed(list(plan_futures)), start=1):
+        tell(0.5 * n_planned / max(len(plan_futures), 1))
         path = plan_futures[fut]
         reason = failure(fut)
         if reason is not None:
@@ -581,7 +652,13 @@ def tile_stage(state: RunState, spec: TilingSpec) -> None:
         state.samples[sid] = {"store": str(sample_store_path(tiles_root, sid)), "input": owner[sid]}
         state.fail(sid, reason)
 
-    collect("tile", pending, lambda sid, result: written[owner[sid]].append(result), untiled)
+    collect(
+        "tile",
+        pending,
+        lambda sid, result: written[owner[sid]].append(result),
+        untiled,
+        progress=lambda fraction: tell(0.5 + 0.5 * fraction),
+    )
     for path, plan in plans.items():
         results = plan.ordered(written[path])
         state.records[path] = {

@@ -20,8 +20,11 @@ task run costs API calls and state changes, while a group's samples still succee
    ``.ome.zarr`` / ``.png`` / ``.geojson`` (fitting K-means per sample first when ``fit="per-sample"``);
    then ``tma`` once: :func:`equislide.stages.segment.write_tma_geojson` -> ``OUT/samples/<slide>``
    ``.tma.geojson`` per TMA slide (its grid as QuPath ``tmaCore`` objects).
-6. ``report``: :func:`equislide.storage.write_manifest` -> ``OUT/run.json``; Prefect artifacts (progress,
-   a per-sample table, a markdown summary with overlay thumbnails).
+6. ``report``: :func:`equislide.storage.write_manifest` -> ``OUT/run.json``.
+
+After every stage the run's Prefect artifacts are brought up to date (:mod:`equislide.flows.monitor`):
+a progress bar weighted by the stages' measured costs, the per-sample table and the markdown summary
+with overlay thumbnails, each one artifact per key, updated in place.
 
 Run state (samples, stores, failures, timings) lives in one :class:`RunState`; each stage is a short
 function of it, and the flow body is the list of stages.
@@ -46,18 +49,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import dask
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
 
 from equislide.flows._common import (
     LOCK_HOOKS,
@@ -90,6 +89,7 @@ from equislide.flows.cluster import (
     gpu_workers,
     make_task_runner,
 )
+from equislide.flows.monitor import Monitor, stage_weights
 from equislide.specs import BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
 from equislide.stages.budget import BudgetSpec
 from equislide.stages.cluster import fit_cohort_stores, split_native
@@ -102,6 +102,9 @@ from equislide.stages.inputs import SETTLE_SECONDS
 from equislide.stages.segment import segment_store, tma_slides, write_tma_geojson
 from equislide.storage import RunManifest, thumbnail_data_uri
 from equislide.text import one_line, path_text
+
+#: ``progress(fraction)``: how much of a stage is done (0..1), told as its task groups finish.
+Progress = Callable[[float], None]
 
 #: Overlay thumbnails embedded in the run's markdown artifact (~8 kB each, stored in Prefect's database).
 _MAX_THUMBNAILS = 48
@@ -135,7 +138,25 @@ def features_task(
     return each_sample(items, "features", one, budget=budget_of(budget, "features"))
 
 
-@task(name="kmeans", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, **TASK_OPTIONS)
+def kmeans_run_name(parameters: dict[str, Any]) -> str:
+    n = len(parameters["stores"])
+    return f"kmeans cohort k={parameters['spec'].k} ({n} sample{'' if n == 1 else 's'})"
+
+
+def tma_run_name(parameters: dict[str, Any]) -> str:
+    slides = sorted({sid.rsplit("/", 1)[0] for sid, _ in parameters["items"] if "/" in sid})
+    shown = ", ".join(slides[:3]) + (f" and {len(slides) - 3} more" if len(slides) > 3 else "")
+    return f"tma grids of {shown or 'no TMA slide'}"
+
+
+@task(
+    name="kmeans",
+    task_run_name=kmeans_run_name,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    **TASK_OPTIONS,
+)
 def kmeans_task(stores: list[str], models_dir: str, layer: int, spec: ClusterSpec) -> KMeansRef:
     """One K-means model for the cohort, from a stratified sample of every store's tissue vectors."""
     get_run_logger().info("fitting K-means (k=%s) on %d samples", spec.k, len(stores))
@@ -165,7 +186,14 @@ def segment_task(
     return each_sample(items, "segmenting", one, budget=budget_of(budget, "segment"))
 
 
-@task(name="tma", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, **TASK_OPTIONS)
+@task(
+    name="tma",
+    task_run_name=tma_run_name,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient,
+    **TASK_OPTIONS,
+)
 def tma_task(items: list[tuple[str, str]], samples_dir: str) -> list[dict[str, Any]]:
     """Each TMA slide's grid (``<slide>.tma.geojson``) from its tiled cores (``(sample_id, store)``)."""
     slides = tma_slides([store for _, store in items])
@@ -194,7 +222,9 @@ def _tma_stage(state: RunState) -> None:
             state.samples[by_store[store]]["tma_geojson"] = item["result"]["path"]
 
 
-def _consistency_stage(state: RunState, spec: ConsistencySpec, cluster: ClusterSpec, device: str) -> None:
+def _consistency_stage(
+    state: RunState, spec: ConsistencySpec, cluster: ClusterSpec, device: str, progress: Progress
+) -> None:
     """Score the samples :func:`~equislide.stages.consistency.budget_plan` picks (a whole slide's regions,
     or a TMA's cores spread over the array; about a quarter of the feature work) with the run's own
     network and K-means (cohort mode) or per-sample fits."""
@@ -237,10 +267,10 @@ def _consistency_stage(state: RunState, spec: ConsistencySpec, cluster: ClusterS
         ): group
         for group in groups(items, state.workers)
     }
-    collect("consistency", submitted, done, state.fail)
+    collect("consistency", submitted, done, state.fail, progress=progress)
 
 
-def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec) -> None:
+def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec, progress: Progress) -> None:
     """Features per group (GPU-annotated only where workers advertise a GPU: CPU clusters never hang)."""
     gpu = gpu_workers() > 0  # asked again, not from the start: GPU workers may have joined since
     draws = str(state.models_dir / DRAWS_DIR) if cluster.fit == "cohort" else None
@@ -256,7 +286,7 @@ def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec) ->
             ): items
             for items in groups(state.live(), state.workers)
         }
-    collect("features", submitted, done, state.fail)
+    collect("features", submitted, done, state.fail, progress=progress)
 
 
 def _kmeans_stage(state: RunState, layer: int, cluster: ClusterSpec) -> None:
@@ -277,13 +307,10 @@ def _kmeans_stage(state: RunState, layer: int, cluster: ClusterSpec) -> None:
             state.kmeans = barrier(state, "kmeans", fut)
 
 
-def _segment_stage(state: RunState, layer: int, cluster: ClusterSpec, progress_id) -> None:
+def _segment_stage(state: RunState, layer: int, cluster: ClusterSpec, progress: Progress) -> None:
     def done(sid: str, res: dict[str, Any]) -> None:
         state.samples[sid]["segment"] = res
         state.timings[sid]["segment_s"] = res["seconds"]
-
-    def progress(n: int) -> None:
-        update_progress_artifact(progress_id, 100.0 * n / max(len(state.samples), 1))
 
     samples_dir = str(state.samples_dir)
     submitted = {
@@ -292,7 +319,7 @@ def _segment_stage(state: RunState, layer: int, cluster: ClusterSpec, progress_i
         ): items
         for items in groups(state.live(), state.workers)
     }
-    collect("segment", submitted, done, state.fail, after=progress)
+    collect("segment", submitted, done, state.fail, progress=progress)
 
 
 @flow(
@@ -408,25 +435,43 @@ def cohort_flow(
     resolved = resolve_stage(inputs, manifest_csv, settle_seconds, force_mpp=force_mpp)
     state = start_run(resolved, out)
     state.budgets = dataclasses.replace(BudgetSpec.from_env(), **(budgets or {}))
-    progress_id = create_progress_artifact(0.0, key="equislide-progress", description="samples done / total")
+    monitor = Monitor(
+        stage_weights(random_weights=weights is None, consistency=consistency),
+        key="equislide-progress",
+        description="work done, stages weighted by their measured cost",
+    )
+    thumbs: dict[str, str] = {}
+
+    def part(stage: str) -> Progress:
+        return functools.partial(monitor.advance, stage)
 
     with timed(state, "tile"):
-        tile_stage(state, tiling)
+        tile_stage(state, tiling, part("tile"))
     logger.info(
-        "tiled %d inputs into %d samples (%d failed)", len(state.ids), len(state.samples), len(state.errors)
+        "tiled %d inputs into %d samples (%d inputs failed, %d samples failed)",
+        len(state.ids),
+        len(state.samples),
+        failed_inputs(state),
+        len(state.errors),
     )
+    _publish(monitor, state, "tile", thumbs)
     with timed(state, "backbone"):
         backbone_stage(state, features)
+    _publish(monitor, state, "backbone", thumbs)
     with timed(state, "features"):
-        _features_stage(state, features, cluster)
+        _features_stage(state, features, cluster, part("features"))
+    _publish(monitor, state, "features", thumbs)
     with timed(state, "kmeans"):
         _kmeans_stage(state, layer, cluster)
+    _publish(monitor, state, "kmeans", thumbs)
     with timed(state, "segment"):
-        _segment_stage(state, layer, cluster, progress_id)
+        _segment_stage(state, layer, cluster, part("segment"))
         _tma_stage(state)
+    _publish(monitor, state, "segment", thumbs)
     if consistency and state.backbone is not None:
         with timed(state, "consistency"):
-            _consistency_stage(state, rotations, cluster, device)
+            _consistency_stage(state, rotations, cluster, device, part("consistency"))
+        _publish(monitor, state, "consistency", thumbs)
 
     manifest = _manifest(state, tiling, features, cluster, command)
     manifest.parameters["input_selection"] = resolved.describe()
@@ -440,7 +485,8 @@ def cohort_flow(
     report_path = report_task.submit(str(state.root), manifest.to_dict()).result()
     report = manifest.to_dict()
     report["path"] = report_path
-    _artifacts(report)
+    _publish(monitor, state, "report", thumbs, report)
+    monitor.finish()
     # One line here: the CLI prints the whole summary, and a deployed run has it as an artifact.
     logger.info("%s; summary in artifact equislide-summary", summary_text(report).splitlines()[0])
     failed = sum(1 for i in report["inputs"] if i["status"] == "failed")
@@ -558,47 +604,132 @@ def summary_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _artifacts(report: dict[str, Any]) -> None:
+#: Where each sample stands, by the key its stage leaves in ``RunState.samples``, in stage order.
+_REACHED = (
+    ("tile", "tiles"),
+    ("features", "features"),
+    ("segment", "segment"),
+    ("consistency", "consistency"),
+)
+
+
+def _relative(path: str | None, root: Path) -> str:
+    if not path:
+        return ""
+    with contextlib.suppress(ValueError):
+        return str(Path(path).relative_to(root))
+    return path_text(path)
+
+
+def _cluster_counts(segment: dict[str, Any]) -> str:
+    """Label map pixels per cluster, ``"1:5120 2:880"`` (0, no tissue, left out)."""
+    counts = segment.get("label_counts") or {}
+    return " ".join(f"{k}:{v}" for k, v in sorted(counts.items(), key=lambda kv: int(kv[0])) if k != "0")
+
+
+def sample_rows(state: RunState, report: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The per-sample table: status, stage reached, seconds, output paths, cluster counts, consistency.
+
+    While the run goes (no ``report``) a sample still going is ``running`` at the last stage it
+    finished; a failed one names the stage it failed in. With the ``report``: ``done``, ``skipped``
+    (reused from an earlier run) or ``failed``. Inputs that gave no sample are a row each too.
+    """
     rows = []
-    for sid, s in report["samples"].items():
-        t = s.get("timings", {})
+    for sid in sorted(state.samples):
+        sample = state.samples[sid]
+        t = state.timings.get(sid, {})
+        seg = sample.get("segment") or {}
+        outputs = seg.get("outputs") or {}
+        c = sample.get("consistency") or {}
+        reached = [name for name, key in _REACHED if key in sample]
+        if sid in state.errors:
+            status, stage = "failed", state.errors[sid].split(":", 1)[0]
+        else:
+            status = report["samples"][sid]["status"] if report else "running"
+            stage = reached[-1] if reached else "plan"
         rows.append(
             {
                 "sample": sid,
-                "status": s["status"],
+                "status": status,
+                "stage": stage,
+                "seconds": round(sum(t.values()), 2),
                 "tile_s": t.get("tile_s"),
                 "features_s": t.get("features_s"),
                 "segment_s": t.get("segment_s"),
-                "kappa_off90": (s.get("consistency") or {}).get("kappa_off90"),
-                "dice_off90": (s.get("consistency") or {}).get("dice_off90"),
-                "error": s.get("error") or "",
+                "consistency_s": t.get("consistency_s"),
+                "clusters": _cluster_counts(seg),
+                "overlay": _relative(outputs.get("overlay_png"), state.root),
+                "ome_zarr": _relative(outputs.get("ome_zarr"), state.root),
+                "geojson": _relative(outputs.get("geojson"), state.root),
+                "kappa_off90": c.get("kappa_off90"),
+                "dice_off90": c.get("dice_off90"),
+                "kappa_90": c.get("kappa_90"),
+                "error": state.errors.get(sid, ""),
             }
         )
-    create_table_artifact(rows, key="equislide-samples", description="per-sample status and timings")
-    md = [
-        "# equislide cohort run",
-        "",
-        "```",
-        summary_text(report),
-        "```",
-        "",
-        "| sample | status | overlay |",
-        "|---|---|---|",
-    ]
-    embedded = 0
-    for sid, s in report["samples"].items():
-        png = s["outputs"].get("overlay_png")
-        cell = s.get("error") or ""
-        if png and embedded < _MAX_THUMBNAILS:
-            try:
-                cell = f"![{sid}]({thumbnail_data_uri(png)})"
-                embedded += 1
-            except OSError as err:  # the overlay went missing: say so, the run itself is fine
-                cell = f"`{png}` (unreadable: {one_line(err)})"
-        elif png:
-            cell = f"`{png}`"
-        md.append(f"| {sid} | {s['status']} | {cell.replace('|', '/')} |")
-    create_markdown_artifact("\n".join(md), key="equislide-summary", description="run summary")
+    for p in state.paths:  # inputs that gave no sample at all (unreadable, refused, over budget)
+        rec = state.records.get(p) or {}
+        if rec.get("status") == "failed" and not rec.get("samples"):
+            name = rec.get("sample_id") or path_text(Path(p).name)
+            rows.append(
+                {"sample": name, "status": "failed", "stage": "plan", "error": rec.get("reason") or ""}
+            )
+    return rows
+
+
+def failed_inputs(state: RunState) -> int:
+    """Inputs failed so far: refused at planning, or with a sample that failed since."""
+    bad = {p for p, rec in state.records.items() if rec.get("status") == "failed"}
+    bad.update(state.samples[sid]["input"] for sid in state.errors if sid in state.samples)
+    return len(bad)
+
+
+def _thumbnail_cell(sid: str, png: str, thumbs: dict[str, str]) -> str:
+    """A sample's overlay as a small JPEG data URI: the UI is served to browsers that cannot read the
+    run folder, so a file path would show a broken image."""
+    if png not in thumbs and len(thumbs) >= _MAX_THUMBNAILS:
+        return f"`{path_text(png)}`"
+    try:
+        if png not in thumbs:
+            thumbs[png] = thumbnail_data_uri(png)
+        return f"![{sid}]({thumbs[png]})"
+    except OSError as err:  # the overlay went missing: say so, the run itself is fine
+        return f"`{path_text(png)}` (unreadable: {one_line(err)})"
+
+
+def _summary_markdown(state: RunState, head: str, thumbs: dict[str, str], report: dict | None) -> str:
+    md = ["# equislide cohort run", "", "```", head, "```", "", "| sample | status | stage | overlay |"]
+    md.append("|---|---|---|---|")
+    for row in sample_rows(state, report):
+        seg = (state.samples.get(row["sample"]) or {}).get("segment") or {}
+        png = (seg.get("outputs") or {}).get("overlay_png")
+        cell = _thumbnail_cell(row["sample"], png, thumbs) if png else row.get("error", "")
+        md.append(f"| {row['sample']} | {row['status']} | {row['stage']} | {cell.replace('|', '/')} |")
+    return "\n".join(md)
+
+
+def _publish(
+    monitor: Monitor,
+    state: RunState,
+    stage: str,
+    thumbs: dict[str, str],
+    report: dict[str, Any] | None = None,
+) -> None:
+    """After a stage: the bar at its share, the table and the summary as they stand, failures logged."""
+    monitor.advance(stage, 1.0)
+    n_failed = failed_inputs(state)
+    live = len(state.live())
+    line = (
+        f"after {stage}: {n_failed} of {len(state.paths)} inputs failed, {len(state.errors)} of "
+        f"{len(state.samples)} samples failed, {live} going, {monitor.shown:.0f}% done"
+    )
+    if report is None:
+        get_run_logger().log(logging.WARNING if state.errors or n_failed else logging.INFO, line)
+    head = summary_text(report) if report is not None else f"equislide segment: running; {line}"
+    monitor.table(
+        "equislide-samples", sample_rows(state, report), "per-sample status, stage, outputs, timings"
+    )
+    monitor.markdown("equislide-summary", _summary_markdown(state, head, thumbs, report), "run summary")
 
 
 def run_cohort(inputs: list[str], out: str, **options: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ Stages (the same Dask and Prefect machinery as the cohort flow, :mod:`equislide.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import time
 from pathlib import Path
@@ -29,7 +30,6 @@ from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from equislide.flows._common import (
     LOCK_HOOKS,
@@ -51,6 +51,7 @@ from equislide.flows._common import (
     timed,
     weights_note,
 )
+from equislide.flows.monitor import Monitor
 from equislide.specs import ClusterSpec, FeatureSpec, TilingSpec
 from equislide.stages.consistency import ConsistencySpec, is_off90
 from equislide.stages.inputs import SETTLE_SECONDS
@@ -142,7 +143,13 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
-@task(name="study-report", retries=1, **TASK_OPTIONS)
+def study_report_run_name(parameters: dict[str, Any]) -> str:
+    runs = {tuple(k.split("|")[1:]) for k in parameters["docs"]}
+    samples = {k.split("|")[0] for k in parameters["docs"]}
+    return f"study report {Path(parameters['out']).name} ({len(samples)} samples x {len(runs)} backbones)"
+
+
+@task(name="study-report", task_run_name=study_report_run_name, retries=1, **TASK_OPTIONS)
 def study_report_task(out: str, docs: dict, first_sample: str | None) -> dict[str, Any]:
     """metrics.csv, summary.csv, angles.csv and the two pictures."""
     from equislide.storage import stack_strips, write_angle_plot
@@ -247,8 +254,18 @@ def consistency_flow(
     resolved = resolve_stage(inputs, manifest_csv, settle_seconds)
     state: RunState = start_run(resolved, out)
     logger.info("rotation study, backbones %s", names)
+    runs = [(name, layer) for name in names for layer in layers or [4]]
+    monitor = Monitor(study_weights(runs), key="equislide-progress", description=_PROGRESS_DESCRIPTION)
     with timed(state, "tile"):
-        tile_stage(state, tiling)
+        tile_stage(state, tiling, functools.partial(monitor.advance, "tile"))
+    monitor.advance("tile", 1.0)
+    logger.info(
+        "tiled %d inputs into %d samples (%d inputs failed, %d samples failed)",
+        len(state.ids),
+        len(state.samples),
+        len({p for p, r in state.records.items() if r.get("status") == "failed"}),
+        len(state.errors),
+    )
     results_dir = state.root / "consistency"
     docs: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = dict(state.errors)
@@ -272,7 +289,9 @@ def consistency_flow(
                     sorted(s for _, s in live), str(state.models_dir), features, packaged_for(features)
                 )
                 reason = failure(fut)
+            monitor.advance(f"backbone {name} {layer}", 1.0)
             if reason is not None:
+                monitor.advance(f"consistency {name} {layer}", 1.0)
                 failed[f"{name} layer {layer}"] = reason
                 logger.warning("FAILED backbone %s layer %d: %s", name, layer, reason)
                 continue
@@ -302,7 +321,14 @@ def consistency_flow(
                     ): g
                     for g in groups(live, state.workers)
                 }
-                collect(f"consistency {name}", submitted, done, fail)
+                collect(
+                    f"consistency {name}",
+                    submitted,
+                    done,
+                    fail,
+                    progress=functools.partial(monitor.advance, f"consistency {name} {layer}"),
+                )
+            _publish_so_far(monitor, docs, failed)
     for rec in state.records.values():  # inputs that gave no sample
         if rec.get("status") == "failed":
             failed[rec["path"]] = rec["reason"]  # the shown path: printable and JSON-safe
@@ -314,7 +340,8 @@ def consistency_flow(
     report["input_selection"] = resolved.describe()
     report["timings"] = {k: round(v, 3) for k, v in state.stage_s.items()}
     report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-    _artifacts(report)
+    _artifacts(monitor, report)
+    monitor.finish()
     # One line here: the CLI prints the whole table, and a deployed run has it as an artifact.
     logger.info("%s; table in artifact equislide-consistency", study_text(report).splitlines()[0])
     return outcome(report, *_failed_inputs(state, failed, names, layers or [4]))
@@ -361,17 +388,41 @@ def study_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _artifacts(report: dict[str, Any]) -> None:
+_PROGRESS_DESCRIPTION = "work done: tiling, then each backbone's calibration and consistency"
+
+
+def study_weights(runs: list[tuple[str, int]]) -> dict[str, float]:
+    """Progress weights of the study: tiling 5 %, then each backbone and layer an equal share, a tenth of
+    it for the network's preparation. Not measured per backbone (E2CNN costs several times SRENet per
+    sample), so the bar moves unevenly between backbones; it still never goes back."""
+    weights = {"tile": 0.05, "report": 0.01}
+    for name, layer in runs:
+        weights[f"backbone {name} {layer}"] = 0.094 / len(runs)
+        weights[f"consistency {name} {layer}"] = 0.846 / len(runs)
+    return weights
+
+
+def _publish_so_far(monitor: Monitor, docs: dict[str, dict[str, Any]], failed: dict[str, str]) -> None:
+    """After each backbone: the summary of the backbones finished so far, under the final table's key."""
+    keyed = {tuple(k.split("|")[:2]) + (int(k.split("|")[2]),): v for k, v in docs.items()}
+    summary, _ = summarise_study(keyed)
+    if summary:
+        monitor.table("equislide-consistency-summary", summary, "per backbone (so far)")
+    if failed:
+        shown = sorted(failed)
+        more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+        get_run_logger().warning("%d failed so far: %s%s", len(failed), "; ".join(shown[:5]), more)
+
+
+def _artifacts(monitor: Monitor, report: dict[str, Any]) -> None:
     if report["summary"]:
-        create_table_artifact(
-            report["summary"], key="equislide-consistency-summary", description="per backbone"
-        )
+        monitor.table("equislide-consistency-summary", report["summary"], "per backbone")
     if report["angles"]:
-        create_table_artifact(report["angles"], key="equislide-consistency-angles", description="per angle")
-    create_markdown_artifact(
+        monitor.table("equislide-consistency-angles", report["angles"], "per angle")
+    monitor.markdown(
+        "equislide-consistency",
         "# equislide rotation study\n\n```\n" + study_text(report) + "\n```\n",
-        key="equislide-consistency",
-        description="rotation-consistency study",
+        "rotation-consistency study",
     )
 
 
