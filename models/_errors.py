@@ -8,6 +8,7 @@ __all__ = [
     "KMeansError",
     "ModelConfigError",
     "OptionalDependencyError",
+    "TrainingDataError",
 ]
 
 
@@ -36,3 +37,7 @@ class OptionalDependencyError(ImportError):
 
 class FeatureRangeError(ValueError):
     """Features are not finite or too large for float16 (an uncalibrated network, usually)."""
+
+
+class TrainingDataError(ValueError):
+    """Training data that cannot be trained on: an empty folder, one class, no tissue, a bad state file."""
