@@ -45,6 +45,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Angles of the rotated validation: 90 must not cost an equivariant network anything; 30 may.
 VAL_ANGLES = (0, 90, 30)
 _STREAM_AUG, _STREAM_VIEW2 = 1, 2
+#: Training images BatchNorm's running statistics are re-estimated on after every epoch.
+BN_IMAGES = 64
 
 
 @dataclass(frozen=True)
@@ -298,6 +300,34 @@ class Trainer:
             metrics["train_accuracy"] = correct / max(seen, 1)
         self.history.append(metrics)
         return metrics
+
+    @torch.no_grad()
+    def precise_batchnorm(self, dataset, *, max_images: int = BN_IMAGES) -> int:
+        """Re-estimate every BatchNorm's running statistics of the backbone on clean (unaugmented)
+        training images, evenly spaced over the dataset; returns how many were used.
+
+        Training only ever normalises with batch statistics; the running averages (momentum 0.1) are
+        what evaluation and ``segment`` use, and after a few steps they are still near their defaults,
+        which lets SRENet's activations reach ~1e9 by layer 4 (measured: a 1-epoch run's features
+        overflowed segment's float16 store). Running statistics never enter a training step, so this
+        leaves the optimisation, and resumed runs, exactly as they were.
+        """
+        from equislide.models.calibration import recalibrate_batchnorm
+
+        n = len(dataset)
+        picks = np.unique(np.linspace(0, n - 1, num=min(n, max_images)).round().astype(np.int64))
+        batch = self.recipe.batch_size
+        batches = (
+            self._memory(
+                normalise(to_unit(torch.from_numpy(dataset.load(picks[s : s + batch])[0]).to(self.device)))
+            )
+            for s in range(0, len(picks), batch)
+        )
+        with torch.autocast(
+            self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
+        ):
+            recalibrate_batchnorm(self.model, batches)
+        return len(picks)
 
     # --- state --------------------------------------------------------------------------------
 

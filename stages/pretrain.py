@@ -406,6 +406,7 @@ def pretrain(
 
     for _ in range(trainer.epoch, recipe.epochs):
         metrics = trainer.train_epoch(train, on_step=on_step)
+        metrics["batchnorm_images"] = trainer.precise_batchnorm(train)
         if val is not None:
             if num_classes is not None:
                 metrics.update(rotated_accuracy(trainer.model, val, device=device))
@@ -439,6 +440,7 @@ def pretrain(
             "command": list(spec.command),
             "recipe": recipe.to_dict(),
             "objective": "BYOL" if recipe.self_supervised else "cross-entropy",
+            "batchnorm": "running statistics re-estimated on clean training images after every epoch",
             "data": summary,
             "val": None if val is None else val.summary(),
             "metrics": trainer.history,
