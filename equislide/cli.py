@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from equislide._version import __version__
 
 # Order is the order shown by --help.
-COMMANDS = ("demo", "selfcheck", "phantom", "tile", "segment", "consistency")
+COMMANDS = ("demo", "selfcheck", "phantom", "tile", "segment", "consistency", "pretrain")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The exact command line, for provenance (pretrain records it in the weights' config).
+    args._argv = ["equislide", *(sys.argv[1:] if argv is None else list(argv))]
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

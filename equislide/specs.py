@@ -9,6 +9,7 @@ parameters that made the result. The CLI reads its defaults from here.
   initialisation, BatchNorm calibration, device).
 - :class:`ClusterSpec`: how the features become clusters (k, cohort or per-sample fit, backend, vectors
   per sample, seed).
+- :class:`PretrainSpec`: what ``equislide pretrain`` trains on, how, and where it writes.
 - :class:`BackboneRef` and :class:`KMeansRef`: a saved network and a saved K-means model, as the
   backbone and cluster stages return them; later stages take these references, not the objects.
 
@@ -35,6 +36,7 @@ __all__ = [
     "ClusterSpec",
     "FeatureSpec",
     "KMeansRef",
+    "PretrainSpec",
     "TilingSpec",
 ]
 
@@ -315,3 +317,94 @@ class KMeansRef:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields, for ``run.json``."""
         return dataclasses.asdict(self)
+
+
+#: Architectures ``equislide pretrain --arch`` takes, by their short names.
+PRETRAIN_ARCHS = {"srenet18": "srenet18", "resnet18": "resnet18", "e2cnn18": "e2cnn_resnet18"}
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """What ``equislide pretrain`` trains on, how, and where it writes (:mod:`equislide.stages.pretrain`).
+
+    The recipe fields are those of :class:`equislide.models.training.Recipe` (:meth:`recipe`), with
+    its defaults: the SRE-Conv authors' NCT-CRC runs.
+
+    Attributes:
+        data: Supervised: one ImageFolder (class folders). Self-supervised: slides, image files,
+            folders of them, or tile stores (``*.zarr``) of an earlier run, in any mix.
+        out: The weights, ``*.safetensors`` (a ``.json`` config beside it); the per-epoch training
+            state goes to ``<out without suffix>.train/``.
+        val: A labelled ImageFolder scored after every epoch (rotated accuracy; k-NN accuracy when
+            self-supervised).
+        resume: Continue from the latest state in the ``.train`` folder.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda:0``...
+        mpp: Resolution tissue tiles are cut at from slides, µm per pixel (NCT-CRC's 0.5).
+        input_mpp: µm per level-0 pixel of inputs without a usable resolution (else native pixels).
+        max_tiles: Most self-supervised tiles kept in memory (evenly spaced over the inputs).
+        tissue_fraction: Tiles with less tissue than this (tissue mask) are dropped as glass.
+        weights_dtype: ``float32`` or ``float16`` (half the size, for shipping) for the saved weights.
+        command: The command line, recorded in the weights' provenance.
+    """
+
+    data: tuple[str, ...]
+    out: str
+    arch: str = "srenet18"
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    self_supervised: bool = False
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 2e-2
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    input_size: int = 224
+    rotation_augment: bool = False
+    seed: int = 0
+    precision: str = "auto"
+    val: str | None = None
+    resume: bool = False
+    device: str = "auto"
+    mpp: float = 0.5
+    input_mpp: float | None = None
+    max_tiles: int = 20000
+    tissue_fraction: float = 0.5
+    weights_dtype: str = "float32"
+    command: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", tuple(str(d) for d in self.data))
+        object.__setattr__(self, "model_kwargs", dict(self.model_kwargs or {}))
+        object.__setattr__(self, "command", tuple(self.command))
+        if not self.data:
+            raise ValueError("data is empty: give at least one folder, slide or tile store")
+        if not str(self.out).endswith(".safetensors"):
+            raise ValueError(f"out={self.out!r} must end in .safetensors")
+        if self.arch not in PRETRAIN_ARCHS.values():
+            raise ValueError(f"arch={self.arch!r} is not one of {', '.join(PRETRAIN_ARCHS.values())}")
+        if self.weights_dtype not in ("float32", "float16"):
+            raise ValueError(f"weights_dtype={self.weights_dtype!r}; use 'float32' or 'float16'")
+        if not 0.0 <= self.tissue_fraction <= 1.0:
+            raise ValueError(f"tissue_fraction={self.tissue_fraction!r} must be within 0-1")
+        if self.max_tiles < 1:
+            raise ValueError(f"max_tiles={self.max_tiles} must be >= 1")
+        if not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp) and self.mpp > 0):
+            raise ValueError(f"mpp={self.mpp!r} must be a positive number of µm per pixel")
+
+    def recipe(self):
+        """The :class:`~equislide.models.training.Recipe` of these fields (checked there)."""
+        from equislide.models.training import Recipe
+
+        return Recipe(
+            arch=self.arch,
+            model_kwargs=dict(self.model_kwargs),
+            self_supervised=self.self_supervised,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            input_size=self.input_size,
+            rotation_augment=self.rotation_augment,
+            seed=self.seed,
+            precision=self.precision,  # type: ignore[arg-type]
+        )

@@ -9,6 +9,7 @@ __all__ = [
     "KMeansError",
     "ModelConfigError",
     "OptionalDependencyError",
+    "TrainingDataError",
 ]
 
 
@@ -41,3 +42,7 @@ class FeatureRangeError(ValueError):
 
 class DefaultWeightsError(CheckpointError):
     """The registry of packaged default weights, or a file it names, is missing, malformed or altered."""
+
+
+class TrainingDataError(ValueError):
+    """Training data that cannot be trained on: an empty folder, one class, no tissue, a bad state file."""

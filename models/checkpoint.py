@@ -64,7 +64,11 @@ _NAMES_SHOWN = 5
 
 
 def save_checkpoint(
-    model: nn.Module, path: str | os.PathLike[str], *, provenance: dict | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    provenance: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``model``'s weights to ``path`` (safetensors) and its config beside it (``.json``).
 
@@ -75,6 +79,10 @@ def save_checkpoint(
             with the suffix ``.json``. Parent folders are created; existing files are replaced.
         provenance: JSON-serialisable facts about the weights (data trained on, seed, date, ...);
             dates and paths are written as ISO strings and plain strings.
+        dtype: Store floating tensors in this dtype (``torch.float16`` halves a shipped file);
+            None keeps each tensor's own. Integer tensors (BatchNorm counters) are never cast. The
+            config's ``tensors`` entries and ``stored_dtype`` record what the file holds;
+            :func:`load_checkpoint` casts back to the model's dtype.
 
     Returns:
         The weights path.
@@ -97,8 +105,12 @@ def save_checkpoint(
             f"{path}: model arch {config['arch']!r} is not registered, so it could not be rebuilt"
         )
 
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"{path}: dtype={dtype!r} is not a floating torch dtype (e.g. torch.float16)")
     # Own, contiguous CPU copies: safetensors refuses views and tensors sharing storage.
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in model.state_dict().items()}
+    if dtype is not None:
+        tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
     document: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -115,6 +127,8 @@ def save_checkpoint(
         },
         "provenance": dict(provenance or {}),
     }
+    if dtype is not None:
+        document["stored_dtype"] = str(dtype).removeprefix("torch.")
     return write_document(path, tensors, key=METADATA_KEY, document=document, what="config or provenance")
 
 
@@ -142,6 +156,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
     model = _build(document, Path(path))
     tensors = load_tensors(weights_path)
     _check_tensors(model, tensors, weights_path)
+    # A file stored in float16 (shipped weights) is cast back to the dtype the model computes in.
+    expected = model.state_dict()
+    tensors = {
+        k: t.to(expected[k].dtype) if t.is_floating_point() and expected[k].is_floating_point() else t
+        for k, t in tensors.items()
+    }
     model.load_state_dict(tensors, strict=True)
     return model.to(map_location).eval()
 

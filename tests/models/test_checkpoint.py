@@ -224,3 +224,26 @@ def test_map_location(saved) -> None:
     _, path = saved
     loaded = load_checkpoint(path, map_location=torch.device("cpu"))
     assert next(loaded.parameters()).device == torch.device("cpu")
+
+
+def test_float16_storage_halves_the_file_and_loads_back_as_float32(tmp_path: Path) -> None:
+    model = _small_srenet()
+    with torch.no_grad():
+        _perturb_batchnorm(model)
+    full = save_checkpoint(model, tmp_path / "full.safetensors")
+    half = save_checkpoint(model, tmp_path / "half.safetensors", dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    doc = json.loads(half.with_suffix(".json").read_text())
+    assert doc["stored_dtype"] == "float16"
+    assert doc["tensors"]["stem.0.weight"]["dtype"] == "float16"
+    assert doc["tensors"]["stem.1.num_batches_tracked"]["dtype"] == "int64"  # counters are not cast
+    loaded = load_checkpoint(half)
+    for name, tensor in model.state_dict().items():
+        got = loaded.state_dict()[name]
+        assert got.dtype == tensor.dtype, name
+        if tensor.is_floating_point():
+            assert torch.equal(got, tensor.half().to(tensor.dtype)), name  # float16-rounded, nothing else
+        else:
+            assert torch.equal(got, tensor), name
+    with pytest.raises(CheckpointError, match="not a floating torch dtype"):
+        save_checkpoint(model, tmp_path / "bad.safetensors", dtype=torch.int8)
