@@ -2,9 +2,9 @@
 
 Run by hand::
 
-    python bench/load.py                 # 50 vs 200 cores (600 µm), then 200 vs 1000 tiny cores (200 µm)
-    python bench/load.py --quick         # 8 vs 32 cores, then 32 vs 64 tiny cores
-    python bench/load.py --sizes 50 200 --tiny 200 1000 --workers 2 --json load.json
+    python bench/load.py                 # 50 vs 200 cores of 400 µm, then 1000 cores of 300 µm
+    python bench/load.py --quick         # 8 vs 16 cores, then 32 of 300 µm
+    python bench/load.py --sizes 50 200 --tiny 200 1000 --core-um 600 --workers 2 --json load.json
 
 What runs:
 
@@ -28,9 +28,11 @@ What runs:
   the flow run's final state, its task runs (total, per task name, per sample) and the events that name
   the flow run; the server's HTTP requests during the run (uvicorn access-log lines).
 
-The second part repeats the same at ``--tiny`` sizes with 200 µm cores (the smallest the dearraying
-finds reliably at 2.5 µm/px; each core is one small tile) to count task runs, HTTP requests and events
-per sample at 1000 samples without the feature work of 1000 full-size cores.
+Cores are 400 µm (160 px at the analysis 2.5 µm/px, one tile each). The second part repeats the same
+at ``--tiny`` sizes with 300 µm cores (120 px, one small tile; phantom cores of 200 µm were not
+dearrayed, the slide became one whole-slide sample) to count task runs, HTTP requests and
+events per sample at 1000 samples without the feature work of 1000 larger cores: those counts depend
+on the number of samples, slides and workers, not on the pixels.
 
 Throughput is samples over the flow's own wall time (``run.json`` ``timings.total_s``, cluster start
 included); the machine it runs on may be shared: compare ratios from one run.
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -129,10 +132,9 @@ class Server:
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"prefect server exited ({self.proc.returncode}): {self.tail()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return time.monotonic() - t0
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
             time.sleep(0.5)
         raise RuntimeError(f"prefect server not healthy after {timeout:.0f} s: {self.tail()}")
 
@@ -148,49 +150,49 @@ class Server:
 
 
 class Sampler(threading.Thread):
-    """Every 0.5 s: resident set of the flow process, each of its descendants, and the server's tree."""
+    """Every 0.5 s: resident set of the flow process, of each Dask worker process (a direct child spawned
+    by LocalCluster's nannies, which live in the flow process) with and without its descendants (the
+    forkserver and the per-task processes that run budgeted stages), and of the server's process tree."""
 
     def __init__(self, flow_pid: int, server_pid: int) -> None:
         super().__init__(daemon=True)
         self.flow_pid, self.server_pid = flow_pid, server_pid
         self.flow_peak = 0
         self.server_peak = 0
-        self.children: dict[int, dict] = {}  # pid -> {"kind", "peak"}
+        self.workers: dict[int, dict] = {}  # pid -> {"own": peak, "tree": peak of the sum}
+        self.stage_peak = 0  # largest single process under a worker
+        self.stage_pids: set[int] = set()
         self.stop_event = threading.Event()
 
     @staticmethod
-    def _kind(p: psutil.Process) -> str:
-        cmd = " ".join(p.cmdline())
-        if "resource_tracker" in cmd:
-            return "resource tracker"
-        if "spawn_main" in cmd or "forkserver" in cmd:
-            return "dask worker"  # LocalCluster's nannies spawn the worker processes
-        return "other"
+    def _rss(p: psutil.Process) -> int:
+        try:
+            return p.memory_info().rss
+        except psutil.Error:
+            return 0
 
     def run(self) -> None:
         while not self.stop_event.is_set():
             with contextlib.suppress(psutil.Error):
                 flow = psutil.Process(self.flow_pid)
-                self.flow_peak = max(self.flow_peak, flow.memory_info().rss)
-                for c in flow.children(recursive=True):
+                self.flow_peak = max(self.flow_peak, self._rss(flow))
+                for c in flow.children():
                     with contextlib.suppress(psutil.Error):
-                        rec = self.children.get(c.pid)
-                        if rec is None:
-                            rec = self.children[c.pid] = {"kind": self._kind(c), "peak": 0}
-                        rec["peak"] = max(rec["peak"], c.memory_info().rss)
+                        if "spawn_main" not in " ".join(c.cmdline()):
+                            continue  # multiprocessing's resource tracker
+                        own, rec = self._rss(c), self.workers.setdefault(c.pid, {"own": 0, "tree": 0})
+                        tree = own
+                        for g in c.children(recursive=True):
+                            rss = self._rss(g)
+                            tree += rss
+                            self.stage_peak = max(self.stage_peak, rss)
+                            self.stage_pids.add(g.pid)
+                        rec["own"], rec["tree"] = max(rec["own"], own), max(rec["tree"], tree)
             with contextlib.suppress(psutil.Error):
                 srv = psutil.Process(self.server_pid)
-                rss = srv.memory_info().rss
-                for c in srv.children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        rss += c.memory_info().rss
+                rss = self._rss(srv) + sum(self._rss(c) for c in srv.children(recursive=True))
                 self.server_peak = max(self.server_peak, rss)
             self.stop_event.wait(0.5)
-
-    def workers_mb(self) -> list[float]:
-        return sorted(
-            (r["peak"] / 2**20 for r in self.children.values() if r["kind"] == "dask worker"), reverse=True
-        )
 
 
 def make_slides(folder: Path, samples: int, core_um: float) -> tuple[list[Path], set[str]]:
@@ -323,17 +325,17 @@ def run_cohort(
     doc = json.loads(run_json.read_text())
     samples = doc.get("samples", {})
     got = set(samples)
-    failed = sorted(s for s, v in samples.items() if v.get("status") != "ok")
+    failed = sorted(s for s, v in samples.items() if v.get("status") != "done")
     missing_out = []
-    for sid in sorted(got & expected):
-        base = out / "samples" / sid
-        need = [Path(f"{base}.ome.zarr"), Path(f"{base}.png"), Path(f"{base}.geojson")]
-        if not all(p.exists() for p in need):
+    for sid, v in sorted(samples.items()):
+        outs = v.get("outputs") or {}
+        need = [outs.get(k) for k in ("ome_zarr", "overlay_png", "geojson")]
+        if not all(p and Path(p).exists() for p in need):
             missing_out.append(sid)
     api = _api_counts(server.url, since)
     n = len(samples) or 1
     flow_s = doc.get("timings", {}).get("total_s", wall)
-    workers_mb = sampler.workers_mb()
+    workers = sorted(sampler.workers.values(), key=lambda r: -r["tree"])
     return {
         "name": name,
         "slides": len(slides),
@@ -344,7 +346,10 @@ def run_cohort(
         "flow_s": flow_s,
         "samples_per_min": 60.0 * len(samples) / flow_s if flow_s else 0.0,
         "flow_mb": sampler.flow_peak / 2**20,
-        "worker_mb": workers_mb,
+        "worker_mb": [w["own"] / 2**20 for w in workers],
+        "worker_tree_mb": [w["tree"] / 2**20 for w in workers],
+        "stage_process_mb": sampler.stage_peak / 2**20,
+        "stage_processes": len(sampler.stage_pids),
         "server_mb": sampler.server_peak / 2**20,
         "lost": sorted(expected - got),
         "extra": sorted(got - expected),
@@ -362,36 +367,51 @@ def run_cohort(
     }
 
 
+def _ok(r: dict) -> bool:
+    clean = not (r["lost"] or r["extra"] or r["failed"] or r["missing_outputs"])
+    return clean and r["api"].get("segment_samples_covered") == r["samples"]
+
+
 def _row(r: dict) -> str:
-    w = r["worker_mb"]
-    ok = not (r["lost"] or r["extra"] or r["failed"] or r["missing_outputs"])
-    ok = ok and r["api"].get("segment_samples_covered") == r["samples"]
+    own, tree = max(r["worker_mb"] or [0]), max(r["worker_tree_mb"] or [0])
     ev = r["events_per_sample"]
     return (
-        f"{r['name']:14s}{r['slides']:>7d}{r['samples']:>8d}{r['flow_s']:>8.1f}{r['wall_s']:>8.1f}"
-        f"{r['samples_per_min']:>9.1f}{r['flow_mb']:>8.0f}{(max(w) if w else 0):>8.0f}{len(w):>4d}"
-        f"{r['server_mb']:>8.0f}{r['api'].get('task_runs', 0):>7d}{r['task_runs_per_sample']:>8.3f}"
-        f"{r['http_requests']:>7d}{r['http_per_sample']:>8.2f}{(ev if ev is not None else float('nan')):>8.2f}"
-        f"{r['locked_server'] + r['locked_flow']:>7d}  {'ok' if ok else 'CHECK'}{r['load']:>6.1f}"
+        f"{r['name']:10s}{r['slides']:>7d}{r['samples']:>8d}{r['flow_s']:>8.1f}{r['wall_s']:>8.1f}"
+        f"{r['samples_per_min']:>9.1f}{r['flow_mb']:>8.0f}{own:>8.0f}{tree:>8.0f}{len(r['worker_mb']):>3d}"
+        f"{r['stage_process_mb']:>7.0f}{r['server_mb']:>7.0f}{r['api'].get('task_runs', 0):>6d}"
+        f"{r['task_runs_per_sample']:>7.3f}{r['http_per_sample']:>7.2f}"
+        f"{ev if ev is not None else float('nan'):>7.2f}{r['locked_server'] + r['locked_flow']:>7d}"
+        f"{'ok' if _ok(r) else 'CHECK':>6s}{r['load']:>6.1f}"
     )
 
 
 HEADER = (
-    f"{'cohort':14s}{'slides':>7s}{'samples':>8s}{'flow s':>8s}{'wall s':>8s}{'samp/min':>9s}"
-    f"{'flow MB':>8s}{'wrk MB':>8s}{'#w':>4s}{'srv MB':>8s}{'tasks':>7s}{'task/s':>8s}"
-    f"{'HTTP':>7s}{'HTTP/s':>8s}{'evt/s':>8s}{'locked':>7s}  ids  load"
+    f"{'cohort':10s}{'slides':>7s}{'samples':>8s}{'flow s':>8s}{'wall s':>8s}{'samp/min':>9s}"
+    f"{'flow MB':>8s}{'wrk MB':>8s}{'wrk+ MB':>8s}{'#w':>3s}{'stg MB':>7s}{'srv MB':>7s}{'tasks':>6s}"
+    f"{'task/s':>7s}{'HTTP/s':>7s}{'evt/s':>7s}{'locked':>7s}{'ids':>6s}{'load':>6s}"
 )
+
+LEGEND = """\
+flow s: run.json timings.total_s (cluster start included); samp/min: samples / flow s; flow MB: peak RSS
+of the `segment` process (Prefect flow, Dask client and nannies); wrk MB: largest Dask worker process
+alone, wrk+ MB: with its forkserver and per-task stage processes (peak of the sum), #w: worker processes;
+stg MB: largest single per-task stage process; srv MB: the Prefect server's process tree; tasks: task
+runs of the flow run read through the API, task/s: per sample; HTTP/s: uvicorn access-log lines during
+the run per sample; evt/s: events naming the flow run per sample (task-run state changes travel as
+events over one websocket, not as HTTP calls); locked: 'database is locked' lines (server log + flow
+output); ids ok: no lost, extra or failed sample, every OME-Zarr / PNG / GeoJSON present, and the
+segment task runs cover the samples exactly once."""
 
 
 def _ratio(a: dict, b: dict) -> str:
     def q(x: float, y: float) -> str:
         return f"{x / y:.2f}" if y else "n/a"
 
-    wa, wb = max(a["worker_mb"] or [0]), max(b["worker_mb"] or [0])
+    wa, wb = max(a["worker_tree_mb"] or [0]), max(b["worker_tree_mb"] or [0])
     return (
         f"{b['name']} / {a['name']}: samples {q(b['samples'], a['samples'])}x, samples/min "
         f"{q(b['samples_per_min'], a['samples_per_min'])}, flow MB {q(b['flow_mb'], a['flow_mb'])}, "
-        f"worker MB {q(wb, wa)}, server MB {q(b['server_mb'], a['server_mb'])}, task runs/sample "
+        f"worker+ MB {q(wb, wa)}, server MB {q(b['server_mb'], a['server_mb'])}, task runs/sample "
         f"{q(b['task_runs_per_sample'], a['task_runs_per_sample'])}, HTTP/sample "
         f"{q(b['http_per_sample'], a['http_per_sample'])}"
     )
@@ -399,73 +419,76 @@ def _ratio(a: dict, b: dict) -> str:
 
 def _details(r: dict) -> str:
     api = r["api"]
-    bits = [
-        f"  {r['name']}: exit {r['exit']}, flow run {api.get('state', api.get('error'))!s}"
-        + (f" ({api['message']})" if api.get("message") else ""),
-        f"    task runs by name {api.get('task_runs_by_name')}, states {api.get('task_run_states')}, "
-        f"segment task runs cover {api.get('segment_samples_covered')} samples",
-        f"    lost {len(r['lost'])}, extra {len(r['extra'])}, failed {len(r['failed'])}, outputs missing "
-        f"{len(r['missing_outputs'])}; 'database is locked': server {r['locked_server']}, flow {r['locked_flow']}",
-        f"    worker peaks MB {[round(x) for x in r['worker_mb']]}; stages "
-        + " ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in r["timings"].items()),
-    ]
-    return "\n".join(bits)
+    state = api.get("state", api.get("error"))
+    return "\n".join(
+        [
+            f"  {r['name']}: exit {r['exit']}, flow run {state}"
+            + (f" ({api['message']})" if api.get("message") else ""),
+            f"    task runs by name {api.get('task_runs_by_name')}, states {api.get('task_run_states')}, "
+            f"segment task runs cover {api.get('segment_samples_covered')} samples; "
+            f"HTTP requests {r['http_requests']}, events {api.get('events')}",
+            f"    lost {len(r['lost'])}, extra {len(r['extra'])}, failed {len(r['failed'])}, outputs "
+            f"missing {len(r['missing_outputs'])}; 'database is locked': server {r['locked_server']}, "
+            f"flow {r['locked_flow']}",
+            f"    worker MB alone {[round(x) for x in r['worker_mb']]}, with children "
+            f"{[round(x) for x in r['worker_tree_mb']]}; {r['stage_processes']} stage processes; stages "
+            + " ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in r["timings"].items()),
+        ]
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[50, 200], help="cohorts of 600 µm cores")
-    parser.add_argument("--tiny", type=int, nargs="*", default=[200, 1000], help="cohorts of 200 µm cores")
-    parser.add_argument("--core-um", type=float, default=600.0)
-    parser.add_argument("--tiny-core-um", type=float, default=200.0)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50, 200], help="cores, --core-um each")
+    parser.add_argument("--tiny", type=int, nargs="*", default=[1000], help="cores, --tiny-core-um each")
+    parser.add_argument("--core-um", type=float, default=400.0, help="core diameter (default 400 µm)")
+    parser.add_argument("--tiny-core-um", type=float, default=300.0, help="default 300 µm")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one cohort may take")
-    parser.add_argument("--quick", action="store_true", help="8 vs 32 cores, tiny 32 vs 64")
+    parser.add_argument("--quick", action="store_true", help="8 vs 16 cores, tiny 32")
     parser.add_argument("--json", type=Path, help="write every figure here")
-    parser.add_argument("--keep", type=Path, help="keep slides, runs and logs here (default: a temporary folder)")
+    parser.add_argument("--keep", type=Path, help="keep slides, runs and logs here (default: temporary)")
     args = parser.parse_args()
-    sizes, tiny = ([8, 32], [32, 64]) if args.quick else (args.sizes, args.tiny)
+    sizes, tiny = ([8, 16], [32]) if args.quick else (args.sizes, args.tiny)
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="equislide-load-"))
     root.mkdir(parents=True, exist_ok=True)
     client_home = root / "client-home"
     client_home.mkdir(exist_ok=True)
-    print(f"{os.cpu_count()} CPUs, {args.workers} workers; load average {os.getloadavg()[0]:.2f}; files in {root}")
+    load = os.getloadavg()[0]
+    print(f"{os.cpu_count()} CPUs, {args.workers} workers; load average {load:.2f}; files in {root}")
     server = Server(root)
     results: list[dict] = []
     try:
         print(f"prefect server on {server.url}, healthy after {server.wait_healthy():.1f} s", flush=True)
         warm_slides, warm_ids = make_slides(root / "slides-warm", 4, args.core_um)
-        warm = run_cohort("warm-up 4", warm_slides, warm_ids, root / "run-warm", server, args.workers, None,
+        warm = run_cohort("warm-up", warm_slides, warm_ids, root / "run-warm", server, args.workers, None,
                           client_home, args.timeout)  # fmt: skip
         weights = str(sorted((root / "run-warm" / "models").glob("backbone-*.safetensors"))[0])
         print(f"warm-up (random weights, calibrated): {warm['samples']} samples, {warm['flow_s']:.1f} s; "
               f"weights {Path(weights).name}", flush=True)  # fmt: skip
         print(HEADER, flush=True)
         for label, ns, core_um in (("", sizes, args.core_um), ("tiny ", tiny, args.tiny_core_um)):
-            part = []
             for n in ns:
                 name = f"{label}{n}"
-                slides, ids = make_slides(root / f"slides-{name.replace(' ', '-')}", n, core_um)
-                r = run_cohort(name, slides, ids, root / f"run-{name.replace(' ', '-')}", server, args.workers,
-                               weights, client_home, args.timeout)  # fmt: skip
+                tag = name.replace(" ", "-")
+                slides, ids = make_slides(root / f"slides-{tag}", n, core_um)
+                r = run_cohort(name, slides, ids, root / f"run-{tag}", server, args.workers, weights,
+                               client_home, args.timeout)  # fmt: skip
+                r["core_um"] = core_um
                 print(_row(r), flush=True)
-                part.append(r)
                 results.append(r)
-            for a, b in zip(part, part[1:]):
-                print("  ratio " + _ratio(a, b), flush=True)
+        print()
+        for a, b in itertools.pairwise(results):
+            print("ratio " + _ratio(a, b))
         print("\ndetails")
         for r in results:
             print(_details(r))
         total_locked = sum(bool(LOCKED.search(x)) for x in server.lines())
         print(f"'database is locked' in the whole server log: {total_locked}")
-        print(
-            "columns: flow s = run.json total_s (cluster start included); samp/min over flow s; flow MB = peak RSS "
-            "of the `segment` process; wrk MB = largest Dask worker process peak (#w of them); srv MB = server "
-            "tree; tasks = task runs of the flow run read through the API; HTTP = uvicorn access-log lines "
-            "during the run; evt = events naming the flow run; ids ok = no lost / extra / failed sample, every "
-            "output present, segment task runs cover each sample once"
-        )
+        print(LEGEND)
     finally:
         server.stop()
         if args.json:
