@@ -29,10 +29,12 @@ What runs:
   the flow run; the server's HTTP requests during the run (uvicorn access-log lines).
 
 Cores are 400 µm (160 px at the analysis 2.5 µm/px, one tile each). The second part repeats the same
-at ``--tiny`` sizes with 300 µm cores (120 px, one small tile; phantom cores of 200 µm were not
+at ``--tiny`` sizes with 300 µm cores (the smallest tried that dearrays: phantom cores of 200 µm were not
 dearrayed, the slide became one whole-slide sample) to count task runs, HTTP requests and
-events per sample at 1000 samples without the feature work of 1000 larger cores: those counts depend
-on the number of samples, slides and workers, not on the pixels.
+events per sample at 1000 samples without the feature work of 1000 larger cores, and analysed with
+``--tiny-args`` (default ``--mpp 10 --width 8``: 30 px cores, a thin network with random weights
+calibrated in the run): those counts depend on the number of samples, slides and workers, not on the
+pixels or the network. Its throughput is not comparable with the first part's.
 
 Throughput is samples over the flow's own wall time (``run.json`` ``timings.total_s``, cluster start
 included); the machine it runs on may be shared: compare ratios from one run.
@@ -46,6 +48,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -285,9 +288,10 @@ def _api_counts(url: str, since: float) -> dict:
 
 def run_cohort(
     name: str, slides: list[Path], expected: set[str], out: Path, server: Server, workers: int,
-    weights: str | None, client_home: Path, timeout: float,
+    weights: str | None, client_home: Path, timeout: float, extra: list[str] | None = None,
 ) -> dict:  # fmt: skip
     cmd = [_tool("equislide"), "segment", *map(str, slides), "--out", str(out), "--workers", str(workers)]
+    cmd += extra or []
     if weights:
         cmd += ["--weights", weights]
     env = {
@@ -441,10 +445,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[50, 200], help="cores, --core-um each")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[50, 200], help="cores, --core-um each")
     parser.add_argument("--tiny", type=int, nargs="*", default=[1000], help="cores, --tiny-core-um each")
     parser.add_argument("--core-um", type=float, default=400.0, help="core diameter (default 400 µm)")
     parser.add_argument("--tiny-core-um", type=float, default=300.0, help="default 300 µm")
+    parser.add_argument(
+        "--tiny-args",
+        default="--mpp 10 --width 8",
+        help="segment options of the tiny cohorts (default '--mpp 10 --width 8': 30 px cores, a thin net; "
+        "random weights, calibrated in the run)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one cohort may take")
     parser.add_argument("--quick", action="store_true", help="8 vs 16 cores, tiny 32")
@@ -463,20 +473,27 @@ def main() -> None:
     results: list[dict] = []
     try:
         print(f"prefect server on {server.url}, healthy after {server.wait_healthy():.1f} s", flush=True)
-        warm_slides, warm_ids = make_slides(root / "slides-warm", 4, args.core_um)
-        warm = run_cohort("warm-up", warm_slides, warm_ids, root / "run-warm", server, args.workers, None,
-                          client_home, args.timeout)  # fmt: skip
-        weights = str(sorted((root / "run-warm" / "models").glob("backbone-*.safetensors"))[0])
-        print(f"warm-up (random weights, calibrated): {warm['samples']} samples, {warm['flow_s']:.1f} s; "
-              f"weights {Path(weights).name}", flush=True)  # fmt: skip
+        weights = None
+        if sizes:
+            warm_slides, warm_ids = make_slides(root / "slides-warm", 4, args.core_um)
+            warm = run_cohort("warm-up", warm_slides, warm_ids, root / "run-warm", server, args.workers,
+                              None, client_home, args.timeout)  # fmt: skip
+            weights = str(sorted((root / "run-warm" / "models").glob("backbone-*.safetensors"))[0])
+            print(f"warm-up (random weights, calibrated; only to write the weights): {warm['flow_s']:.1f} s; "
+                  f"weights {Path(weights).name}", flush=True)  # fmt: skip
         print(HEADER, flush=True)
-        for label, ns, core_um in (("", sizes, args.core_um), ("tiny ", tiny, args.tiny_core_um)):
+        parts = (
+            ("", sizes, args.core_um, weights, []),
+            ("tiny ", tiny, args.tiny_core_um, None, shlex.split(args.tiny_args)),
+        )
+        for label, ns, core_um, given, extra in parts:
             for n in ns:
                 name = f"{label}{n}"
                 tag = name.replace(" ", "-")
                 slides, ids = make_slides(root / f"slides-{tag}", n, core_um)
-                r = run_cohort(name, slides, ids, root / f"run-{tag}", server, args.workers, weights,
-                               client_home, args.timeout)  # fmt: skip
+                r = run_cohort(name, slides, ids, root / f"run-{tag}", server, args.workers, given,
+                               client_home, args.timeout, extra)  # fmt: skip
+                r["segment_args"] = extra + (["--weights", "(warm-up's)"] if given else [])
                 r["core_um"] = core_um
                 print(_row(r), flush=True)
                 results.append(r)
