@@ -106,7 +106,6 @@ def calibrated_backbone(
             n = int(meta["n_tiles"])
             if rank < n and len(picks) < n_cal:
                 picks.append((store, (rank * n) // min(n, per_store)))
-    sides = {int(m["tile_with_halo"]) for m, _ in metas}
     provenance = {
         "format": CLUSTER_FORMAT,
         "init": f"random(seed={spec.seed})",
@@ -143,10 +142,11 @@ def calibrated_backbone(
 
     if path.with_suffix(".json").is_file() and _checkpoint_intact(path):
         return ref("skipped")
-    # Tiles of different sides (TMA cores of several slides) are calibrated in separate batches.
+    # Tiles of different sides (TMA cores of several slides) are calibrated in separate batches; only
+    # the sides the picks have: a cohort's later slides may have sides no pick comes from.
     tiles = [read_tiles(s, i, i + 1) for s, i in picks]
-    batches = [np.concatenate([t for t in tiles if t.shape[1] == side]) for side in sorted(sides)]
-    batches = [b for b in batches if len(b)]
+    sides = sorted({t.shape[1] for t in tiles})
+    batches = [np.concatenate([t for t in tiles if t.shape[1] == side]) for side in sides]
     model, _ = prepare_backbone(
         spec.backbone,
         weights=None if packaged is None else packaged.path,
