@@ -191,9 +191,16 @@ def test_tls_options_fill_dask_config(tmp_path: Path, monkeypatch) -> None:
     args = argparse.Namespace(
         tls_ca_file=str(files["ca"]), tls_cert=str(files["cert"]), tls_key=str(files["key"])
     )
-    monkeypatch.setattr(dask.config, "config", copy.deepcopy(dask.config.config))  # apply_tls sets it
-    assert Security().tls_ca_file is None
-    apply_tls(args)
-    security = Security()  # what a Client made anywhere in the process uses
-    assert security.tls_ca_file == str(files["ca"])
-    assert security.tls_client_cert == str(files["cert"]) and security.tls_client_key == str(files["key"])
+    # apply_tls sets the process's config for good; dask.config.set mutates the very dict its default
+    # argument bound at import, so the test restores that dict in place (swapping the attribute would
+    # leave TLS on for every later test of the session).
+    saved = copy.deepcopy(dask.config.config)
+    try:
+        assert Security().tls_ca_file is None
+        apply_tls(args)
+        security = Security()  # what a Client made anywhere in the process uses
+        assert security.tls_ca_file == str(files["ca"])
+        assert security.tls_client_cert == str(files["cert"]) and security.tls_client_key == str(files["key"])
+    finally:
+        dask.config.config.clear()
+        dask.config.config.update(saved)
