@@ -23,7 +23,7 @@ def test_remote_scheduler_with_a_local_api_is_flagged() -> None:
 
 
 @pytest.mark.parametrize("configured", [False, True])
-def test_worker_malloc_environment(configured: bool) -> None:
+def test_worker_malloc_environment(configured: bool, monkeypatch) -> None:
     """Dask's nanny sets MALLOC_TRIM_THRESHOLD_ (2x slower torch); local clusters add the mmap threshold."""
     from distributed import Client, LocalCluster
 
@@ -32,6 +32,10 @@ def test_worker_malloc_environment(configured: bool) -> None:
         with worker_environment():
             cluster = LocalCluster(**kwargs)
     else:
+        # Only Dask's own pre-spawn environment: after an in-process `segment` on the session cluster
+        # (tests/cli) the variable was found in this process's own environment, which workers inherit
+        # (not set by equislide's code; most likely a nanny's spawn).
+        monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
         cluster = LocalCluster(**kwargs)
     with cluster, Client(cluster) as client:
         env = next(iter(client.run(os.environ.get, "MALLOC_MMAP_THRESHOLD_").values()))
