@@ -213,6 +213,15 @@ def _is_pattern(text: str) -> bool:
     return any(c in _GLOB_CHARS for c in text)
 
 
+def _named_input(entry: str) -> bool:
+    """An entry that is one input as it stands: anything that exists and is not a folder (a name holding
+    ``[`` or ``*`` is that file, not a pattern), and a folder named like a slide (``x.svs/``), which then
+    fails as an input with its reason instead of vanishing as an empty folder."""
+    if not os.path.lexists(entry):
+        return False
+    return not os.path.isdir(entry) or entry.rstrip(os.sep).lower().endswith(FOLDER_SUFFIXES)
+
+
 def _expand(entry: str) -> tuple[list[str], list[str]]:
     """``(files, still arriving by name)`` of a glob or a folder, sorted; hidden files are skipped (as
     glob does: rsync's temporary files are hidden)."""
@@ -372,7 +381,10 @@ def resolve_inputs(
     direct: set[str] = set()
     found: list[str] = []
     for entry in (unpack_path(str(e)) for e in inputs):
-        if _is_pattern(entry) or os.path.isdir(entry):
+        if _named_input(entry):
+            found.append(entry)
+            direct.add(entry)
+        elif _is_pattern(entry) or os.path.isdir(entry):
             files, temp = _expand(entry)
             if not files and not temp:
                 res.warnings.append(f"{path_text(entry)} matched no file")
