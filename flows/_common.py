@@ -460,7 +460,8 @@ def failed_message(failed: int, total: int, what: str = "inputs") -> str:
 def outcome(result: Any, failed: int, total: int, what: str = "inputs") -> Any:
     """The flow's return value: ``result`` itself when nothing failed; a COMPLETED state named
     :data:`PARTIAL_STATE_NAME` with the message ``"N of M inputs failed"`` and ``result`` as its data
-    when some failed; a FAILED state with that message when every one failed.
+    when some failed; a FAILED state with that message when every one failed and no sample of the
+    report (``result["samples"]``) is done or skipped.
 
     Some failed is not FAILED: a bad slide is the data's problem, handled as designed (the others
     finished, the CLI exits 1, ``run.json`` says why), and an operator's alerts on FAILED and CRASHED
@@ -473,10 +474,13 @@ def outcome(result: Any, failed: int, total: int, what: str = "inputs") -> Any:
     from prefect.states import Completed, Failed
 
     message = failed_message(failed, total, what)
-    get_run_logger().warning(
-        "%s; the flow run ends %s", message, "Failed" if failed >= total else PARTIAL_STATE_NAME
-    )
-    if failed >= total:
+    # An input counts as failed when any of its samples did (one bad core of a TMA slide); the run is
+    # FAILED only when nothing came out of it.
+    samples = result.get("samples", {}) if isinstance(result, dict) else {}
+    produced = any(s.get("status") in ("done", "skipped") for s in samples.values())
+    nothing = failed >= total and not produced
+    get_run_logger().warning("%s; the flow run ends %s", message, "Failed" if nothing else PARTIAL_STATE_NAME)
+    if nothing:
         return Failed(message=message, data=result)
     return Completed(message=message, name=PARTIAL_STATE_NAME, data=result)
 
