@@ -251,8 +251,13 @@ def scheduler_problem(address: str, *, timeout: float = 10.0) -> str | None:
         while seen is not None and len(chain) < 8:
             chain.append(seen)
             seen = seen.__cause__ or seen.__context__
-        if address.startswith("tls://") and any("SSL" in type(e).__name__ for e in chain):
-            cause = next(e for e in chain if "SSL" in type(e).__name__)
+        # Dask may wrap the ssl error in a comm error and keep only its text (FatalCommClosedError:
+        # "... SSLError: [SSL: TLSV1_ALERT_UNKNOWN_CA] ..."), so the text counts as well as the type.
+        def tls_refusal(e: BaseException) -> bool:
+            return "SSL" in type(e).__name__ or "SSLError" in str(e) or "CERTIFICATE" in str(e)
+
+        if address.startswith("tls://") and any(tls_refusal(e) for e in chain):
+            cause = next(e for e in chain if tls_refusal(e))
             return (
                 f"the Dask scheduler {address} and this client do not trust each other's TLS certificates "
                 f"({type(cause).__name__}: {one_line(cause)[:160]}); give --tls-ca-file, --tls-cert and "
