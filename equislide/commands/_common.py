@@ -10,6 +10,7 @@ from pathlib import Path
 __all__ = [
     "MAX_CLUSTERS",
     "add_input_arguments",
+    "add_width_argument",
     "WEIGHTS_HELP",
     "add_mpp_arguments",
     "check_inputs",
@@ -204,6 +205,17 @@ def progress_bar():
         TimeElapsedColumn(),
         console=Console(stderr=True),
         transient=False,
+    )
+
+
+def add_width_argument(p) -> None:
+    """``--width`` of the commands that segment (``segment``, ``consistency``): random weights only."""
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="stage-1 channels of random weights (default 64); a width the packaged default weights "
+        "do not have means random weights",
     )
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from equislide.commands._common import add_input_arguments
+from equislide.commands._common import add_input_arguments, add_width_argument
 from equislide.specs import BACKBONE_ALIASES, ClusterSpec, TilingSpec
 
 _PREFIX = "equislide consistency"
@@ -73,13 +73,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=_TILING.mpp, help=f"analysis µm/px (default {_TILING.mpp})")
     p.add_argument("--input-mpp", type=float, default=None, metavar="X", help="µm per level-0 px, all inputs")
     p.add_argument("--tma", choices=("auto", "yes", "no"), default=_TILING.tma, help="split TMAs into cores")
-    p.add_argument(
-        "--width",
-        type=int,
-        default=None,
-        help="stage-1 channels of random weights (default 64); a width the packaged default weights "
-        "do not have means random weights",
-    )
+    add_width_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of weights, regions and K-means")
     p.add_argument(
         "--scheduler", default=os.environ.get(SCHEDULER_ENV), metavar="ADDR", help="existing Dask scheduler"

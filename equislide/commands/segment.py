@@ -18,6 +18,7 @@ from equislide.commands._common import (
     WEIGHTS_HELP,
     add_input_arguments,
     add_mpp_arguments,
+    add_width_argument,
     check_mpp_arguments,
 )
 from equislide.specs import BACKBONE_ALIASES, ClusterSpec, FeatureSpec, TilingSpec
@@ -84,13 +85,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_mpp_arguments(p, cohort=True)
     p.add_argument("--tma", choices=("auto", "yes", "no"), default=_TILING.tma, help="split TMAs into cores")
-    p.add_argument(
-        "--width",
-        type=int,
-        default=None,
-        help="stage-1 channels of random weights (default 64); a width the packaged default weights "
-        "do not have means random weights",
-    )
+    add_width_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of weights, vector draws and K-means")
     p.add_argument(
         "--scheduler",
