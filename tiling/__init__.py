@@ -7,6 +7,8 @@
 - :func:`tissue_mask`, :func:`pen_mask`: boolean masks on thumbnails.
 - :func:`find_cores`, :func:`is_tma`, :class:`Core`: TMA dearraying with grid names ("B3");
   :func:`fill_grid`: every grid position, missing cores placed on the fitted lattice.
+- :func:`write_phantom` (a synthetic TMA) and :func:`write_whole_slide_phantom` (a large synthetic
+  section, streamed tile by tile), each with its ground truth.
 - :func:`tissue_grid`, :func:`core_grids`, :class:`TileGrid`: tile grids at the analysis resolution.
 - :func:`plan_samples` -> :class:`SlideLayout` of :class:`SamplePlan` (thumbnail, mask, cores, grids)
   and :func:`read_tile_batches` (a planned sample's tiles); storing them is the tile stage's job
@@ -89,6 +91,14 @@ from equislide.tiling.phantom import read_phantom_info as read_phantom_info  # n
 from equislide.tiling.phantom import write_phantom as write_phantom  # noqa: E402
 
 __all__ += ["LABEL_NAMES", "PhantomCore", "PhantomInfo", "read_phantom_info", "write_phantom"]
+
+# Synthetic H&E whole slide, streamed (tiling/phantom_slide.py).
+from equislide.tiling.phantom_slide import PhantomPiece as PhantomPiece  # noqa: E402
+from equislide.tiling.phantom_slide import PhantomSlideInfo as PhantomSlideInfo  # noqa: E402
+from equislide.tiling.phantom_slide import read_whole_slide_phantom_info as read_whole_slide_phantom_info  # noqa: E402
+from equislide.tiling.phantom_slide import write_whole_slide_phantom as write_whole_slide_phantom  # noqa: E402
+
+__all__ += ["PhantomPiece", "PhantomSlideInfo", "read_whole_slide_phantom_info", "write_whole_slide_phantom"]
 
 # Tile grids (tiling/grid.py) and each input's samples laid out (tiling/layout.py).
 from equislide.tiling.grid import TileGrid as TileGrid  # noqa: E402
