@@ -362,28 +362,38 @@ class _Piece:
 
 
 def _layout_pieces(rng, width: int, height: int, mpp: float, n: int) -> list[_Piece]:
-    """Pieces in the cells of a near-square grid over the slide, sizes, shapes and places jittered."""
+    """One large section and ``n - 1`` smaller fragments, placed at random without overlapping.
+
+    Sizes spread widely and places follow no grid, as on a real slide; pieces of one size on a lattice
+    are what the TMA detector looks for (``tiling.tma.is_tma``), and a section must not pass for cores.
+    """
     w_um, h_um = width * mpp, height * mpp
-    cols = max(1, round(math.sqrt(n * w_um / h_um)))
-    rows = math.ceil(n / cols)
-    cols = math.ceil(n / rows)
-    cw, ch = w_um / cols, h_um / rows
-    cells = rng.permutation(rows * cols)[:n]
     out: list[_Piece] = []
-    for cell in sorted(cells.tolist()):
-        r, c = divmod(cell, cols)
+    placed: list[tuple[float, float, float]] = []  # (x, y, reach) in µm
+    for i in range(n):
+        size = (
+            0.40
+            * min(w_um, h_um)
+            * (float(rng.uniform(0.85, 1.0)) if i == 0 else float(rng.uniform(0.15, 0.5)))
+        )
         aspect = float(rng.uniform(1.2, 2.0))
         angle = float(rng.uniform(0, np.pi))
-        # The ellipse's half extents along x and y, lobes and fray included, must fit the cell.
-        scale = float(rng.uniform(0.7, 1.0))
-        ex = math.hypot(math.cos(angle), math.sin(angle) / aspect)
-        ey = math.hypot(math.sin(angle), math.cos(angle) / aspect)
-        radius = scale * min(0.5 * cw / ex, 0.5 * ch / ey) / 1.3
-        slack_x = max(0.0, 0.5 * cw - 1.3 * radius * ex)
-        slack_y = max(0.0, 0.5 * ch - 1.3 * radius * ey)
-        cx = (c + 0.5) * cw + float(rng.uniform(-slack_x, slack_x))
-        cy = (r + 0.5) * ch + float(rng.uniform(-slack_y, slack_y))
+        for _ in range(200):
+            radius = size / 1.3  # lobes and fray reach up to ~1.3 radius
+            margin = 1.3 * radius
+            if 2 * margin >= min(w_um, h_um):
+                size *= 0.9
+                continue
+            cx = float(rng.uniform(margin, w_um - margin))
+            cy = float(rng.uniform(margin, h_um - margin))
+            # Ellipses of different aspects: the bounding circles keep them apart.
+            if all(math.hypot(cx - x, cy - y) > margin + r + 0.02 * min(w_um, h_um) for x, y, r in placed):
+                break
+            size *= 0.97
+        else:
+            break  # the slide is full: fewer pieces
         p = _Piece(rng, cx, cy, radius, aspect, angle)
+        placed.append((cx, cy, p.reach))
         p._public = PhantomPiece(
             l0_x=round(cx / mpp, 2),
             l0_y=round(cy / mpp, 2),
