@@ -97,7 +97,7 @@ def test_tissue_mask_matches_truth(slide):
     assert found[4] < 0.05, found  # if the mask learns to see fat, score it with the others
     stained, seen = (truth > 0) & (truth != 4), mask & (truth != 4)
     iou = (seen & stained).sum() / (seen | stained).sum()
-    assert iou > 0.8, iou  # 0.85 measured at seed 3
+    assert iou > 0.85, iou  # 0.94 measured at seed 3 (0.71 with fat counted)
 
 
 def test_same_seed_same_bytes_other_seed_other_slide(tmp_path):
