@@ -33,7 +33,7 @@ edges are steps of 0.5 µm (2 px at 0.25 µm/px: tiles on an edge are evaluated 
 At thumbnail scale fat averages to near-white, and ``tissue_mask`` does not find it.
 
 Measured (``bench/wholeslide_phantom.py``, 0.25 µm/px, the shared 2-core machine under load): 80000 x
-60000 px in about 19 CPU s (92 s wall), peak RSS 283 MB at every size from 20000 x 15000 up.
+60000 px in 67 CPU s (204 s wall), peak RSS 284 MB at every size from 20000 x 15000 up.
 
 The same seed and arguments give byte-identical files on the same platform.
 """

@@ -141,3 +141,18 @@ def test_cli_writes_it_and_tile_makes_one_whole_slide_sample(tmp_path, capsys):
     (record,) = report["inputs"]
     assert record["status"] == "ok" and record["sample_id"] == "wsi01", record  # one sample: not a TMA
     assert [p.name for p in stores.glob("*.zarr")] == ["wsi01.zarr"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_default_80k_section_does_not_pass_for_a_tma(tmp_path, seed):
+    """At the bench's size (80000 x 60000 at 0.25 µm/px) the TMA detector, on the truth's tissue, sees
+    a section, not cores; only the layout and truth are computed (the image would take minutes)."""
+    from equislide.tiling import is_tma
+    from equislide.tiling.phantom_slide import _layout_pieces, _write_truth
+
+    layout = _layout_pieces(np.random.default_rng([seed, 100]), 80000, 60000, 0.25, 5)
+    assert len(layout) == 5
+    _write_truth(tmp_path / "t.png", layout, 80000, 60000, 0.25, 64)
+    tissue = np.asarray(Image.open(tmp_path / "t.png")) > 0
+    assert 0.1 < tissue.mean() < 0.7
+    assert not is_tma(tissue, 0.25 * 64)
