@@ -7,6 +7,12 @@ mask, TMA cores, tile grids) and says which of its samples are already finished 
 (:func:`equislide.storage.open_sample_for_write`). The split lets a cluster write the cores of one TMA
 slide on several workers at once.
 
+One large sample can be spread too: :func:`sample_ranges` cuts it into ranges of whole shards,
+:func:`write_sample_range` writes one range (any process, any order, each range once) into the
+sample's shared partial store (:func:`equislide.storage.open_sample_ranges`), and
+:func:`publish_sample` publishes the store once every range is done. The store is byte-identical to
+the one :func:`write_samples` writes.
+
 A finished sample made from the same input bytes and :class:`~equislide.specs.TilingSpec` is skipped,
 so a rerun over the same folder only does what is missing and the stores are byte-identical to an
 uninterrupted run.
@@ -27,14 +33,21 @@ from equislide.tiling import SamplePlan
 
 __all__ = [
     "BATCH_TILES",
+    "RANGE_TILES",
     "TILING_FORMAT",
     "SampleResult",
     "SlidePlan",
     "plan_slide",
+    "publish_sample",
+    "sample_ranges",
     "tile_slide",
     "write_sample",
+    "write_sample_range",
     "write_samples",
 ]
+
+#: Default tiles per range of :func:`sample_ranges`: 8 shards (256 tiles, ~250 MB of 576 px RGB read).
+RANGE_TILES = 8 * BATCH_TILES
 
 #: ``progress(sample_id, tiles_done, tiles_total)``, called after each batch written.
 ProgressCallback = Callable[[str, int, int], None]
@@ -264,4 +277,117 @@ def _skipped(out_root, sample_id: str, sha: str, warnings: list[str] | None = No
         int(meta["tile_with_halo"]),
         sha,
         list(meta.get("warnings") or warnings or []),
+    )
+
+
+def sample_ranges(sample: SamplePlan, *, range_tiles: int | None = None) -> list[tuple[int, int]]:
+    """Shard-aligned ``[start, stop)`` tile ranges covering a sample, in order.
+
+    Args:
+        sample: A plan of :func:`plan_slide`.
+        range_tiles: Tiles per range, a positive multiple of :data:`BATCH_TILES` (default
+            :data:`RANGE_TILES`); the last range holds the rest.
+
+    Raises:
+        ValueError: ``range_tiles`` is not a positive multiple of :data:`BATCH_TILES`.
+    """
+    step = RANGE_TILES if range_tiles is None else range_tiles
+    if not isinstance(step, int) or step <= 0 or step % BATCH_TILES:
+        raise ValueError(f"range_tiles={range_tiles!r} must be a positive multiple of {BATCH_TILES}")
+    n = sample.grid.n_tiles
+    return [(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def _ranged_store(sample: SamplePlan, out_root):
+    from equislide.storage import open_sample_ranges
+
+    grid = sample.grid
+    return open_sample_ranges(
+        out_root,
+        sample.sample_id,
+        n_tiles=grid.n_tiles,
+        tile=grid.tile,
+        halo=grid.halo,
+        coords=grid.l_xy,
+        attrs=sample.attrs,
+        params=sample.params,
+        input_sha256=sample.input_sha256,
+        shard_tiles=BATCH_TILES,
+    )
+
+
+def write_sample_range(
+    sample: SamplePlan,
+    out_root: str | os.PathLike[str],
+    start: int,
+    stop: int,
+    *,
+    progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Read and store tiles ``[start, stop)`` of one sample into its shared partial store.
+
+    Skipped when the sample is already published for this input and parameters, or when the range
+    is done. A process killed mid-range leaves no done file: the range is simply written again.
+
+    Args:
+        sample: A plan of :func:`plan_slide`.
+        out_root: Folder of the run's stores.
+        start: First tile, a multiple of :data:`BATCH_TILES`.
+        stop: One past the last tile, a multiple of :data:`BATCH_TILES` or the sample's tile count.
+        progress: Called as ``progress(sample_id, tiles_done, tiles_total)`` after each shard.
+
+    Returns:
+        ``{"sample_id", "start", "stop", "status": "written" | "skipped", "tiles", "seconds"}``.
+
+    Raises:
+        SlideError: The input cannot be opened or read.
+        ValueError: ``[start, stop)`` is not a range of whole shards of the sample.
+    """
+    from equislide.storage import is_sample_done
+    from equislide.tiling import open_slide, read_tile_batches
+
+    record = {"sample_id": sample.sample_id, "start": int(start), "stop": int(stop), "tiles": 0}
+    if is_sample_done(out_root, sample.sample_id, input_sha256=sample.input_sha256, params=sample.params):
+        return {**record, "status": "skipped", "seconds": 0.0}
+    t0 = time.perf_counter()
+    store = _ranged_store(sample, out_root)
+    store.check_range(start, stop)
+    if store.is_range_done(start, stop):
+        return {**record, "status": "skipped", "seconds": 0.0}
+    with open_slide(sample.path, input_mpp=sample.input_mpp, force_mpp=sample.force_mpp) as slide:
+        for first, batch in read_tile_batches(slide, sample, BATCH_TILES, start=start, stop=stop):
+            store.write_tiles(first, batch)
+            if progress is not None:
+                progress(sample.sample_id, first + len(batch) - start, stop - start)
+    store.mark_done(start, stop)
+    return {**record, "status": "written", "tiles": stop - start, "seconds": time.perf_counter() - t0}
+
+
+def publish_sample(sample: SamplePlan, out_root: str | os.PathLike[str]) -> SampleResult:
+    """Publish a sample written by :func:`write_sample_range` once every range is done.
+
+    Returns:
+        The sample's :class:`SampleResult` (``"skipped"`` when it was already published).
+
+    Raises:
+        IncompleteSampleError: Some ranges are not done (the message names the missing tiles).
+    """
+    from equislide.storage import is_sample_done
+
+    sha = sample.input_sha256
+    if is_sample_done(out_root, sample.sample_id, input_sha256=sha, params=sample.params):
+        return _skipped(out_root, sample.sample_id, sha, list(sample.warnings))
+    t0 = time.perf_counter()
+    store = _ranged_store(sample, out_root)
+    path = store.publish(sample.mask, downsample=sample.mask_downsample)
+    grid = sample.grid
+    return SampleResult(
+        sample.sample_id,
+        path,
+        "written",
+        grid.n_tiles,
+        grid.side,
+        sha,
+        list(sample.warnings),
+        time.perf_counter() - t0,
     )

@@ -62,12 +62,16 @@ from equislide.storage.overlay import render_overlay as render_overlay
 from equislide.storage.overlay import thumbnail_data_uri as thumbnail_data_uri
 from equislide.storage.overlay import write_overlay_png as write_overlay_png
 from equislide.storage.tile_store import DONE_MARKER as DONE_MARKER
+from equislide.storage.tile_store import RANGES_DIR as RANGES_DIR
 from equislide.storage.tile_store import STORE_FORMAT as STORE_FORMAT
+from equislide.storage.tile_store import RangedSampleStore as RangedSampleStore
 from equislide.storage.tile_store import SampleWriter as SampleWriter
 from equislide.storage.tile_store import clean_partials as clean_partials
 from equislide.storage.tile_store import is_sample_done as is_sample_done
 from equislide.storage.tile_store import open_sample_for_write as open_sample_for_write
+from equislide.storage.tile_store import open_sample_ranges as open_sample_ranges
 from equislide.storage.tile_store import open_tiles as open_tiles
+from equislide.storage.tile_store import ranged_partial_path as ranged_partial_path
 from equislide.storage.tile_store import read_sample_meta as read_sample_meta
 from equislide.storage.tile_store import store_identity as store_identity
 from equislide.storage.tile_store import store_problem as store_problem
@@ -113,16 +117,20 @@ __all__ = [
     "thumbnail_data_uri",
     "write_overlay_png",
     "DONE_MARKER",
+    "RANGES_DIR",
     "STORE_FORMAT",
     "STORE_SUFFIX",
     "IncompleteSampleError",
     "SampleIdError",
+    "RangedSampleStore",
     "SampleWriter",
     "StoreLayoutError",
     "canonical_json",
     "clean_partials",
     "is_sample_done",
     "open_sample_for_write",
+    "open_sample_ranges",
+    "ranged_partial_path",
     "open_tiles",
     "params_hash",
     "read_sample_meta",

@@ -36,7 +36,9 @@ Open with plain zarr::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -58,12 +60,16 @@ __all__ = [
     "open_finished",
     "store_identity",
     "DONE_MARKER",
+    "RANGES_DIR",
     "STORE_FORMAT",
+    "RangedSampleStore",
     "SampleWriter",
     "clean_partials",
     "is_sample_done",
     "store_problem",
     "open_sample_for_write",
+    "open_sample_ranges",
+    "ranged_partial_path",
     "open_tiles",
     "read_sample_meta",
 ]
@@ -344,9 +350,36 @@ def open_sample_for_write(
         SampleIdError: ``sample_id`` is not safe.
         ValueError: A size or a metadata field is invalid (the message names it).
     """
-    import zarr
-
     final = confined(root, sample_store_path(root, sample_id))
+    plain_meta, t = _sample_meta(sample_id, n_tiles, tile, halo, shard_tiles, attrs, params, input_sha256)
+    for stale in _partials(final):
+        shutil.rmtree(stale, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(final.name + PARTIAL_TAG + uuid.uuid4().hex[:12])
+    group = _create_group(partial, plain_meta, n_tiles, t, shard_tiles)
+    return SampleWriter(
+        final,
+        partial,
+        sample_id,
+        group,
+        n_tiles=n_tiles,
+        tile_with_halo=t,
+        input_sha256=input_sha256 or "",
+        params_sha256=params_hash(dict(params or {})),
+    )
+
+
+def _sample_meta(
+    sample_id: str,
+    n_tiles: int,
+    tile: int,
+    halo: int,
+    shard_tiles: int,
+    attrs: Mapping[str, Any] | None,
+    params: Mapping[str, Any] | None,
+    input_sha256: str | None,
+) -> tuple[dict[str, Any], int]:
+    """The validated, JSON-plain ``attrs["equislide"]`` of a store, and its tile side with halo."""
     if n_tiles < 0 or tile <= 0 or halo < 0 or shard_tiles <= 0:
         raise ValueError(
             f"need n_tiles >= 0, tile > 0, halo >= 0, shard_tiles > 0; got {n_tiles}, {tile}, {halo}, "
@@ -387,13 +420,14 @@ def open_sample_for_write(
     meta.setdefault("source_mpp", None)
     meta.setdefault("grid_shape", None)
     _validate_meta(meta)
-    plain_meta = json.loads(canonical_json(meta))  # JSON types only, keys sorted: deterministic files
+    return json.loads(canonical_json(meta)), t  # JSON types only, keys sorted: deterministic files
 
-    for stale in _partials(final):
-        shutil.rmtree(stale, ignore_errors=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(final.name + PARTIAL_TAG + uuid.uuid4().hex[:12])
-    group = zarr.open_group(zarr.storage.LocalStore(partial), mode="w-", zarr_format=3)
+
+def _create_group(path: Path, plain_meta: dict[str, Any], n_tiles: int, t: int, shard_tiles: int):
+    """A new zarr group at ``path`` with the sample metadata and empty ``tiles`` and ``coords``."""
+    import zarr
+
+    group = zarr.open_group(zarr.storage.LocalStore(path), mode="w-", zarr_format=3)
     group.attrs["equislide"] = plain_meta
     n_chunk = max(n_tiles, 1)
     group.create_array(
@@ -415,16 +449,7 @@ def open_sample_for_write(
         fill_value=0,
         dimension_names=("tile", "xy"),
     )
-    return SampleWriter(
-        final,
-        partial,
-        sample_id,
-        group,
-        n_tiles=n_tiles,
-        tile_with_halo=t,
-        input_sha256=input_sha256 or "",
-        params_sha256=params_hash(params),
-    )
+    return group
 
 
 def is_sample_done(
@@ -536,3 +561,224 @@ def open_tiles(store_path: str | Path, *, tiles_per_chunk: int = 1) -> dask.arra
     tiles = group["tiles"]
     chunks = (tiles_per_chunk, *tiles.shape[1:])
     return da.from_zarr(tiles, chunks=chunks)
+
+
+#: Folder of per-range done files inside a ranged partial store (removed before publishing).
+RANGES_DIR = "_ranges"
+_RANGED_IDENTITY = "_ranged.json"
+_RANGED_TAG = "ranges-"
+
+
+def ranged_partial_path(
+    root: str | Path, sample_id: str, *, input_sha256: str | None, params: Mapping[str, Any] | None
+) -> Path:
+    """The partial store that every range writer of this sample, input and parameters shares.
+
+    Named ``<id>.zarr.partial-ranges-<key>``, ``key`` from the input's SHA-256 and the parameters'
+    hash: processes of one run meet in one folder, and readers, :func:`clean_partials` and
+    :func:`open_sample_for_write` treat it as any other partial store.
+    """
+    final = confined(root, sample_store_path(root, sample_id))
+    key = hashlib.sha256(f"{input_sha256 or ''}:{params_hash(dict(params or {}))}".encode()).hexdigest()
+    return final.with_name(final.name + PARTIAL_TAG + _RANGED_TAG + key[:16])
+
+
+class RangedSampleStore:
+    """One sample's store written by ranges of whole shards, from any number of processes, in any order.
+
+    Make one with :func:`open_sample_ranges`. Each :meth:`write_range` fills its shards and then writes
+    ``_ranges/<start>-<stop>.json``; no two ranges share a shard, so writers never touch the same
+    file. :meth:`publish` (once every tile is in a done range) removes the range bookkeeping, writes
+    the tissue mask and the done-marker and renames the folder to :attr:`path`: the store is then
+    byte-identical to one :class:`SampleWriter` writes from the same tiles.
+    """
+
+    def __init__(self, final_path: Path, partial_path: Path, identity: dict[str, Any]) -> None:
+        self.path = final_path  #: the finished store, ``<root>/<sample_id>.zarr``
+        self.partial_path = partial_path  #: the shared partial folder
+        self.sample_id: str = identity["meta"]["sample_id"]
+        self.n_tiles: int = int(identity["meta"]["n_tiles"])
+        self.tile_with_halo: int = int(identity["meta"]["tile_with_halo"])
+        self.shard_tiles: int = int(identity["shard_tiles"])
+        self._identity = identity
+
+    def __repr__(self) -> str:
+        return f"RangedSampleStore({str(self.partial_path)!r}, n_tiles={self.n_tiles})"
+
+    def _range_file(self, start: int, stop: int) -> Path:
+        return self.partial_path / RANGES_DIR / f"{start}-{stop}.json"
+
+    def check_range(self, start: int, stop: int) -> None:
+        """Raise ``ValueError`` unless ``[start, stop)`` is a non-empty range of whole shards."""
+        n, k = self.n_tiles, self.shard_tiles
+        if not (0 <= start < stop <= n and start % k == 0 and (stop % k == 0 or stop == n)):
+            raise ValueError(
+                f"{self.sample_id}: tiles [{start}, {stop}) is not a range of whole {k}-tile shards "
+                f"within n_tiles={n}"
+            )
+
+    def done_ranges(self) -> list[tuple[int, int]]:
+        """The ranges whose done file is written, sorted."""
+        folder = self.partial_path / RANGES_DIR
+        found = []
+        for p in folder.glob("*.json") if folder.is_dir() else ():
+            try:
+                start, stop = (int(v) for v in p.stem.split("-"))
+            except ValueError:
+                continue
+            found.append((start, stop))
+        return sorted(found)
+
+    def is_range_done(self, start: int, stop: int) -> bool:
+        """True when every tile of ``[start, stop)`` lies in a done range."""
+        covered = np.zeros(self.n_tiles, bool)
+        for a, b in self.done_ranges():
+            covered[a:b] = True
+        return bool(covered[start:stop].all())
+
+    def missing(self) -> list[tuple[int, int]]:
+        """Maximal ``[start, stop)`` intervals of tiles in no done range."""
+        covered = np.zeros(self.n_tiles + 2, bool)
+        covered[0] = covered[-1] = True
+        for a, b in self.done_ranges():
+            covered[a + 1 : b + 1] = True
+        edges = np.flatnonzero(np.diff(covered.astype(np.int8)))
+        return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+    def write_range(self, start: int, stop: int, tiles: np.ndarray) -> None:
+        """Write tiles ``[start, stop)`` (whole shards) and mark the range done.
+
+        Args:
+            start: First tile, a multiple of ``shard_tiles``.
+            stop: One past the last, a multiple of ``shard_tiles`` or ``n_tiles``.
+            tiles: uint8 (stop - start, T, T, 3).
+        """
+        self.write_tiles(start, tiles)
+        self.mark_done(start, stop)
+
+    def write_tiles(self, start: int, tiles: np.ndarray) -> None:
+        """Write whole shards of tiles from ``start`` (a part of a range; :meth:`mark_done` ends it)."""
+        import zarr
+
+        tiles = np.asarray(tiles)
+        t = self.tile_with_halo
+        if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[1:] != (t, t, 3):
+            raise ValueError(f"tiles must be uint8 (k, {t}, {t}, 3), got {tiles.dtype} {tiles.shape}")
+        self.check_range(start, start + len(tiles))
+        group = zarr.open_group(zarr.storage.LocalStore(self.partial_path), mode="r+")
+        group["tiles"][start : start + len(tiles)] = tiles
+
+    def mark_done(self, start: int, stop: int) -> None:
+        """Write the done file of ``[start, stop)``, atomically (after its tiles are on disk)."""
+        self.check_range(start, stop)
+        target = self._range_file(start, stop)
+        target.parent.mkdir(exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}")
+        tmp.write_text(json.dumps({"start": start, "stop": stop, "n_tiles": self.n_tiles}) + "\n")
+        os.replace(tmp, target)
+
+    def publish(self, mask: np.ndarray, *, downsample: float) -> Path:
+        """Write the tissue mask and the done-marker and publish the store; returns :attr:`path`.
+
+        The first caller claims the folder by renaming it; a concurrent caller finds it gone.
+
+        Raises:
+            IncompleteSampleError: Some tiles are in no done range (the message names them), or
+                another process is publishing the store.
+        """
+        import zarr
+
+        missing = self.missing()
+        if missing:
+            shown = ", ".join(f"[{a}, {b})" for a, b in missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise IncompleteSampleError(
+                f"{self.sample_id}: tiles {shown} of {self.n_tiles} are in no finished range; "
+                "write those ranges before publishing"
+            )
+        claim = self.partial_path.with_name(self.path.name + PARTIAL_TAG + uuid.uuid4().hex[:12])
+        try:
+            os.rename(self.partial_path, claim)
+        except FileNotFoundError as err:
+            raise IncompleteSampleError(
+                f"{self.sample_id}: {self.partial_path.name} is gone: another process is publishing it"
+            ) from err
+        shutil.rmtree(claim / RANGES_DIR, ignore_errors=True)
+        (claim / _RANGED_IDENTITY).unlink()
+        group = zarr.open_group(zarr.storage.LocalStore(claim), mode="r+")
+        writer = SampleWriter(
+            self.path,
+            claim,
+            self.sample_id,
+            group,
+            n_tiles=self.n_tiles,
+            tile_with_halo=self.tile_with_halo,
+            input_sha256=self._identity["input_sha256"],
+            params_sha256=self._identity["params_sha256"],
+        )
+        # Every tile is in a done range and the coordinates were written at creation.
+        writer._written[:] = True
+        writer._coords_rows[:] = True
+        writer.write_tissue_mask(mask, downsample=downsample)
+        return writer.finalize()
+
+
+def open_sample_ranges(
+    root: str | Path,
+    sample_id: str,
+    *,
+    n_tiles: int,
+    tile: int,
+    halo: int = 0,
+    coords: np.ndarray,
+    attrs: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+    input_sha256: str | None = None,
+    shard_tiles: int = _SHARD_TILES,
+) -> RangedSampleStore:
+    """Create, or open, the shared partial store of a sample written by ranges (:class:`RangedSampleStore`).
+
+    Idempotent across processes: the store is built in a private folder (metadata, arrays, all
+    ``coords``) and renamed into place; a creator that loses the race opens the winner's. A partial
+    store found with other metadata (another equislide version, a changed layout) is stale and is
+    replaced.
+
+    Args: as :func:`open_sample_for_write`, plus ``coords``: int (n_tiles, 2) interior top-left
+        (l_x, l_y) of every tile, written once here.
+
+    Raises:
+        SampleIdError: ``sample_id`` is not safe.
+        ValueError: A size, a metadata field or ``coords`` is invalid (the message names it).
+    """
+    final = confined(root, sample_store_path(root, sample_id))
+    plain_meta, t = _sample_meta(sample_id, n_tiles, tile, halo, shard_tiles, attrs, params, input_sha256)
+    coords = np.asarray(coords)
+    if coords.shape != (n_tiles, 2) or not np.issubdtype(coords.dtype, np.integer):
+        raise ValueError(f"coords must be an integer ({n_tiles}, 2) array, got {coords.dtype} {coords.shape}")
+    coords = coords.astype(np.int64)
+    identity = {
+        "meta": plain_meta,
+        "shard_tiles": int(shard_tiles),
+        "coords_sha256": hashlib.sha256(np.ascontiguousarray(coords).tobytes()).hexdigest(),
+        "input_sha256": input_sha256 or "",
+        "params_sha256": params_hash(dict(params or {})),
+    }
+    partial = ranged_partial_path(root, sample_id, input_sha256=input_sha256, params=params)
+    for _ in range(3):
+        try:
+            found = json.loads((partial / _RANGED_IDENTITY).read_text())
+        except (OSError, ValueError):
+            found = None
+        if found == identity:
+            return RangedSampleStore(final, partial, identity)
+        if found is not None or partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)  # stale: another layout or a broken folder
+        final.parent.mkdir(parents=True, exist_ok=True)
+        building = final.with_name(final.name + PARTIAL_TAG + uuid.uuid4().hex[:12])
+        group = _create_group(building, plain_meta, n_tiles, t, shard_tiles)
+        group["coords"][:] = coords
+        (building / _RANGED_IDENTITY).write_text(json.dumps(identity, sort_keys=True) + "\n")
+        try:
+            os.rename(building, partial)
+        except OSError:  # another creator won the race: open its store on the next pass
+            shutil.rmtree(building, ignore_errors=True)
+    raise StoreLayoutError(f"{partial}: could not create or open the ranged partial store")

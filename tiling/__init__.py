@@ -34,7 +34,7 @@ Plain numpy / scikit-image / OpenSlide / tifffile code, usable from a notebook: 
 
 from __future__ import annotations
 
-from ._base import MAX_THUMBNAIL_READ_PIXELS
+from ._base import MAX_BLOCK_BYTES, MAX_THUMBNAIL_READ_PIXELS
 from ._errors import (
     CorruptSlideError,
     NotASlideError,
@@ -55,6 +55,7 @@ from .tma import Core, core_name, fill_grid, find_cores, is_tma
 
 __all__ = [
     "MAX_PLAIN_PIXELS",
+    "MAX_BLOCK_BYTES",
     "MAX_THUMBNAIL_READ_PIXELS",
     "MPP_RANGE",
     "Core",

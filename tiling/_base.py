@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import operator
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from types import TracebackType
@@ -26,8 +27,10 @@ from PIL import Image
 from ._errors import SlideTooLargeError
 from ._mpp import MPP_RANGE, MppChoice, resolve_mpp
 
-__all__ = ["MAX_READ_PIXELS", "MAX_THUMBNAIL_READ_PIXELS", "Slide", "plausible_mpp"]
+__all__ = ["MAX_BLOCK_BYTES", "MAX_READ_PIXELS", "MAX_THUMBNAIL_READ_PIXELS", "Slide", "plausible_mpp"]
 
+#: Largest block :meth:`Slide.read_tiles_mpp` reads at once (RGBA bytes): a 4096 x 4096 level region.
+MAX_BLOCK_BYTES = 64 * 2**20
 #: Largest single read (pixels) :meth:`Slide.read_region` accepts, ~0.8 GB of RGB.
 MAX_READ_PIXELS = 2**28
 #: A pyramid level within this relative tolerance of a requested downsample still counts as "not
@@ -87,12 +90,85 @@ def _area_mean(a: np.ndarray, x_edges: np.ndarray, y_edges: np.ndarray) -> np.nd
     return ((sums + area // 2) // area).astype(np.uint8)
 
 
+def _blocks(
+    l0_xys: np.ndarray,
+    plan: _MppRead,
+    ds: int,
+    grid: tuple[int, int],
+    max_bytes: int,
+):
+    """Yield ``(block, members)``: ``block = (l0_xy, lv_xy, lv_size)`` of one level region holding
+    the reads of the tiles ``members`` (indices into ``l0_xys``), or ``None`` for tiles read alone.
+
+    Members share ``l0_y`` and ``l0_x mod ds``, so each read starts a whole number of level pixels
+    from the block's origin; a block stops at a gap wider than one stored tile (it would paint
+    pixels no tile needs) and at ``max_bytes``. A block spans its members' reads only: OpenSlide
+    decodes every stored tile a read touches whole, so widening a block to the stored-tile grid
+    would paint more pixels without saving a decode.
+    """
+    tw, (lv_w, lv_h) = grid[0], plan.lv_size
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, (l0_x, l0_y) in enumerate(l0_xys.tolist()):
+        if l0_x < 0 or l0_y < 0:
+            # OpenSlide reads a region that starts left of or above the image from its edge, not at
+            # the sub-pixel offset a block would put it at: such tiles are read alone.
+            yield None, [i]
+            continue
+        groups.setdefault((l0_y, l0_y % ds, l0_x % ds), []).append(i)
+    for (l0_y, r_y, r_x), members in groups.items():
+        members.sort(key=lambda i: int(l0_xys[i, 0]))
+        lv_y = (l0_y - r_y) // ds
+        by0, by1 = lv_y, lv_y + lv_h
+        runs: list[tuple[list[int], int, int]] = []  # (members, lv_x0, lv_x1) of each block
+        for i in members:
+            lv_x = (int(l0_xys[i, 0]) - r_x) // ds
+            x0, x1 = lv_x, lv_x + lv_w
+            if runs:
+                run, bx0, bx1 = runs[-1]
+                if x0 - bx1 <= tw and (max(bx1, x1) - bx0) * (by1 - by0) * 4 <= max_bytes:
+                    run.append(i)
+                    runs[-1] = (run, bx0, max(bx1, x1))
+                    continue
+            runs.append(([i], x0, x1))
+        for run, bx0, bx1 in runs:
+            if len(run) == 1 or (bx1 - bx0) * (by1 - by0) * 4 > max_bytes:
+                yield None, run
+            else:
+                yield ((bx0 * ds + r_x, by0 * ds + r_y), (bx0, by0), (bx1 - bx0, by1 - by0)), run
+
+
 def _as_int_pair(value: tuple[int, int], name: str) -> tuple[int, int]:
     try:
         a, b = value
         return operator.index(a), operator.index(b)
     except (TypeError, ValueError) as err:
         raise TypeError(f"{name}={value!r} must be a pair of integers") from err
+
+
+@dataclass(frozen=True)
+class _MppRead:
+    """One :meth:`Slide.read_region_mpp` read: level, level pixels read, output size, and the level
+    pixels per output pixel ``f`` ((1, 1): the level read is the output)."""
+
+    level: int
+    lv_size: tuple[int, int]
+    out_size: tuple[int, int]
+    f: tuple[float, float]
+
+    def finish(self, img: Image.Image) -> np.ndarray:
+        """Resample the level pixels read (RGB, ``lv_size``) to the output, (H, W, 3) uint8."""
+        if self.f == (1.0, 1.0):
+            return np.array(img)
+        (width, height), (f_x, f_y) = self.out_size, self.f
+        whole = (round(f_x), round(f_y))
+        if self.lv_size == (width * whole[0], height * whole[1]) and min(whole) >= 1:
+            # Whole factors (0.25 -> 2.5 µm/px): PIL's block mean sums each block at once, so the
+            # result commutes with rotations and flips of the slide; resize's two rounded passes
+            # (x then y) are one grey level off here and there once x and y swap.
+            return np.array(img.reduce(whole))
+        resample = Image.Resampling.BOX if min(f_x, f_y) >= 1.0 else Image.Resampling.BILINEAR
+        box = (0.0, 0.0, min(width * f_x, self.lv_size[0]), min(height * f_y, self.lv_size[1]))
+        return np.array(img.resize((width, height), resample, box=box))
 
 
 class Slide(ABC):
@@ -259,6 +335,17 @@ class Slide(ABC):
         """
         if mpp is None:
             return self.read_region(l0_xy, 0, size)
+        plan = self._mpp_plan(size, mpp)
+        l0_xy, _ = self._check_read(l0_xy, plan.level, plan.lv_size)
+        return plan.finish(self._read_image(l0_xy, plan.level, plan.lv_size))
+
+    def _mpp_plan(self, size: tuple[int, int], mpp: float | None) -> _MppRead:
+        """What :meth:`read_region_mpp` reads for an output of ``size`` at ``mpp``: the same for every
+        position, so a block reader can read many tiles' level regions at once and finish each alike."""
+        if mpp is None:
+            size = _as_int_pair(size, "size")
+            self._check_read((0, 0), 0, size)
+            return _MppRead(0, size, size, (1.0, 1.0))
         if not (math.isfinite(mpp) and mpp > 0):
             raise ValueError(f"mpp={mpp!r} must be a positive number of µm per pixel")
         if self.mpp is None:
@@ -273,20 +360,76 @@ class Slide(ABC):
         # Level pixels per output pixel along x and y.
         f_x, f_y = ds_x / level_ds, ds_y / level_ds
         if abs(f_x - 1.0) < 1e-3 and abs(f_y - 1.0) < 1e-3:
-            return self.read_region(l0_xy, level, (width, height))
+            _, out = self._check_read((0, 0), level, (width, height))
+            return _MppRead(level, out, out, (1.0, 1.0))
         lv_size = (max(1, math.ceil(width * f_x - 1e-6)), max(1, math.ceil(height * f_y - 1e-6)))
-        l0_xy, lv_size = self._check_read(l0_xy, level, lv_size)
-        _, (width, height) = self._check_read(l0_xy, 0, (width, height))
-        img = self._read_image(l0_xy, level, lv_size)
-        whole = (round(f_x), round(f_y))
-        if lv_size == (width * whole[0], height * whole[1]) and min(whole) >= 1:
-            # Whole factors (0.25 -> 2.5 µm/px): PIL's block mean sums each block at once, so the
-            # result commutes with rotations and flips of the slide; resize's two rounded passes
-            # (x then y) are one grey level off here and there once x and y swap.
-            return np.array(img.reduce(whole))
-        resample = Image.Resampling.BOX if min(f_x, f_y) >= 1.0 else Image.Resampling.BILINEAR
-        box = (0.0, 0.0, min(width * f_x, lv_size[0]), min(height * f_y, lv_size[1]))
-        return np.array(img.resize((width, height), resample, box=box))
+        _, lv_size = self._check_read((0, 0), level, lv_size)
+        _, out = self._check_read((0, 0), 0, (width, height))
+        return _MppRead(level, lv_size, out, (f_x, f_y))
+
+    def _block_tile_size(self, level: int) -> tuple[int, int] | None:
+        """(width, height) of the file's own stored tiles at ``level`` when a read of a larger region
+        at ``level`` holds, pixel for pixel, the reads of the regions inside it; ``None`` (the
+        default) makes block readers read every tile on its own."""
+        return None
+
+    def read_tiles_mpp(
+        self,
+        l0_xys: np.ndarray,
+        size: tuple[int, int],
+        mpp: float | None,
+        *,
+        max_block_bytes: int | None = MAX_BLOCK_BYTES,
+    ) -> np.ndarray:
+        """:meth:`read_region_mpp` of many tiles of one ``size``, the same pixels bit for bit, read in
+        blocks aligned to the file's own tiles where the reader allows it.
+
+        Tiles on one row (equal ``l0_y``) whose level regions lie near each other are read as one region
+        of the pyramid level (blocks break where the reads are more than one stored (JPEG) tile of that
+        level apart), and each tile is cut from it at the level position its own read would start at, then
+        resampled as :meth:`read_region_mpp` does: every stored tile is decoded once per block instead of
+        once per output tile that touches it. A block is exact only where a level position is a whole
+        level pixel away from the block's, so blocks are used at level 0 and at levels whose downsample is
+        a power of two (tiles grouped by ``l0_x`` modulo it); at other levels (e.g. an SVS level of
+        downsample 4.0003, where OpenSlide resamples each read at its sub-pixel offset) and for readers
+        without a stored-tile grid every tile is read alone.
+
+        Args:
+            l0_xys: int (n, 2) level-0 (x, y) of each tile's top-left corner (px).
+            size: (width, height) of every tile at ``mpp`` (px).
+            mpp: Output resolution (µm/px), or ``None`` for level-0 pixels.
+            max_block_bytes: Largest block (RGBA bytes) read at once; ``None`` reads tile by tile.
+
+        Returns:
+            (n, height, width, 3) uint8 RGB, in the order of ``l0_xys``.
+        """
+        l0_xys = np.asarray(l0_xys, dtype=np.int64).reshape(-1, 2)
+        plan = self._mpp_plan(size, mpp)
+        width, height = plan.out_size
+        out = np.empty((len(l0_xys), height, width, 3), np.uint8)
+        lone = list(range(len(l0_xys)))
+        grid = None if max_block_bytes is None else self._block_tile_size(plan.level)
+        ds = self.level_downsamples[plan.level]
+        if grid is not None and ds.is_integer() and (int(ds) & (int(ds) - 1)) == 0:
+            lone = []
+            for block, members in _blocks(l0_xys, plan, int(ds), grid, max_block_bytes):
+                if block is None:
+                    lone.extend(members)
+                    continue
+                l0_b, _, lv_b_size = block
+                l0_b, lv_b_size = self._check_read(l0_b, plan.level, lv_b_size)
+                img = self._read_image(l0_b, plan.level, lv_b_size)
+                for i in members:
+                    # Whole level pixels by construction: ds divides l0 - l0_b exactly.
+                    n_x = int(l0_xys[i, 0] - l0_b[0]) // int(ds)
+                    n_y = int(l0_xys[i, 1] - l0_b[1]) // int(ds)
+                    crop = img.crop((n_x, n_y, n_x + plan.lv_size[0], n_y + plan.lv_size[1]))
+                    out[i] = plan.finish(crop)
+                del img
+        for i in lone:
+            l0_xy, _ = self._check_read((int(l0_xys[i, 0]), int(l0_xys[i, 1])), plan.level, plan.lv_size)
+            out[i] = plan.finish(self._read_image(l0_xy, plan.level, plan.lv_size))
+        return out
 
     def thumbnail(
         self, *, max_size: int = 2048, max_read_pixels: int = MAX_THUMBNAIL_READ_PIXELS

@@ -118,5 +118,18 @@ class OpenSlideSlide(Slide):
             ) from err
         return _rgba_to_rgb_image(img)
 
+    def _block_tile_size(self, level: int) -> tuple[int, int] | None:
+        # OpenSlide states the stored tile size of TIFF-based formats; without it (MRXS, DICOM, ...)
+        # nothing says which block a read decodes, so tiles are read alone.
+        props = self._osr.properties
+        try:
+            size = (
+                int(props[f"openslide.level[{level}].tile-width"]),
+                int(props[f"openslide.level[{level}].tile-height"]),
+            )
+        except (KeyError, ValueError):
+            return None
+        return size if min(size) > 0 else None
+
     def close(self) -> None:
         self._osr.close()

@@ -11,7 +11,8 @@ gives one sample per core (``<slide>/<core name>``, e.g. ``tma01/B3``), each sto
 single tile.
 
 Memory stays bounded whatever the slide size: the thumbnail is read in strips, and tiles are read
-one at a time (a 576 px tile at 2.5 µm/px from a 0.25 µm/px level 0 reads a 5760 px square, ~130 MB
+a row of one batch at a time, in blocks of at most ``MAX_BLOCK_BYTES`` (64 MB), or one at a time
+where no block applies (a 576 px tile at 2.5 µm/px from a 0.25 µm/px level 0 reads a 5760 px square, ~130 MB
 as RGBA, when the slide has no pyramid level in between).
 
 Slides without a usable resolution (rules: :mod:`equislide.tiling._mpp`) and no ``input_mpp`` are
@@ -32,6 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ._base import MAX_BLOCK_BYTES
 from ._errors import NoTissueError, NoUsableMppError, SlideTooLargeError, UnsupportedImageError
 from .grid import TileGrid, analysis_scale, core_grids, core_tile_side, tissue_grid
 from .slide import open_slide
@@ -289,27 +291,42 @@ def plan_samples(
     return plan
 
 
-def read_tile_batches(slide, sample: SamplePlan, batch_tiles: int) -> Iterator[tuple[int, np.ndarray]]:
+def read_tile_batches(
+    slide,
+    sample: SamplePlan,
+    batch_tiles: int,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    max_block_bytes: int | None = MAX_BLOCK_BYTES,
+) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, tiles)`` for a planned sample, ``batch_tiles`` tiles at a time, in grid order.
+
+    Each batch is read with :meth:`~equislide.tiling.Slide.read_tiles_mpp`: the tiles of a row are
+    cut from blocks of the pyramid level where the reader allows it, bit-identical to reading each
+    tile with :meth:`~equislide.tiling.Slide.read_region_mpp`.
 
     Args:
         slide: The sample's input, open (:func:`~equislide.tiling.open_slide` with its ``input_mpp``
             and ``force_mpp``).
         sample: A plan of :func:`plan_samples`.
         batch_tiles: Tiles per batch (the tile store's shard).
+        start: First tile to read (batches start here, then every ``batch_tiles``).
+        stop: One past the last tile to read (default: all).
+        max_block_bytes: Largest block read at once; ``None`` reads tile by tile.
 
     Returns:
         An iterator of ``(index of the first tile, (n, side, side, 3) uint8 RGB)``.
     """
     grid = sample.grid
+    stop = grid.n_tiles if stop is None else min(stop, grid.n_tiles)
     l0_read = grid.l0_read_xy
-    for start in range(0, grid.n_tiles, batch_tiles):
-        stop = min(grid.n_tiles, start + batch_tiles)
-        batch = np.empty((stop - start, grid.side, grid.side, 3), np.uint8)
-        for i in range(start, stop):
-            l0_xy = (int(l0_read[i, 0]), int(l0_read[i, 1]))
-            batch[i - start] = slide.read_region_mpp(l0_xy, (grid.side, grid.side), sample.analysis_mpp)
-        yield start, batch
+    for first in range(start, stop, batch_tiles):
+        last = min(stop, first + batch_tiles)
+        batch = slide.read_tiles_mpp(
+            l0_read[first:last], (grid.side, grid.side), sample.analysis_mpp, max_block_bytes=max_block_bytes
+        )
+        yield first, batch
 
 
 def _mask_crop(
