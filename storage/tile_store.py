@@ -104,7 +104,8 @@ def _partials(final: Path) -> list[Path]:
 
 
 def clean_partials(root: str | Path) -> list[Path]:
-    """Remove every leftover partial store under ``root`` (crashed or interrupted writes).
+    """Remove every leftover partial store under ``root`` (crashed or interrupted writes), except the
+    shared stores of range writers (:func:`ranged_partial_path`), which a rerun resumes.
 
     Call it when no writer is running on ``root`` (e.g. at the start of a run); a single writer only
     cleans the partials of its own sample.
@@ -119,12 +120,17 @@ def clean_partials(root: str | Path) -> list[Path]:
     def is_partial(p: Path) -> bool:
         return p.is_dir() and (STORE_SUFFIX + PARTIAL_TAG in p.name or STORE_SUFFIX + REPLACED_TAG in p.name)
 
+    def is_ranged(p: Path) -> bool:
+        # A shared range store is keyed by its input and parameters and resumes range by range: a rerun
+        # after a kill keeps its finished ranges (its own opener removes one of another key).
+        return STORE_SUFFIX + PARTIAL_TAG + _RANGED_TAG in p.name
+
     # Sample IDs have one or two parts, so partials sit in root or one folder below (never inside stores).
     level1 = [p for p in root.iterdir() if p.is_dir()]
     level2 = [
         c for d in level1 if not d.name.endswith(STORE_SUFFIX) and not is_partial(d) for c in d.iterdir()
     ]
-    found = sorted(p for p in level1 + level2 if is_partial(p))
+    found = sorted(p for p in level1 + level2 if is_partial(p) and not is_ranged(p))
     for p in found:
         shutil.rmtree(p, ignore_errors=True)
     return found
@@ -575,8 +581,9 @@ def ranged_partial_path(
     """The partial store that every range writer of this sample, input and parameters shares.
 
     Named ``<id>.zarr.partial-ranges-<key>``, ``key`` from the input's SHA-256 and the parameters'
-    hash: processes of one run meet in one folder, and readers, :func:`clean_partials` and
-    :func:`open_sample_for_write` treat it as any other partial store.
+    hash: processes of one run meet in one folder. Readers and :func:`open_sample_for_write` treat it
+    as any other partial store; :func:`clean_partials` keeps it (a rerun resumes its ranges), and
+    :func:`open_sample_ranges` removes one of another key.
     """
     final = confined(root, sample_store_path(root, sample_id))
     key = hashlib.sha256(f"{input_sha256 or ''}:{params_hash(dict(params or {}))}".encode()).hexdigest()
@@ -763,6 +770,9 @@ def open_sample_ranges(
         "params_sha256": params_hash(dict(params or {})),
     }
     partial = ranged_partial_path(root, sample_id, input_sha256=input_sha256, params=params)
+    for other in _partials(final):  # a range store of other bytes or parameters: never resumed
+        if PARTIAL_TAG + _RANGED_TAG in other.name and other != partial:
+            shutil.rmtree(other, ignore_errors=True)
     for _ in range(3):
         try:
             found = json.loads((partial / _RANGED_IDENTITY).read_text())

@@ -166,3 +166,23 @@ def test_partial_store_is_shared_and_a_stale_one_replaced(reference, tmp_path: P
     # Same input and parameters, other metadata (another version's layout): stale, replaced.
     stale = open_sample_ranges(tmp_path, sample.sample_id, **{**kwargs, "attrs": {**sample.attrs, "x": 1}})
     assert stale.partial_path == one.partial_path and stale.done_ranges() == []
+
+
+def test_rerun_keeps_finished_ranges_and_drops_other_keys(reference, tmp_path: Path) -> None:
+    """A run's start-up cleaning keeps a range store (a rerun resumes it); a range store of other
+    parameters is removed when this sample's range store is opened."""
+    from equislide.storage import clean_partials, sample_store_path
+
+    sample, expected = reference
+    ranges = sample_ranges(sample, range_tiles=BATCH_TILES)
+    write_sample_range(sample, tmp_path, *ranges[0])
+    final = sample_store_path(tmp_path, sample.sample_id)
+    other = final.with_name(final.name + ".partial-ranges-0123456789abcdef")
+    other.mkdir()
+    assert clean_partials(tmp_path) == []
+    assert write_sample_range(sample, tmp_path, *ranges[0])["status"] == "skipped"
+    for start, stop in ranges[1:]:
+        write_sample_range(sample, tmp_path, start, stop)
+    assert not other.exists()
+    publish_sample(sample, tmp_path)
+    assert _tree_sha(tmp_path) == expected
