@@ -125,8 +125,8 @@ def worker_warnings(client: Any | None = None) -> list[str]:
         return []
     return [
         f"{len(slow)} of {len(envs)} Dask workers set MALLOC_TRIM_THRESHOLD_ without MALLOC_MMAP_THRESHOLD_: "
-        "feature extraction runs about 2x slower there; start them with "
-        "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_MMAP_THRESHOLD_=33554432"
+        "feature extraction runs about 2x slower there; start them with MALLOC_MMAP_THRESHOLD_=33554432 "
+        "in their environment"
     ]
 
 
