@@ -1,4 +1,4 @@
-"""A real Dask cluster of separate processes for tests: ``dask scheduler`` and ``dask worker`` as a user runs them.
+"""A real Dask cluster of processes for tests: ``dask scheduler`` and ``dask worker`` as a user runs them.
 
 The programs are Dask's own CLI (``python -m dask scheduler`` / ``worker``: the ``dask`` script of the
 venv, run by the test's interpreter, since a copied venv's script may name another interpreter in its
@@ -35,6 +35,7 @@ class DaskProcesses:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **WORKER_ENV, **(env or {})}
         self.scheduler: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
+        self.named: dict[str, subprocess.Popen] = {}  # by ``--name``
         self.address = ""
         self._all: list[subprocess.Popen] = []
         self._members: set[psutil.Process] = set()
@@ -69,20 +70,27 @@ class DaskProcesses:
             with contextlib.suppress(OSError, ValueError, KeyError):
                 self.address = json.loads(file.read_text())["address"]
                 return self.address
-            assert self.scheduler.poll() is None, f"dask scheduler exited: {self.scheduler.log.read_text()[-2000:]}"
+            assert self.scheduler.poll() is None, (
+                f"dask scheduler exited: {self.scheduler.log.read_text()[-2000:]}"
+            )
             assert time.monotonic() < deadline, f"dask scheduler wrote no {file} in {timeout} s"
             time.sleep(0.1)
 
-    def start_workers(self, n: int, *, resources: str | None = None, timeout: float = 240) -> list[subprocess.Popen]:
-        """``n`` more ``dask worker`` processes (one thread, the preload); waits until the scheduler has them."""
+    def start_workers(
+        self, n: int, *, resources: str | None = None, timeout: float = 240
+    ) -> list[subprocess.Popen]:
+        """``n`` more ``dask worker`` processes (one thread, the preload); waits until the scheduler has
+        them."""
         new = []
         for _ in range(n):
             self._n += 1
             args = ["worker", self.address, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1",
-                    "--dashboard-address", "127.0.0.1:0", "--name", f"w{self._n}", "--preload", PRELOAD]  # fmt: skip
+                    "--dashboard-address", "127.0.0.1:0", "--name", f"w{self._n}",
+                    "--preload", PRELOAD]  # fmt: skip
             if resources:
                 args += ["--resources", resources]
             new.append(self._spawn(f"worker-w{self._n}", args))
+            self.named[f"w{self._n}"] = new[-1]
         self.workers += new
         self.wait_for_workers(len(self.workers), timeout=timeout)
         return new
@@ -104,14 +112,17 @@ class DaskProcesses:
                 top = psutil.Process(p.pid)
                 self._members |= {top, *top.children(recursive=True)}
 
-    def processing(self, contains: str) -> list[str]:
-        """Keys of tasks the scheduler has on a worker now whose key contains ``contains``."""
+    def processing(self, contains: str) -> list[tuple[subprocess.Popen, str]]:
+        """``(worker process, key)`` of each task a worker runs now whose key contains ``contains``."""
 
-        def keys(dask_scheduler) -> list[str]:
-            return [str(ts.key) for ws in dask_scheduler.workers.values() for ts in ws.processing]
+        def keys(dask_scheduler) -> list[tuple[str, str]]:
+            return [
+                (str(ws.name), str(ts.key)) for ws in dask_scheduler.workers.values() for ts in ws.processing
+            ]
 
         with self.client() as client:
-            return [k for k in client.run_on_scheduler(keys) if contains in k]
+            found = client.run_on_scheduler(keys)
+        return [(self.named[name], key) for name, key in found if contains in key and name in self.named]
 
     def kill(self, proc: subprocess.Popen) -> None:
         """SIGKILL the process group of ``proc`` (a node gone: nanny, worker and their children)."""
