@@ -298,10 +298,9 @@ def fault_line(err: BaseException, *, scheduler: str | None = None) -> str:
         if name in _CLUSTER_ERRORS or (isinstance(e, OSError) and "Timed out trying to connect" in text):
             # Which cluster: an operator with several schedulers restarts the one named here.
             which = f" (scheduler {scheduler})" if scheduler else ""
-            return (
-                f"the Dask cluster was lost{which}: {name}: {text[:160]}; "
-                "rerun when it is back (work is kept)"
-            )
+            # Dask's texts run to several sentences ("... Please check your connection ..."): whole ones.
+            short = (text if len(text) <= 160 else text[:160].rsplit(". ", 1)[0]).rstrip(". ")
+            return f"the Dask cluster was lost{which}: {name}: {short}; rerun when it is back (work is kept)"
     return f"unexpected {type(err).__name__}: {one_line(err)[:300]}"
 
 
