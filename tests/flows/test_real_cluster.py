@@ -9,6 +9,7 @@ are compared byte for byte with a clean run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -73,6 +74,24 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 600
         assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[1][-3000:]}"
         assert time.monotonic() < deadline, f"no {what} in {timeout} s"
         time.sleep(0.3)
+    return found
+
+
+def _group_members(pgid: int) -> list[str]:
+    """Processes still in process group ``pgid`` a few seconds after its leader exited (zombies aside)."""
+    import psutil
+
+    def members() -> list[str]:
+        found = []
+        for p in psutil.process_iter(["name", "status"]):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    found.append(f"{p.pid} {p.info['name']}")
+        return found
+
+    deadline = time.monotonic() + 20
+    while (found := members()) and time.monotonic() < deadline:
+        time.sleep(0.5)
     return found
 
 
@@ -156,6 +175,7 @@ def test_scheduler_killed_one_line_then_rerun_resumes_identical(phantom, referen
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its group: whatever it started (its Prefect server) must end with it
         )
         try:
             _wait_for(lambda: any(out.glob(FEATURES_DONE)), run, "a sample's finished features")
@@ -166,6 +186,8 @@ def test_scheduler_killed_one_line_then_rerun_resumes_identical(phantom, referen
             if run.poll() is None:
                 run.kill()
         after_s = time.perf_counter() - t_kill
+        left = _group_members(run.pid)
+    assert not left, f"the failed run left processes behind: {left}"
     assert run.returncode == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     errors = [ln for ln in stderr.splitlines() if ln.startswith("equislide segment: error: ")]
