@@ -112,8 +112,8 @@ def _worker_malloc_env() -> dict[str, str | None]:
 
 
 def worker_warnings(client: Any | None = None) -> list[str]:
-    """One line per problem with the Dask workers (their malloc settings) of ``client``, by default the
-    running flow's."""
+    """One line per problem with the Dask workers of ``client`` (by default the running flow's): each worker
+    advertising a GPU its torch cannot use, and workers lacking the malloc setting."""
     client = client or _runner_client()
     if client is None:
         return []
@@ -121,13 +121,19 @@ def worker_warnings(client: Any | None = None) -> list[str]:
     slow = sorted(
         a for a, e in envs.items() if e["MALLOC_TRIM_THRESHOLD_"] and not e["MALLOC_MMAP_THRESHOLD_"]
     )
-    if not slow:
-        return []
-    return [
-        f"{len(slow)} of {len(envs)} Dask workers set MALLOC_TRIM_THRESHOLD_ without MALLOC_MMAP_THRESHOLD_: "
-        "feature extraction runs about 2x slower there; start them with "
-        "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_MMAP_THRESHOLD_=33554432"
+    lines = [
+        f"Dask worker {name} advertises GPU=1 but its torch ({version}) sees no CUDA device: its feature "
+        "tasks run on the CPU and none is GPU-annotated for it; start it without --resources GPU=1, or "
+        "with a CUDA build of torch"
+        for name, version in _gpu_claims(client)[1]
     ]
+    if slow:
+        lines.append(
+            f"{len(slow)} of {len(envs)} Dask workers set MALLOC_TRIM_THRESHOLD_ without "
+            "MALLOC_MMAP_THRESHOLD_: feature extraction runs about 2x slower there; start them with "
+            "MALLOC_MMAP_THRESHOLD_=33554432 in their environment"
+        )
+    return lines
 
 
 @contextlib.contextmanager
@@ -170,13 +176,42 @@ def _runner_client() -> Any | None:
     return runner.client if isinstance(runner, DaskTaskRunner) else None
 
 
+def _torch_cuda() -> tuple[bool, str]:
+    import torch
+
+    return bool(torch.cuda.is_available()), str(torch.__version__)
+
+
+def _gpu_claims(client: Any) -> tuple[list[str], list[tuple[str, str]]]:
+    """Workers advertising a ``GPU`` resource: ``(addresses whose torch sees CUDA, [(name, torch version)]
+    of those whose torch does not)``.
+
+    ``--resources GPU=1`` is only a label the operator gives a worker. Trusted blindly on a worker whose
+    torch has no CUDA (a CPU wheel, no driver), every GPU-annotated feature task would queue for that one
+    worker while the others idle, and run on its CPU anyway.
+    """
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    claimed = sorted(a for a, w in workers.items() if (w.get("resources") or {}).get("GPU", 0) >= 1)
+    if not claimed:
+        return [], []
+    # A worker gone since scheduler_info is simply not counted.
+    answers = client.run(_torch_cuda, workers=claimed, on_error="ignore")
+    usable = [a for a in claimed if a in answers and answers[a][0]]
+    without = [
+        (f"{workers[a].get('name')} ({a})" if workers[a].get("name") not in (None, a) else a, answers[a][1])
+        for a in claimed
+        if a in answers and not answers[a][0]
+    ]
+    return usable, without
+
+
 def gpu_workers() -> int:
-    """Workers of the running flow's Dask cluster advertising a ``GPU`` resource (0 off Dask)."""
+    """Workers of the running flow's Dask cluster advertising a ``GPU`` resource whose torch sees CUDA
+    (0 off Dask)."""
     client = _runner_client()
     if client is None:
         return 0
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    return sum(1 for w in workers if (w.get("resources") or {}).get("GPU", 0) >= 1)
+    return len(_gpu_claims(client)[0])
 
 
 def cluster_description() -> dict[str, Any]:
@@ -193,7 +228,7 @@ def cluster_description() -> dict[str, Any]:
         "scheduler": info.get("address"),
         "workers": len(workers),
         "threads": sum(int(w.get("nthreads", 0)) for w in workers),
-        "gpu_workers": sum(1 for w in workers if (w.get("resources") or {}).get("GPU", 0) >= 1),
+        "gpu_workers": len(_gpu_claims(client)[0]),
     }
 
 

@@ -277,8 +277,9 @@ def check_mpp_arguments(args) -> str | None:
     return None
 
 
-def fault_line(err: BaseException) -> str:
-    """What an infrastructure fault was, in one line an operator acts on (disk, cluster, or other)."""
+def fault_line(err: BaseException, *, scheduler: str | None = None) -> str:
+    """What an infrastructure fault was, in one line an operator acts on (disk, cluster, or other);
+    ``scheduler``: the existing Dask scheduler the run used, named when the cluster is lost."""
     import errno
 
     from equislide.text import one_line
@@ -295,7 +296,11 @@ def fault_line(err: BaseException) -> str:
         name = type(e).__name__
         text = one_line(e)
         if name in _CLUSTER_ERRORS or (isinstance(e, OSError) and "Timed out trying to connect" in text):
-            return f"the Dask cluster was lost ({name}: {text[:160]}); rerun when it is back (work is kept)"
+            # Which cluster: an operator with several schedulers restarts the one named here.
+            which = f" (scheduler {scheduler})" if scheduler else ""
+            # Dask's texts run to several sentences ("... Please check your connection ..."): whole ones.
+            short = (text if len(text) <= 160 else text[:160].rsplit(". ", 1)[0]).rstrip(". ")
+            return f"the Dask cluster was lost{which}: {name}: {short}; rerun when it is back (work is kept)"
     return f"unexpected {type(err).__name__}: {one_line(err)[:300]}"
 
 
@@ -362,9 +367,11 @@ def locked_run(
     *,
     inputs: list[str] | None = None,
     report: str = "run.json",
+    scheduler: str | None = None,
 ):
     """``work()`` holding ``out``'s lock: ``(0, result)``; ``(2, None)`` when another run holds the folder;
-    ``(1, None)`` after an infrastructure fault, printed as one line and recorded in ``run.json``."""
+    ``(1, None)`` after an infrastructure fault, printed as one line (naming ``scheduler``, the existing
+    Dask scheduler, when it was lost) and recorded in ``run.json``."""
     import time
 
     from equislide.storage import OutputLocked, output_lock
@@ -376,7 +383,7 @@ def locked_run(
     except OutputLocked as err:
         return usage_error(prefix, str(err)), None
     except Exception as err:  # noqa: BLE001 - an infrastructure fault: one line, not a traceback
-        line = fault_line(err)
+        line = fault_line(err, scheduler=scheduler)
         saved = record_fault(out, command, line, started, inputs, report)
         note = "" if saved else f" ({report} could not be written)"
         print(f"{prefix}: error: {line}{note}", file=sys.stderr)

@@ -177,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         command,
         lambda: run_study(args.slides, args.out, scheduler=args.scheduler, workers=args.workers, **options),
         inputs=args.slides,
+        scheduler=args.scheduler,
     )
     if report is None:
         return status

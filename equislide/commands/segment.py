@@ -244,7 +244,12 @@ def run(args: argparse.Namespace) -> int:
             return 1
     command = ["equislide", "segment", *sys.argv[2:]]
     status, report = locked_run(
-        _PREFIX, args.out, command, lambda: run_flow(args, command=command), inputs=args.slides
+        _PREFIX,
+        args.out,
+        command,
+        lambda: run_flow(args, command=command),
+        inputs=args.slides,
+        scheduler=args.scheduler,
     )
     if report is None:
         return status

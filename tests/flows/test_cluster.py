@@ -90,3 +90,39 @@ def test_workers_report_to_the_flows_temporary_server(tmp_path) -> None:
     _, url, worker_url, other_process = line.split()
     assert url.startswith("http://127.0.0.1:") and url.rstrip("/") == worker_url
     assert other_process == "True"
+
+
+def test_gpu_claim_without_cuda_is_named_once_and_not_counted() -> None:
+    """A worker labelled GPU=1 whose torch has no CUDA: one warning naming it; not a GPU worker."""
+    import torch
+    from distributed import Client, LocalCluster
+
+    from equislide.flows import cluster as cluster_module
+
+    if torch.cuda.is_available():
+        pytest.skip("this torch sees CUDA: the label would be true")
+    kwargs = {"n_workers": 1, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    with worker_environment():
+        local = LocalCluster(resources={"GPU": 1}, **kwargs)
+    with local, Client(local) as client:
+        ((address, info),) = client.scheduler_info()["workers"].items()
+        named = f"{info['name']} ({address})"  # LocalCluster names its workers 0, 1, ...
+        warnings = worker_warnings(client)
+        usable, without = cluster_module._gpu_claims(client)
+    assert usable == [] and [name for name, _ in without] == [named]
+    assert len(warnings) == 1, warnings
+    assert f"Dask worker {named} advertises GPU=1" in warnings[0] and torch.__version__ in warnings[0]
+
+
+def test_lost_cluster_line_names_the_scheduler_in_whole_sentences() -> None:
+    from distributed.client import FutureCancelledError
+
+    from equislide.commands._common import fault_line
+
+    text = "Client lost the connection to the scheduler. Please check your connection and re-run your work."
+    err = FutureCancelledError("features_task-0123", reason="scheduler-connection-lost", msg=text)
+    line = fault_line(err, scheduler="tcp://10.0.0.7:8786")
+    assert line.startswith("the Dask cluster was lost (scheduler tcp://10.0.0.7:8786): FutureCancelledError")
+    assert line.endswith("lost the connection to the scheduler; rerun when it is back (work is kept)"), line
+    assert "\n" not in line and "Please check your c" not in line
+    assert "(scheduler" not in fault_line(err)  # a local cluster: no address to name

@@ -29,7 +29,7 @@ SEGMENT = ["--mpp", "5", "--tile", "128", "--halo", "16", "--layer", "3", "--wid
 ENV = {
     **os.environ,
     "PYTHONUNBUFFERED": "1",
-    "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_MMAP_THRESHOLD_": "33554432",  # the documented worker environment (deploy/README.md)
     # A refused client is told within seconds, not after Dask's 30 s of connection retries.
     "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "10s",
 }
