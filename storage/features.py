@@ -366,11 +366,14 @@ def _gaps(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def _layer_lock(folder: Path, name: str) -> Iterator[None]:
-    """Serialises creating and publishing one layer's shared partial among the processes filling it
-    (``flock``: the kernel drops it when a holder is killed)."""
+def _layer_lock(folder: Path) -> Iterator[None]:
+    """Serialises creating and publishing a layer's shared partial among the processes filling it.
+
+    An ``flock`` on the ``features`` folder itself (the kernel drops it when a holder is killed): a
+    lock file would sit in the zarr group as an object zarr does not recognise (and warns about).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -453,7 +456,7 @@ class RangeFeatureWriter:
             IncompleteSampleError: Some ranges are not done; the message names them.
         """
         folder = self.partial_path.parent
-        with _layer_lock(folder, self.path.name):
+        with _layer_lock(folder):
             if not self.partial_path.is_dir() and is_features_done(
                 self.store_path, self.layer, params=self._marker["params"]
             ):
@@ -565,7 +568,7 @@ def open_feature_ranges(
 
     folder = confined(store_path, store_path / "features")
     partial_name = f"{name}{PARTIAL_TAG}{_key(marker)}"
-    with _layer_lock(folder, name):
+    with _layer_lock(folder):
         for stale in _stale(folder, name):
             if stale.name != partial_name:
                 shutil.rmtree(stale, ignore_errors=True)
