@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 
-def write_large_image(path: Path, *, side: int = 1536, seed: int = 0) -> Path:
+def write_large_image(path: Path, *, side: int = 2048, seed: int = 0) -> Path:
     """An RGB TIFF of ``side`` px: a pink, textured ellipse over most of a white background (the
     tissue mask keeps it), so that at a coarse mpp it gives hundreds of tiles of one sample."""
     import tifffile
