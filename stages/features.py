@@ -38,6 +38,7 @@ __all__ = [
     "publish_features",
     "sample_tissue_vectors",
     "store_features_and_draw",
+    "store_share_and_draw",
     "tile_feature_masks",
 ]
 
@@ -117,40 +118,64 @@ def extract_feature_range(
         ``{"sample_id", "start", "stop", "status" ("written" | "skipped"), "n_tiles" (computed here),
         "seconds", "device"}``.
     """
+    return _extract_ranges(store, backbone, spec, [(int(start), int(stop))])[0]
+
+
+def _extract_ranges(
+    store: str | Path, backbone: BackboneRef, spec: FeatureSpec | None, ranges: list[tuple[int, int]]
+) -> list[dict[str, Any]]:
+    """:func:`extract_feature_range` of each range, with the network and the array opened once."""
     from equislide.models.extract import extract_features
     from equislide.stages.backbone import read_tiles
     from equislide.storage import done_feature_ranges, is_features_done, read_sample_meta
 
     spec = spec or FeatureSpec(backbone=backbone.backbone, layer=backbone.layer)
-    t0 = time.perf_counter()
     layer, params = int(backbone.layer), backbone.params()
     sample_id = read_sample_meta(store)["sample_id"]
-    out = {"sample_id": sample_id, "start": int(start), "stop": int(stop)}
-    skipped = {**out, "status": "skipped", "n_tiles": 0, "seconds": 0.0, "device": None}
-    if is_features_done(store, layer, params=params) or _covered(
-        done_feature_ranges(store, layer, params=params), start, stop
-    ):
-        return skipped
+
+    def skipped(start: int, stop: int) -> dict[str, Any]:
+        return {
+            "sample_id": sample_id,
+            "start": start,
+            "stop": stop,
+            "status": "skipped",
+            "n_tiles": 0,
+            "seconds": 0.0,
+            "device": None,
+        }
+
+    if is_features_done(store, layer, params=params):
+        return [skipped(a, b) for a, b in ranges]
+    done = done_feature_ranges(store, layer, params=params)
+    if all(_covered(done, a, b) for a, b in ranges):
+        return [skipped(a, b) for a, b in ranges]
     model, info, meta, writer = _open_writer(store, backbone, spec.device)
-    if writer.is_done(start, stop):  # another process finished it while this one opened
-        return skipped
     halo, batch = int(meta["halo"]), int(spec.batch_tiles)
-    for s0 in range(start, stop, writer.shard_tiles):
-        s1 = min(stop, s0 + writer.shard_tiles)
-        tiles = read_tiles(store, s0, s1)
-        parts = [
-            extract_features(model, tiles[b : b + batch], layer=layer, halo=halo, device=info["device"])
-            for b in range(0, s1 - s0, batch)
-        ]
-        writer.write(s0, np.concatenate(parts))  # a whole shard per write: no shard is shared
-    writer.mark_done(start, stop)
-    return {
-        **out,
-        "status": "written",
-        "n_tiles": int(stop - start),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "device": info["device"],
-    }
+    out = []
+    for start, stop in ranges:
+        if writer.is_done(start, stop):  # done before, or by another process meanwhile
+            out.append(skipped(start, stop))
+            continue
+        t0 = time.perf_counter()
+        for s0 in range(start, stop, writer.shard_tiles):
+            s1 = min(stop, s0 + writer.shard_tiles)
+            tiles = read_tiles(store, s0, s1)
+            parts = [
+                extract_features(model, tiles[b : b + batch], layer=layer, halo=halo, device=info["device"])
+                for b in range(0, s1 - s0, batch)
+            ]
+            writer.write(s0, np.concatenate(parts))  # a whole shard per write: no shard is shared
+        writer.mark_done(start, stop)
+        out.append(
+            {
+                **skipped(start, stop),
+                "status": "written",
+                "n_tiles": int(stop - start),
+                "seconds": round(time.perf_counter() - t0, 3),
+                "device": info["device"],
+            }
+        )
+    return out
 
 
 def finished_feature_ranges(store: str | Path, backbone: BackboneRef) -> list[tuple[int, int]]:
@@ -228,7 +253,7 @@ def extract_store_features(
 
     meta = read_sample_meta(store)
     todo = feature_ranges(store) if ranges is None else [(int(a), int(b)) for a, b in ranges]
-    results = [extract_feature_range(store, backbone, spec, a, b) for a, b in todo]
+    results = _extract_ranges(store, backbone, spec, todo)
     complete = features_complete(store, backbone) or int(meta["n_tiles"]) == 0
     if complete:
         publish_features(store, backbone, spec)
@@ -368,3 +393,19 @@ def store_features_and_draw(
     if draws_dir is not None and res["published"]:
         draw_store_vectors(store, draws_dir, layer=backbone.layer, spec=cluster)
     return res
+
+
+def store_share_and_draw(
+    share: tuple[str | Path, list[tuple[int, int]] | None],
+    backbone: BackboneRef,
+    spec: FeatureSpec | None = None,
+    *,
+    draws_dir: str | Path | None = None,
+    cluster: ClusterSpec | None = None,
+) -> dict[str, Any]:
+    """:func:`store_features_and_draw` of one work unit's share ``(store, ranges)`` (ranges None: the
+    whole store), as the flow's feature tasks pass it (one picklable argument)."""
+    store, ranges = share
+    return store_features_and_draw(
+        store, backbone, spec, draws_dir=draws_dir, cluster=cluster, ranges=ranges
+    )

@@ -316,17 +316,19 @@ def open_features_for_write(
 RANGES_DIR = "_equislide_ranges"
 #: Shards a sample's tiles are cut into at most (see :func:`feature_shard_tiles`).
 _TARGET_SHARDS = 64
+_MIN_SHARD_TILES = 4
 
 
 def feature_shard_tiles(n_tiles: int) -> int:
-    """Tiles per feature shard of a sample of ``n_tiles``: ``clip(ceil(n_tiles / 64), 1, 32)``.
+    """Tiles per feature shard of a sample of ``n_tiles``: ``clip(ceil(n_tiles / 64), 4, 32)``.
 
     A shard file is the unit two writers must never share, so it bounds how finely a sample's features
     can be spread over workers: 64 shards give a sample of a few hundred tiles 64 ranges to hand out
     (>= 16 wanted), while a whole slide keeps the 32-tile shards that stream fastest (one file read per
-    32 tiles) and a shard count its file system copes with.
+    32 tiles) and a shard count its file system copes with. At least 4 tiles (the default forward
+    batch): a forward pass never straddles a shard, so smaller shards would shrink small samples' batches.
     """
-    return int(min(_SHARD_TILES, max(1, -(-int(n_tiles) // _TARGET_SHARDS))))
+    return int(min(_SHARD_TILES, max(_MIN_SHARD_TILES, -(-int(n_tiles) // _TARGET_SHARDS))))
 
 
 def _key(marker: Mapping[str, Any]) -> str:
