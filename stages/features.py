@@ -149,7 +149,12 @@ def _extract_ranges(
     done = done_feature_ranges(store, layer, params=params)
     if all(_covered(done, a, b) for a, b in ranges):
         return [skipped(a, b) for a, b in ranges]
-    model, info, meta, writer = _open_writer(store, backbone, spec.device)
+    from equislide.storage import FeaturesPublished
+
+    try:
+        model, info, meta, writer = _open_writer(store, backbone, spec.device)
+    except FeaturesPublished:  # published by another process since the check above
+        return [skipped(a, b) for a, b in ranges]
     halo, batch = int(meta["halo"]), int(spec.batch_tiles)
     out = []
     for start, stop in ranges:

@@ -11,6 +11,7 @@ from equislide.storage._errors import SampleIdError as SampleIdError
 from equislide.storage._errors import StoreLayoutError as StoreLayoutError
 from equislide.storage.features import FEATURES_DONE_MARKER as FEATURES_DONE_MARKER
 from equislide.storage.features import FEATURES_FORMAT as FEATURES_FORMAT
+from equislide.storage.features import FeaturesPublished as FeaturesPublished
 from equislide.storage.features import FeatureWriter as FeatureWriter
 from equislide.storage.features import RangeFeatureWriter as RangeFeatureWriter
 from equislide.storage.features import done_feature_ranges as done_feature_ranges
@@ -94,6 +95,7 @@ __all__ = [
     "done_feature_ranges",
     "feature_shard_tiles",
     "RangeFeatureWriter",
+    "FeaturesPublished",
     "publish_feature_ranges",
     "read_features_meta",
     "feature_id",

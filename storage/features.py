@@ -63,6 +63,7 @@ __all__ = [
     "FEATURES_DONE_MARKER",
     "FEATURES_FORMAT",
     "FeatureWriter",
+    "FeaturesPublished",
     "features_path",
     "features_problem",
     "is_features_done",
@@ -319,6 +320,10 @@ _TARGET_SHARDS = 64
 _MIN_SHARD_TILES = 4
 
 
+class FeaturesPublished(RuntimeError):
+    """:func:`open_feature_ranges` found the layer already published from the same parameters."""
+
+
 def feature_shard_tiles(n_tiles: int) -> int:
     """Tiles per feature shard of a sample of ``n_tiles``: ``clip(ceil(n_tiles / 64), 4, 32)``.
 
@@ -554,6 +559,7 @@ def open_feature_ranges(
     :func:`open_features_for_write`; ``shard_tiles`` defaults to :func:`feature_shard_tiles`.
 
     Raises:
+        FeaturesPublished: The layer is already published from these parameters: nothing to fill.
         StoreLayoutError: ``store_path`` is not a finished tile store.
         ValueError: A size or metadata field is invalid (the message names it).
     """
@@ -571,6 +577,9 @@ def open_feature_ranges(
     folder = confined(store_path, store_path / "features")
     partial_name = f"{name}{PARTIAL_TAG}{_key(marker)}"
     with _layer_lock(folder):
+        if is_features_done(store_path, layer, params=params):
+            # A late writer (a task run twice) must not start a partial nobody will publish.
+            raise FeaturesPublished(f"{store_path}: features/{name} of these parameters are published")
         for stale in _stale(folder, name):
             if stale.name != partial_name:
                 shutil.rmtree(stale, ignore_errors=True)

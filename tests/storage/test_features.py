@@ -12,6 +12,7 @@ import zarr
 from equislide.storage import (
     FEATURES_DONE_MARKER,
     FEATURES_FORMAT,
+    FeaturesPublished,
     IncompleteSampleError,
     StoreLayoutError,
     done_feature_ranges,
@@ -221,6 +222,9 @@ def test_range_writers_share_one_partial_and_publish_when_every_range_is_done(tm
     published = sorted(p.name for p in features_path(store, 3).iterdir())
     assert published == [FEATURES_DONE_MARKER, "c", "zarr.json"]  # no range bookkeeping left
     assert publish_feature_ranges(store, 3, params=PARAMS) == features_path(store, 3)  # done: as it is
+    with pytest.raises(FeaturesPublished):  # a late writer starts no partial that nobody publishes
+        _ranges(store)
+    assert sorted(p.name for p in (store / "features").iterdir()) == ["layer3", "zarr.json"]
 
 
 def test_stale_partials_are_removed_and_changed_metadata_starts_over(tmp_path):
