@@ -9,14 +9,17 @@ resumes from its own done-markers, and arrays are never pickled into Prefect's r
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import errno
 import functools
+import itertools
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +86,9 @@ __all__ = [
     "failure",
     "groups",
     "label_of",
+    "plan_units",
+    "unit_label",
+    "worker_address",
     "notify",
     "failed_message",
     "outcome",
@@ -207,6 +213,100 @@ def groups(items: list[Any], workers: int) -> list[list[Any]]:
     work, enough to balance the workers."""
     size = -(-len(items) // (2 * max(1, workers))) if items else 1
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+#: Units a stage aims at per worker (:func:`plan_units`): enough to balance, few task runs.
+UNITS_PER_WORKER = 2
+#: Extra range groups one sample holding the whole cohort's work is cut into (fewer for a smaller share):
+#: enough for a work / critical path of ~16 on a large cluster, a bounded number of task runs.
+SPLIT_UNITS = 16
+#: A sample smaller than this is never split: a unit of fewer tiles costs more in task-run overhead
+#: (~0.13 s Prefect, a budgeted child, opening the store) than it balances.
+MIN_SPLIT_TILES = 64
+
+
+def plan_units(
+    samples: Sequence[tuple[Any, int]],
+    workers: int,
+    *,
+    pieces: Callable[[Any], Sequence[tuple[int, int]]] | None = None,
+    per_worker: int = UNITS_PER_WORKER,
+    split_units: int = SPLIT_UNITS,
+    min_split: int = MIN_SPLIT_TILES,
+) -> list[list[tuple[Any, list[tuple[int, int]] | None]]]:
+    """Work units of a per-sample stage: large samples cut into range groups, small ones grouped.
+
+    Args:
+        samples: ``(item, size)`` per sample (size: its tiles), in the order small samples are grouped
+            (contiguous runs: neighbouring cores share slide reads).
+        workers: Workers of the cluster.
+        pieces: ``pieces(item)``: the item's ranges ``[start, stop)`` a unit may hold (e.g. shard-aligned
+            tile ranges); None: no sample is split.
+        per_worker: Units aimed at per worker; the target unit size is ``total / (per_worker * workers)``.
+        split_units: Range groups a sample holding all of the work gets at least
+            (``ceil(split_units * size / total)`` for a smaller share).
+        min_split: Samples below this size are never split.
+
+    Returns:
+        Units, longest (most tiles) first; each a list of ``(item, ranges)`` with ``ranges`` None for
+        a whole sample. A sample is split when it is larger than the target and ``min_split``, into
+        ``min(#pieces, max(ceil(size / target), ceil(split_units * size / total)))`` contiguous range
+        groups of about equal size; the others are grouped as :func:`groups` does. So a stage makes at
+        most about ``3 * per_worker * workers + split_units`` task runs, whatever the number of samples.
+    """
+    total = sum(max(0, int(size)) for _, size in samples)
+    target = max(1.0, total / max(1, per_worker * max(1, workers)))
+    units: list[tuple[int, list[tuple[Any, list[tuple[int, int]] | None]]]] = []
+    small: list[tuple[Any, int]] = []
+    for item, size in samples:
+        ranges = list(pieces(item)) if pieces is not None and size > target and size >= min_split else []
+        if len(ranges) < 2:
+            small.append((item, size))
+            continue
+        k = min(len(ranges), max(math.ceil(size / target), math.ceil(split_units * size / max(total, 1))))
+        ends = list(itertools.accumulate(b - a for a, b in ranges))
+        # Cut where the running tile count reaches each k-th of the sample: groups of about equal size.
+        cuts = [0, *(_nearest(ends, size * j / k) for j in range(1, k)), len(ranges)]
+        for lo, hi in itertools.pairwise(cuts):
+            if hi > lo:
+                part = ranges[lo:hi]
+                units.append((sum(b - a for a, b in part), [(item, part)]))
+    chunk: list[tuple[Any, int]] = []
+    for item, size in small:  # contiguous groups, each closed once it holds a unit's worth of tiles
+        chunk.append((item, size))
+        if sum(n for _, n in chunk) >= target:
+            units.append((sum(n for _, n in chunk), [(it, None) for it, _ in chunk]))
+            chunk = []
+    if chunk:
+        units.append((sum(n for _, n in chunk), [(it, None) for it, _ in chunk]))
+    units.sort(key=lambda u: -u[0])  # stable: equal sizes keep their order
+    return [unit for _, unit in units]
+
+
+def worker_address() -> str:
+    """The Dask worker running this task (its address), or ``"local"`` outside a worker."""
+    from distributed import get_worker
+
+    try:
+        return str(get_worker().address)
+    except ValueError:
+        return "local"
+
+
+def _nearest(ends: list[int], goal: float) -> int:
+    """How many pieces (running sizes ``ends``) come closest to ``goal``: at least 1, at most all."""
+    i = bisect.bisect_left(ends, goal)
+    if i >= len(ends):
+        return len(ends)
+    return i if i > 0 and goal - ends[i - 1] <= ends[i] - goal else i + 1
+
+
+def unit_label(unit: list[tuple[tuple[str, Any], list[tuple[int, int]] | None]]) -> str:
+    """A unit's task run name part: :func:`label_of` of its samples, and the tiles of a sample's share."""
+    (sid, _), ranges = unit[0]
+    if ranges is not None:
+        return f"{sid} tiles {ranges[0][0]}-{ranges[-1][1]}"
+    return label_of([item for item, _ in unit])
 
 
 def label_of(items: list[tuple[str, Any]]) -> str:
@@ -591,12 +691,15 @@ def collect(
     *,
     after: Callable[[int], None] | None = None,
     progress: Callable[[float], None] | None = None,
+    weights: Mapping[Any, int] | None = None,
 ) -> None:
     """Wait for a stage's group tasks as they finish: each sample's result, or its reason to fail.
 
     ``after(n)`` and ``progress(fraction)`` are told as each group finishes (samples finished so far,
-    and their fraction of the stage)."""
-    total = sum(len(items) for items in submitted.values())
+    and their fraction of the stage); ``weights`` (per future, e.g. its tiles) count instead of its
+    samples where a sample is spread over several tasks."""
+    size = (lambda fut: len(submitted[fut])) if weights is None else weights.__getitem__
+    total = sum(size(fut) for fut in submitted)
     n = 0
     for fut in as_completed(list(submitted)):
         items = submitted[fut]
@@ -608,7 +711,7 @@ def collect(
                 done(item["sample_id"], item["result"])
         for sid, _ in items if reason is not None else []:
             fail(sid, f"{stage}: {reason}")
-        n += len(items)
+        n += size(fut)
         if after is not None:
             after(n)
         if progress is not None:

@@ -10,10 +10,12 @@ task run costs API calls and state changes, while a group's samples still succee
    -> ``OUT/tiles/<sample>.zarr``, so the cores of one TMA slide are tiled on several workers.
 2. ``backbone`` once: :func:`equislide.stages.backbone.calibrated_backbone` (given weights, or a seeded
    random initialisation with BatchNorm recalibrated on the cohort's tiles, saved under ``OUT/models``).
-3. ``features`` per group: :func:`equislide.stages.features.extract_store_features` (float16, beside
-   the tiles), then (``fit="cohort"``) :func:`~equislide.stages.features.draw_store_vectors`, the
-   sample's share of the K-means vectors. Annotated ``resources={"GPU": 1}`` only when the cluster has
-   workers advertising a GPU.
+3. ``features`` per work unit (:func:`~equislide.flows._common.plan_units`: a large sample's
+   shard-aligned tile ranges over several tasks, small samples grouped, largest first):
+   :func:`equislide.stages.features.extract_store_features` (float16, beside the tiles); the share that
+   completes a sample publishes it and (``fit="cohort"``) draws its share of the K-means vectors
+   (:func:`~equislide.stages.features.draw_store_vectors`). Annotated ``resources={"GPU": 1}`` only
+   when the cluster has workers advertising a GPU.
 4. ``kmeans`` once (``fit="cohort"``): :func:`equislide.stages.cluster.fit_cohort_stores` stacks the
    draws and fits.
 5. ``segment`` per group: :func:`equislide.stages.segment.segment_store` -> ``OUT/samples/<sample>``
@@ -73,6 +75,7 @@ from equislide.flows._common import (
     groups,
     label_of,
     outcome,
+    plan_units,
     report_task,
     resolve_stage,
     run_flow,
@@ -81,7 +84,9 @@ from equislide.flows._common import (
     tile_stage,
     timed,
     transient,
+    unit_label,
     weights_note,
+    worker_address,
 )
 from equislide.flows.cluster import (
     SCHEDULER_ENV,
@@ -96,7 +101,8 @@ from equislide.stages.cluster import fit_cohort_stores, split_native
 from equislide.stages.consistency import SERVICE_SPEC, ConsistencySpec, budget_plan, figures
 from equislide.stages.features import (
     DRAWS_DIR,
-    store_features_and_draw,
+    feature_ranges,
+    store_share_and_draw,
 )
 from equislide.stages.inputs import SETTLE_SECONDS
 from equislide.stages.segment import segment_store, tma_slides, write_tma_geojson
@@ -121,7 +127,7 @@ __all__ = ["SCHEDULER_ENV", "cohort_flow", "make_task_runner", "run_cohort", "se
     **TASK_OPTIONS,
 )
 def features_task(
-    items: list[tuple[str, str]],
+    items: list[tuple[str, tuple[str, list[tuple[int, int]] | None]]],
     backbone: BackboneRef,
     spec: FeatureSpec,
     draws_dir: str | None,
@@ -129,13 +135,20 @@ def features_task(
     label: str,
     budget: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Float16 features of every tile of some samples (``(sample_id, store)``), beside their tiles;
-    then, with ``draws_dir``, each sample's share of the cohort K-means' vectors (so the fit only
-    stacks)."""
+    """Float16 features of some samples (``(sample_id, (store, ranges))``; ranges None = all of it, else
+    a share of a large sample's tile ranges), beside their tiles; then, with ``draws_dir``, the share
+    that completes a sample publishes it and draws its share of the cohort K-means' vectors (so the
+    fit only stacks)."""
     one = functools.partial(
-        store_features_and_draw, backbone=backbone, spec=spec, draws_dir=draws_dir, cluster=cluster
+        store_share_and_draw, backbone=backbone, spec=spec, draws_dir=draws_dir, cluster=cluster
     )
-    return each_sample(items, "features", one, budget=budget_of(budget, "features"))
+    worker = worker_address()
+    get_run_logger().info("features %s on worker %s", label, worker)
+    out = each_sample(items, "features", one, budget=budget_of(budget, "features"))
+    for item in out:  # which worker ran which share: the Prefect UI and the run's tests show it
+        if "result" in item:
+            item["result"]["worker"] = worker
+    return out
 
 
 def kmeans_run_name(parameters: dict[str, Any]) -> str:
@@ -271,22 +284,62 @@ def _consistency_stage(
 
 
 def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec, progress: Progress) -> None:
-    """Features per group (GPU-annotated only where workers advertise a GPU: CPU clusters never hang)."""
+    """Features in work units (:func:`~equislide.flows._common.plan_units`): a large sample's
+    shard-aligned tile ranges spread over several tasks, small samples grouped; the largest units are
+    submitted first, so a cohort of mixed sizes ends close to total work / workers. The share that
+    finishes a sample's last range publishes it (no barrier over the cohort). GPU-annotated only where
+    workers advertise a GPU: CPU clusters never hang."""
+    from equislide.storage import read_sample_meta
+
     gpu = gpu_workers() > 0  # asked again, not from the start: GPU workers may have joined since
     draws = str(state.models_dir / DRAWS_DIR) if cluster.fit == "cohort" else None
+    live = state.live()
+    sizes = {}
+    for sid, store in live:
+        try:
+            sizes[sid] = int(read_sample_meta(store)["n_tiles"])
+        except Exception:  # noqa: BLE001 - an unreadable store fails in its task, with its reason
+            sizes[sid] = 0
+    units = plan_units(
+        [((sid, store), sizes[sid]) for sid, store in live],
+        state.workers,
+        pieces=_ranges_of,
+    )
+    shares: dict[str, list[dict[str, Any]]] = {}
 
     def done(sid: str, res: dict[str, Any]) -> None:
-        state.samples[sid]["features"] = res["status"]
-        state.timings[sid]["features_s"] = res["seconds"]
+        shares.setdefault(sid, []).append(res)
+        got = shares[sid]
+        written = any(r["status"] == "written" for r in got)
+        state.samples[sid]["features"] = "written" if written else "skipped"
+        # features_s: the sum of the sample's ranges' seconds, whichever tasks ran them.
+        state.timings[sid]["features_s"] = round(sum(r["seconds"] for r in got), 3)
+        state.samples[sid]["features_workers"] = sorted({r.get("worker") or "" for r in got} - {""})
 
     with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
-        submitted = {
-            features_task.submit(
-                items, state.backbone, spec, draws, cluster, label_of(items), state.budgets.features
-            ): items
-            for items in groups(state.live(), state.workers)
-        }
-    collect("features", submitted, done, state.fail, progress=progress)
+        submitted, weights = {}, {}
+        for unit in units:
+            items = [(sid, (store, ranges)) for (sid, store), ranges in unit]
+            fut = features_task.submit(
+                items, state.backbone, spec, draws, cluster, unit_label(unit), state.budgets.features
+            )
+            submitted[fut] = [(sid, store) for (sid, store), _ in unit]
+            weights[fut] = sum(
+                sizes[sid] if ranges is None else sum(b - a for a, b in ranges) for (sid, _), ranges in unit
+            )
+    collect("features", submitted, done, state.fail, progress=progress, weights=weights)
+    for sid, got in shares.items():
+        if sid not in state.errors and not any(r.get("published") for r in got):
+            # Every share reports whether it found the sample complete; the last one always does.
+            state.fail(sid, "features: every range ran but none of its tasks published the sample")
+
+
+def _ranges_of(item: tuple[str, str]) -> list[tuple[int, int]]:
+    """A large sample's tile ranges; none (not split) when its store cannot say: its task fails it."""
+    try:
+        return feature_ranges(item[1])
+    except Exception:  # noqa: BLE001 - the sample's own task names the reason
+        return []
 
 
 def _kmeans_stage(state: RunState, layer: int, cluster: ClusterSpec) -> None:

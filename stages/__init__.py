@@ -36,7 +36,11 @@ from equislide.stages.cluster import fit_cohort_stores as fit_cohort_stores
 from equislide.stages.cluster import fit_store as fit_store
 from equislide.stages.features import DRAWS_DIR as DRAWS_DIR
 from equislide.stages.features import draw_store_vectors as draw_store_vectors
+from equislide.stages.features import extract_feature_range as extract_feature_range
 from equislide.stages.features import extract_store_features as extract_store_features
+from equislide.stages.features import feature_ranges as feature_ranges
+from equislide.stages.features import finished_feature_ranges as finished_feature_ranges
+from equislide.stages.features import publish_features as publish_features
 from equislide.stages.features import tile_feature_masks as tile_feature_masks
 from equislide.stages.inputs import assign_sample_ids as assign_sample_ids
 from equislide.stages.inputs import failed_record as failed_record
@@ -59,6 +63,10 @@ __all__ = [
     "clear_backbone_cache",
     "draw_store_vectors",
     "extract_store_features",
+    "extract_feature_range",
+    "feature_ranges",
+    "finished_feature_ranges",
+    "publish_features",
     "failed_record",
     "fit_cohort_stores",
     "fit_store",

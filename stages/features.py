@@ -1,9 +1,12 @@
 """The features stage: float16 features of every tile of a store, and its share of the K-means vectors.
 
-:func:`extract_store_features` writes ``features/layer{L}`` beside the tiles
-(:func:`equislide.storage.open_features_for_write`), keyed by :meth:`BackboneRef.key`; then, for a
-cohort fit, :func:`draw_store_vectors` draws the sample's share of the cohort K-means' vectors right
-away, on the same worker, so the fit only stacks files.
+:func:`extract_store_features` writes ``features/layer{L}`` beside the tiles, keyed by
+:meth:`BackboneRef.key`, in shard-aligned tile ranges (:func:`feature_ranges`): a large sample's ranges
+may run in several processes at once (:func:`extract_feature_range`), each filling the store's one
+shared partial array (:func:`equislide.storage.open_feature_ranges`), and the call that finds every
+range done publishes it (:func:`publish_features`). Then, for a cohort fit, :func:`draw_store_vectors`
+draws the sample's share of the cohort K-means' vectors right away, on the same worker, so the fit only
+stacks files.
 
 Coordinates: feature maps are ``f_`` px (``stride`` analysis px each); tile coordinates in the
 stores are the interiors' top-left corners in analysis px.
@@ -12,6 +15,7 @@ stores are the interiors' top-left corners in analysis px.
 from __future__ import annotations
 
 import io
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +27,18 @@ from equislide.specs import CLUSTER_FORMAT, BackboneRef, ClusterSpec, FeatureSpe
 
 __all__ = [
     "DRAWS_DIR",
+    "MAX_RANGES",
     "draw_store_vectors",
+    "extract_feature_range",
     "extract_store_features",
     "feature_batches",
+    "feature_ranges",
+    "features_complete",
+    "finished_feature_ranges",
+    "publish_features",
     "sample_tissue_vectors",
     "store_features_and_draw",
+    "store_share_and_draw",
     "tile_feature_masks",
 ]
 
@@ -37,55 +48,230 @@ DRAWS_DIR = "draws"
 STREAM_TILES = 32
 
 
-def extract_store_features(
-    store: str | Path, backbone: BackboneRef, spec: FeatureSpec | None = None
-) -> dict[str, Any]:
-    """Compute and store float16 features of every tile of ``store`` (skipped when already done).
+#: Ranges one sample's features are cut into at most (a whole slide: ranges of several shards).
+MAX_RANGES = 256
+
+
+def feature_ranges(store: str | Path, *, range_tiles: int | None = None) -> list[tuple[int, int]]:
+    """The shard-aligned tile ranges ``[start, stop)`` a store's features are extracted in.
 
     Args:
         store: A finished tile store.
-        backbone: What :func:`~equislide.stages.backbone.calibrated_backbone` returned.
-        spec: Device and batch size (``spec.device``, ``spec.batch_tiles``); the network is ``backbone``.
-
-    Returns:
-        ``{"sample_id", "status" ("written" | "skipped"), "n_tiles", "seconds", "device"}``.
+        range_tiles: Tiles per range, rounded up to whole feature shards
+            (:func:`~equislide.storage.feature_shard_tiles`); default: one shard, or as many shards as
+            keep a sample at :data:`MAX_RANGES` ranges or fewer.
     """
-    from equislide.models.extract import extract_features
-    from equislide.stages.backbone import load_backbone, read_tiles
-    from equislide.storage import is_features_done, open_features_for_write, read_sample_meta
+    from equislide.storage import feature_shard_tiles, read_sample_meta
 
-    spec = spec or FeatureSpec(backbone=backbone.backbone, layer=backbone.layer)
-    t0 = time.perf_counter()
+    n = int(read_sample_meta(store)["n_tiles"])
+    shard = feature_shard_tiles(n)
+    if range_tiles is None:
+        n_shards = math.ceil(n / shard)
+        range_tiles = shard * max(1, math.ceil(n_shards / MAX_RANGES))
+    elif range_tiles < 1:
+        raise ValueError(f"range_tiles={range_tiles} must be >= 1")
+    size = shard * math.ceil(int(range_tiles) / shard)
+    return [(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+def _open_writer(store: str | Path, backbone: BackboneRef, device: str):
+    """The network and the store's shared partial feature array (created by the first caller)."""
+    from equislide.stages.backbone import load_backbone
+    from equislide.storage import open_feature_ranges, read_sample_meta
+
     meta = read_sample_meta(store)
-    layer = int(backbone.layer)
-    params = backbone.params()
-    out = {"sample_id": meta["sample_id"], "n_tiles": int(meta["n_tiles"])}
-    if is_features_done(store, layer, params=params):
-        return {**out, "status": "skipped", "seconds": 0.0, "device": None}
-    model, info = load_backbone(backbone, spec.device)
+    model, info = load_backbone(backbone, device)
     attrs = {
         **{k: info[k] for k in ("backbone", "stride", "normalisation", "weights", "model_config")},
         "halo_cropped": int(meta["halo"]),
         "weights_provenance": dict(backbone.provenance or {}),
     }
-    n = int(meta["n_tiles"])
-    with open_features_for_write(
+    writer = open_feature_ranges(
         store,
-        layer,
+        int(backbone.layer),
         channels=int(info["channels"]),
         f_tile=int(meta["tile"]) // int(info["stride"]),
         attrs=attrs,
-        params=params,
-    ) as writer:
-        for start in range(0, n, spec.batch_tiles):
-            tiles = read_tiles(store, start, min(n, start + spec.batch_tiles))
-            feats = extract_features(model, tiles, layer=layer, halo=int(meta["halo"]), device=info["device"])
-            writer.write(start, feats)
+        params=backbone.params(),
+    )
+    return model, info, meta, writer
+
+
+def _covered(done: list[tuple[int, int]], start: int, stop: int) -> bool:
+    mask = np.zeros(stop - start, bool)
+    for a, b in done:
+        mask[max(a, start) - start : max(min(b, stop) - start, 0)] = True
+    return bool(mask.all())
+
+
+def extract_feature_range(
+    store: str | Path, backbone: BackboneRef, spec: FeatureSpec | None, start: int, stop: int
+) -> dict[str, Any]:
+    """Compute and store the features of tiles ``[start, stop)`` of ``store`` (a range of
+    :func:`feature_ranges`) into its shared partial array, then mark the range done; several processes
+    may fill different ranges of one store at once. Skipped when the range (or the whole array) is done.
+
+    Forward passes never straddle a shard (batches start at each shard's first tile), so a tile's
+    features do not depend on how the ranges were spread over processes.
+
+    Returns:
+        ``{"sample_id", "start", "stop", "status" ("written" | "skipped"), "n_tiles" (computed here),
+        "seconds", "device"}``.
+    """
+    return _extract_ranges(store, backbone, spec, [(int(start), int(stop))])[0]
+
+
+def _extract_ranges(
+    store: str | Path, backbone: BackboneRef, spec: FeatureSpec | None, ranges: list[tuple[int, int]]
+) -> list[dict[str, Any]]:
+    """:func:`extract_feature_range` of each range, with the network and the array opened once."""
+    from equislide.models.extract import extract_features
+    from equislide.stages.backbone import read_tiles
+    from equislide.storage import done_feature_ranges, is_features_done, read_sample_meta
+
+    spec = spec or FeatureSpec(backbone=backbone.backbone, layer=backbone.layer)
+    layer, params = int(backbone.layer), backbone.params()
+    sample_id = read_sample_meta(store)["sample_id"]
+
+    def skipped(start: int, stop: int) -> dict[str, Any]:
+        return {
+            "sample_id": sample_id,
+            "start": start,
+            "stop": stop,
+            "status": "skipped",
+            "n_tiles": 0,
+            "seconds": 0.0,
+            "device": None,
+        }
+
+    if is_features_done(store, layer, params=params):
+        return [skipped(a, b) for a, b in ranges]
+    done = done_feature_ranges(store, layer, params=params)
+    if all(_covered(done, a, b) for a, b in ranges):
+        return [skipped(a, b) for a, b in ranges]
+    from equislide.storage import FeaturesPublished
+
+    try:
+        model, info, meta, writer = _open_writer(store, backbone, spec.device)
+    except FeaturesPublished:  # published by another process since the check above
+        return [skipped(a, b) for a, b in ranges]
+    halo, batch = int(meta["halo"]), int(spec.batch_tiles)
+    out = []
+    for start, stop in ranges:
+        if writer.is_done(start, stop):  # done before, or by another process meanwhile
+            out.append(skipped(start, stop))
+            continue
+        t0 = time.perf_counter()
+        for s0 in range(start, stop, writer.shard_tiles):
+            s1 = min(stop, s0 + writer.shard_tiles)
+            tiles = read_tiles(store, s0, s1)
+            parts = [
+                extract_features(model, tiles[b : b + batch], layer=layer, halo=halo, device=info["device"])
+                for b in range(0, s1 - s0, batch)
+            ]
+            writer.write(s0, np.concatenate(parts))  # a whole shard per write: no shard is shared
+        writer.mark_done(start, stop)
+        out.append(
+            {
+                **skipped(start, stop),
+                "status": "written",
+                "n_tiles": int(stop - start),
+                "seconds": round(time.perf_counter() - t0, 3),
+                "device": info["device"],
+            }
+        )
+    return out
+
+
+def finished_feature_ranges(store: str | Path, backbone: BackboneRef) -> list[tuple[int, int]]:
+    """The ranges of ``store`` whose features are done: those marked done in the shared partial, or
+    every range of :func:`feature_ranges` once the array is published."""
+    from equislide.storage import done_feature_ranges, is_features_done
+
+    layer, params = int(backbone.layer), backbone.params()
+    if is_features_done(store, layer, params=params):
+        return feature_ranges(store)
+    return done_feature_ranges(store, layer, params=params)
+
+
+def features_complete(store: str | Path, backbone: BackboneRef) -> bool:
+    """Every tile's range is done (published or about to be)."""
+    from equislide.storage import done_feature_ranges, is_features_done, read_sample_meta
+
+    layer, params = int(backbone.layer), backbone.params()
+    if is_features_done(store, layer, params=params):
+        return True
+    n = int(read_sample_meta(store)["n_tiles"])
+    return _covered(done_feature_ranges(store, layer, params=params), 0, n) if n else False
+
+
+def publish_features(store: str | Path, backbone: BackboneRef, spec: FeatureSpec | None = None) -> dict:
+    """Publish a store's features once every range is done (skipped when they are published).
+
+    Returns:
+        ``{"sample_id", "status" ("published" | "skipped"), "path"}``.
+
+    Raises:
+        IncompleteSampleError: Some ranges are not done; the message names their tiles.
+    """
+    from equislide.storage import (
+        features_path,
+        is_features_done,
+        publish_feature_ranges,
+        read_sample_meta,
+    )
+
+    meta = read_sample_meta(store)
+    layer, params = int(backbone.layer), backbone.params()
+    out = {"sample_id": meta["sample_id"]}
+    if is_features_done(store, layer, params=params):
+        return {**out, "status": "skipped", "path": str(features_path(store, layer))}
+    if int(meta["n_tiles"]) == 0:  # no range to create the array: create it empty here
+        spec = spec or FeatureSpec(backbone=backbone.backbone, layer=backbone.layer)
+        _open_writer(store, backbone, spec.device)
+    return {**out, "status": "published", "path": str(publish_feature_ranges(store, layer, params=params))}
+
+
+def extract_store_features(
+    store: str | Path,
+    backbone: BackboneRef,
+    spec: FeatureSpec | None = None,
+    *,
+    ranges: list[tuple[int, int]] | None = None,
+) -> dict[str, Any]:
+    """Compute and store float16 features of ``store``'s tiles (skipped when already done): its
+    ``ranges`` (default: every range of :func:`feature_ranges`, in one process), then publish them
+    when every range of the store is done (by this call or by others).
+
+    Args:
+        store: A finished tile store.
+        backbone: What :func:`~equislide.stages.backbone.calibrated_backbone` returned.
+        spec: Device and batch size (``spec.device``, ``spec.batch_tiles``); the network is ``backbone``.
+        ranges: Some ranges of :func:`feature_ranges` (a share of a large sample).
+
+    Returns:
+        ``{"sample_id", "status" ("written" | "skipped"), "n_tiles" (of the store), "tiles_done"
+        (computed by this call), "seconds" (the sum of its ranges'), "device", "ranges" (each range's
+        result), "published" (this call found the store complete)}``.
+    """
+    from equislide.storage import read_sample_meta
+
+    meta = read_sample_meta(store)
+    todo = feature_ranges(store) if ranges is None else [(int(a), int(b)) for a, b in ranges]
+    results = _extract_ranges(store, backbone, spec, todo)
+    complete = features_complete(store, backbone) or int(meta["n_tiles"]) == 0
+    if complete:
+        publish_features(store, backbone, spec)
+    written = [r for r in results if r["status"] == "written"]
     return {
-        **out,
-        "status": "written",
-        "seconds": round(time.perf_counter() - t0, 3),
-        "device": info["device"],
+        "sample_id": meta["sample_id"],
+        "status": "written" if written else "skipped",
+        "n_tiles": int(meta["n_tiles"]),
+        "tiles_done": sum(r["n_tiles"] for r in results),
+        "seconds": round(sum(r["seconds"] for r in results), 3),
+        "device": written[0]["device"] if written else None,
+        "ranges": [{k: r[k] for k in ("start", "stop", "status", "seconds")} for r in results],
+        "published": complete,
     }
 
 
@@ -202,10 +388,29 @@ def store_features_and_draw(
     *,
     draws_dir: str | Path | None = None,
     cluster: ClusterSpec | None = None,
+    ranges: list[tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
-    """:func:`extract_store_features`, then (with ``draws_dir``) :func:`draw_store_vectors`: the
-    features stage of one sample in one call (a module-level callable: it runs in a budgeted child)."""
-    res = extract_store_features(store, backbone, spec)
-    if draws_dir is not None:
+    """:func:`extract_store_features` (of ``ranges``, default all), then (with ``draws_dir``) once the
+    features are published :func:`draw_store_vectors`: the features stage of one sample, or of one
+    share of a large sample, in one call (a module-level callable: it runs in a budgeted child).
+    Whichever share completes the sample publishes and draws; no cohort-wide barrier waits for it."""
+    res = extract_store_features(store, backbone, spec, ranges=ranges)
+    if draws_dir is not None and res["published"]:
         draw_store_vectors(store, draws_dir, layer=backbone.layer, spec=cluster)
     return res
+
+
+def store_share_and_draw(
+    share: tuple[str | Path, list[tuple[int, int]] | None],
+    backbone: BackboneRef,
+    spec: FeatureSpec | None = None,
+    *,
+    draws_dir: str | Path | None = None,
+    cluster: ClusterSpec | None = None,
+) -> dict[str, Any]:
+    """:func:`store_features_and_draw` of one work unit's share ``(store, ranges)`` (ranges None: the
+    whole store), as the flow's feature tasks pass it (one picklable argument)."""
+    store, ranges = share
+    return store_features_and_draw(
+        store, backbone, spec, draws_dir=draws_dir, cluster=cluster, ranges=ranges
+    )

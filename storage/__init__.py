@@ -11,13 +11,19 @@ from equislide.storage._errors import SampleIdError as SampleIdError
 from equislide.storage._errors import StoreLayoutError as StoreLayoutError
 from equislide.storage.features import FEATURES_DONE_MARKER as FEATURES_DONE_MARKER
 from equislide.storage.features import FEATURES_FORMAT as FEATURES_FORMAT
+from equislide.storage.features import FeaturesPublished as FeaturesPublished
 from equislide.storage.features import FeatureWriter as FeatureWriter
+from equislide.storage.features import RangeFeatureWriter as RangeFeatureWriter
+from equislide.storage.features import done_feature_ranges as done_feature_ranges
+from equislide.storage.features import feature_shard_tiles as feature_shard_tiles
 from equislide.storage.features import features_key as features_key
 from equislide.storage.features import features_path as features_path
 from equislide.storage.features import features_problem as features_problem
 from equislide.storage.features import is_features_done as is_features_done
+from equislide.storage.features import open_feature_ranges as open_feature_ranges
 from equislide.storage.features import open_features as open_features
 from equislide.storage.features import open_features_for_write as open_features_for_write
+from equislide.storage.features import publish_feature_ranges as publish_feature_ranges
 from equislide.storage.features import read_features_meta as read_features_meta
 from equislide.storage.figures import stack_strips as stack_strips
 from equislide.storage.figures import write_angle_plot as write_angle_plot
@@ -89,6 +95,12 @@ __all__ = [
     "is_features_done",
     "open_features",
     "open_features_for_write",
+    "open_feature_ranges",
+    "done_feature_ranges",
+    "feature_shard_tiles",
+    "RangeFeatureWriter",
+    "FeaturesPublished",
+    "publish_feature_ranges",
     "read_features_meta",
     "feature_id",
     "labels_to_geojson",

@@ -26,10 +26,13 @@ whose tiles are done but whose features are not is simply resumable: :func:`is_f
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,16 +55,24 @@ if TYPE_CHECKING:
     import dask.array
 
 __all__ = [
+    "RANGES_DIR",
+    "RangeFeatureWriter",
+    "done_feature_ranges",
+    "feature_shard_tiles",
     "features_key",
     "FEATURES_DONE_MARKER",
     "FEATURES_FORMAT",
     "FeatureWriter",
+    "FeaturesPublished",
     "features_path",
     "features_problem",
     "is_features_done",
     "open_features",
+    "open_feature_ranges",
     "open_features_for_write",
+    "publish_feature_ranges",
     "read_features_meta",
+    "shared_partial_path",
 ]
 
 #: Format tag of a feature array (attrs and done-marker).
@@ -89,6 +100,30 @@ def _stale(folder: Path, name: str) -> list[Path]:
         return []
     prefixes = (name + PARTIAL_TAG, name + REPLACED_TAG)
     return sorted(p for p in folder.iterdir() if p.name.startswith(prefixes))
+
+
+def _checked(features: Any, start: int, channels: int, f_tile: int, n_tiles: int) -> np.ndarray:
+    """``features`` of tiles ``[start, start + k)`` as float16, refused when float16 cannot hold them."""
+    arr = np.asarray(features)
+    want = (channels, f_tile, f_tile)
+    if arr.ndim != 4 or arr.shape[1:] != want or not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(
+            f"features must be float (k, {', '.join(map(str, want))}), got {arr.dtype} {arr.shape}"
+        )
+    stop = start + arr.shape[0]
+    if not 0 <= start <= stop <= n_tiles:
+        raise ValueError(f"features [{start}, {stop}) out of range for n_tiles={n_tiles}")
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            f"features of tiles [{start}, {stop}) contain NaN or inf; refusing to store them"
+        )
+    peak = float(np.abs(arr).max()) if arr.size else 0.0
+    if peak > _FLOAT16_MAX:
+        raise ValueError(
+            f"features of tiles [{start}, {stop}) reach {peak:.3g} > {_FLOAT16_MAX:g} (float16 max); "
+            "recalibrate BatchNorm (equislide.models.prepare_backbone(..., calibration_tiles=...))"
+        )
+    return arr.astype(np.float16)
 
 
 class FeatureWriter(PartialWriter):
@@ -137,26 +172,9 @@ class FeatureWriter(PartialWriter):
         """
         if self._state != "open":
             raise RuntimeError(f"{self!r} is {self._state}; open a new writer with open_features_for_write()")
-        arr = np.asarray(features)
-        want = (self.channels, self.f_tile, self.f_tile)
-        if arr.ndim != 4 or arr.shape[1:] != want or not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(
-                f"features must be float (k, {', '.join(map(str, want))}), got {arr.dtype} {arr.shape}"
-            )
+        arr = _checked(features, start, self.channels, self.f_tile, self.n_tiles)
         stop = start + arr.shape[0]
-        if not 0 <= start <= stop <= self.n_tiles:
-            raise ValueError(f"features [{start}, {stop}) out of range for n_tiles={self.n_tiles}")
-        if not np.isfinite(arr).all():
-            raise ValueError(
-                f"features of tiles [{start}, {stop}) contain NaN or inf; refusing to store them"
-            )
-        peak = float(np.abs(arr).max()) if arr.size else 0.0
-        if peak > _FLOAT16_MAX:
-            raise ValueError(
-                f"features of tiles [{start}, {stop}) reach {peak:.3g} > {_FLOAT16_MAX:g} (float16 max); "
-                "recalibrate BatchNorm (equislide.models.prepare_backbone(..., calibration_tiles=...))"
-            )
-        self._array[start:stop] = arr.astype(np.float16)
+        self._array[start:stop] = arr
         self._written[start:stop] = True
 
     def finalize(self) -> Path:
@@ -177,6 +195,63 @@ class FeatureWriter(PartialWriter):
         publish_dir(self.partial_path, self.path, marker=marker, old_tag=REPLACED_TAG)
         self._state = "finalized"
         return self.path
+
+
+def _layout(
+    store_path: Path,
+    layer: int,
+    channels: int,
+    f_tile: int,
+    attrs: Mapping[str, Any],
+    params: Mapping[str, Any] | None,
+) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """Checks shared by both writers; ``(n_tiles, array attrs, done-marker)``."""
+    group, meta = open_finished(store_path)
+    _array_name(layer)
+    if channels <= 0 or f_tile <= 0:
+        raise ValueError(f"need channels, f_tile > 0; got {channels}, {f_tile}")
+    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise ValueError(f"feature attrs {missing} are missing; pass the info of prepare_backbone()")
+    stride = attrs["stride"]
+    if not isinstance(stride, int) or stride <= 0:
+        raise ValueError(f"attrs['stride']={stride!r} must be a positive int")
+    if int(meta["tile"]) != f_tile * stride:
+        raise ValueError(f"f_tile={f_tile} x stride={stride} != the store's tile={meta['tile']} px")
+    if attrs["halo_cropped"] != meta["halo"]:
+        raise ValueError(
+            f"attrs['halo_cropped']={attrs['halo_cropped']!r} != the store's halo={meta['halo']}"
+        )
+    params = dict(params or {})
+    p_hash = params_hash(params)
+    n_tiles = int(group["tiles"].shape[0])
+    info = dict(attrs)
+    info.update(
+        format=FEATURES_FORMAT,
+        layer=int(layer),
+        channels=int(channels),
+        f_tile=int(f_tile),
+        params=params,
+        params_sha256=p_hash,
+    )
+    plain = json.loads(canonical_json(info))
+    return n_tiles, plain, _store_marker(store_path, layer, params, meta, n_tiles)
+
+
+def _store_marker(
+    store_path: Path, layer: int, params: Mapping[str, Any], meta: Mapping[str, Any], n_tiles: int
+) -> dict[str, Any]:
+    """The features' done-marker: what they were made from (parameters and the store's tiles)."""
+    done = json.loads((store_path / DONE_MARKER).read_text())
+    return {
+        "format": FEATURES_FORMAT,
+        "sample_id": meta["sample_id"],
+        "layer": int(layer),
+        "params_sha256": params_hash(dict(params)),
+        "tiles_input_sha256": done.get("input_sha256"),
+        "tiles_params_sha256": done.get("params_sha256"),
+        "n_tiles": n_tiles,
+    }
 
 
 def open_features_for_write(
@@ -209,46 +284,11 @@ def open_features_for_write(
         StoreLayoutError: ``store_path`` is not a finished tile store.
         ValueError: A size or metadata field is invalid (the message names it).
     """
-    group, meta = open_finished(store_path)
     store_path = Path(store_path)
     name = _array_name(layer)
-    if channels <= 0 or f_tile <= 0 or shard_tiles <= 0:
-        raise ValueError(f"need channels, f_tile, shard_tiles > 0; got {channels}, {f_tile}, {shard_tiles}")
-    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
-    if missing:
-        raise ValueError(f"feature attrs {missing} are missing; pass the info of prepare_backbone()")
-    stride = attrs["stride"]
-    if not isinstance(stride, int) or stride <= 0:
-        raise ValueError(f"attrs['stride']={stride!r} must be a positive int")
-    if int(meta["tile"]) != f_tile * stride:
-        raise ValueError(f"f_tile={f_tile} x stride={stride} != the store's tile={meta['tile']} px")
-    if attrs["halo_cropped"] != meta["halo"]:
-        raise ValueError(
-            f"attrs['halo_cropped']={attrs['halo_cropped']!r} != the store's halo={meta['halo']}"
-        )
-    params = dict(params or {})
-    p_hash = params_hash(params)
-    done = json.loads((store_path / DONE_MARKER).read_text())
-    n_tiles = int(group["tiles"].shape[0])
-    info = dict(attrs)
-    info.update(
-        format=FEATURES_FORMAT,
-        layer=int(layer),
-        channels=int(channels),
-        f_tile=int(f_tile),
-        params=params,
-        params_sha256=p_hash,
-    )
-    plain = json.loads(canonical_json(info))
-    marker = {
-        "format": FEATURES_FORMAT,
-        "sample_id": meta["sample_id"],
-        "layer": int(layer),
-        "params_sha256": p_hash,
-        "tiles_input_sha256": done.get("input_sha256"),
-        "tiles_params_sha256": done.get("params_sha256"),
-        "n_tiles": n_tiles,
-    }
+    if shard_tiles <= 0:
+        raise ValueError(f"need shard_tiles > 0; got {shard_tiles}")
+    n_tiles, plain, marker = _layout(store_path, layer, channels, f_tile, attrs, params)
 
     import zarr
 
@@ -271,6 +311,310 @@ def open_features_for_write(
         attributes={"equislide_features": plain},
     )
     return FeatureWriter(store_path, int(layer), folder / partial_name, array, marker)
+
+
+#: Folder inside a shared partial array holding one done file per finished tile range.
+RANGES_DIR = "_equislide_ranges"
+#: Shards a sample's tiles are cut into at most (see :func:`feature_shard_tiles`).
+_TARGET_SHARDS = 64
+_MIN_SHARD_TILES = 4
+
+
+class FeaturesPublished(RuntimeError):
+    """:func:`open_feature_ranges` found the layer already published from the same parameters."""
+
+
+def feature_shard_tiles(n_tiles: int) -> int:
+    """Tiles per feature shard of a sample of ``n_tiles``: ``clip(ceil(n_tiles / 64), 4, 32)``.
+
+    A shard file is the unit two writers must never share, so it bounds how finely a sample's features
+    can be spread over workers: 64 shards give a sample of a few hundred tiles 64 ranges to hand out
+    (>= 16 wanted), while a whole slide keeps the 32-tile shards that stream fastest (one file read per
+    32 tiles) and a shard count its file system copes with. At least 4 tiles (the default forward
+    batch): a forward pass never straddles a shard, so smaller shards would shrink small samples' batches.
+    """
+    return int(min(_SHARD_TILES, max(_MIN_SHARD_TILES, -(-int(n_tiles) // _TARGET_SHARDS))))
+
+
+def _key(marker: Mapping[str, Any]) -> str:
+    """Names the shared partial of these parameters and these tiles (a retiled store gets a new one)."""
+    return params_hash(
+        {k: marker[k] for k in ("params_sha256", "tiles_input_sha256", "tiles_params_sha256", "layer")}
+    )[:16]
+
+
+def _range_name(start: int, stop: int) -> str:
+    return f"{start:012d}-{stop:012d}.json"
+
+
+def _read_ranges(partial: Path) -> list[tuple[int, int]]:
+    folder = partial / RANGES_DIR
+    if not folder.is_dir():
+        return []
+    out = []
+    for f in folder.iterdir():
+        head, sep, tail = f.name.removesuffix(".json").partition("-")
+        if f.name.endswith(".json") and sep and head.isdigit() and tail.isdigit():
+            out.append((int(head), int(tail)))
+    return sorted(out)
+
+
+def _covered(done: list[tuple[int, int]], n_tiles: int) -> np.ndarray:
+    mask = np.zeros(n_tiles, bool)
+    for start, stop in done:
+        mask[start:stop] = True
+    return mask
+
+
+def _gaps(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of False in ``mask`` as ``[start, stop)``."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[1], mask.astype(np.int8), [1]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+@contextlib.contextmanager
+def _layer_lock(folder: Path) -> Iterator[None]:
+    """Serialises creating and publishing a layer's shared partial among the processes filling it.
+
+    An ``flock`` on the ``features`` folder itself (the kernel drops it when a holder is killed): a
+    lock file would sit in the zarr group as an object zarr does not recognise (and warns about).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class RangeFeatureWriter:
+    """One layer's feature array filled by several processes at once, a shard-aligned tile range each.
+
+    Make one with :func:`open_feature_ranges` (every process gets the same partial folder
+    ``features/layer{L}.partial-<key>``, keyed by the parameters and the tiles). Each range is written
+    whole shards at a time (so no two writers touch one shard file) and then marked done with a file
+    in ``_equislide_ranges/``; :meth:`publish` renames the array into place once every tile is covered.
+    A process killed mid-range leaves shard files but no done file, so the range is simply written again.
+    """
+
+    def __init__(self, store_path: Path, layer: int, partial_path: Path, array: Any, marker: dict) -> None:
+        self.store_path = store_path
+        self.layer = layer
+        self.path = features_path(store_path, layer)  #: the published array folder
+        self.partial_path = partial_path  #: the shared folder written into until :meth:`publish`
+        self._array = array
+        self._marker = marker
+        self.n_tiles, self.channels, self.f_tile = (int(v) for v in array.shape[:3])
+        self.shard_tiles = int(array.shards[0])
+        self._written = np.zeros(self.n_tiles, bool)
+
+    def __repr__(self) -> str:
+        return f"RangeFeatureWriter({str(self.partial_path)!r}, n_tiles={self.n_tiles})"
+
+    def _aligned(self, start: int, stop: int) -> None:
+        s = self.shard_tiles
+        ends_shard = stop % s == 0 or stop == self.n_tiles
+        if not (0 <= start <= stop <= self.n_tiles and start % s == 0 and ends_shard):
+            raise ValueError(
+                f"{self.store_path}: tiles [{start}, {stop}) are not whole shards of {s} tiles "
+                f"within n_tiles={self.n_tiles}"
+            )
+
+    def write(self, start: int, features: np.ndarray) -> None:
+        """Write the features of whole shards of tiles ``[start, start + k)`` (checked as
+        :meth:`FeatureWriter.write` checks them)."""
+        arr = _checked(features, start, self.channels, self.f_tile, self.n_tiles)
+        stop = start + arr.shape[0]
+        self._aligned(start, stop)
+        self._array[start:stop] = arr
+        self._written[start:stop] = True
+
+    def mark_done(self, start: int, stop: int) -> None:
+        """Record that tiles ``[start, stop)`` are written (by this writer: refused otherwise)."""
+        from equislide.files import atomic_write_json
+
+        self._aligned(start, stop)
+        if not self._written[start:stop].all():
+            raise IncompleteSampleError(f"{self.store_path}: tiles [{start}, {stop}) were not written here")
+        atomic_write_json(
+            self.partial_path / RANGES_DIR / _range_name(start, stop), {"start": start, "stop": stop}
+        )
+
+    def done_ranges(self) -> list[tuple[int, int]]:
+        """The ranges marked done so far (by any process), sorted."""
+        return _read_ranges(self.partial_path)
+
+    def is_done(self, start: int, stop: int) -> bool:
+        """Every tile of ``[start, stop)`` is in a range marked done."""
+        return bool(_covered(self.done_ranges(), self.n_tiles)[start:stop].all())
+
+    def missing(self) -> list[tuple[int, int]]:
+        """The runs of tiles no done range covers yet."""
+        return _gaps(_covered(self.done_ranges(), self.n_tiles))
+
+    def publish(self) -> Path:
+        """Done-marker, then rename into :attr:`path`, once every tile's range is done; returns it.
+
+        Another process publishing the same array at the same time is waited for (a lock), and then
+        this call returns the path it published.
+
+        Raises:
+            IncompleteSampleError: Some ranges are not done; the message names them.
+        """
+        folder = self.partial_path.parent
+        with _layer_lock(folder):
+            if not self.partial_path.is_dir() and is_features_done(
+                self.store_path, self.layer, params=self._marker["params"]
+            ):
+                return self.path
+            gaps = self.missing()
+            if gaps:
+                shown = ", ".join(f"[{a}, {b})" for a, b in gaps[:4]) + (" ..." if len(gaps) > 4 else "")
+                todo = sum(b - a for a, b in gaps)
+                raise IncompleteSampleError(
+                    f"{self.store_path}: features of {todo} of {self.n_tiles} tiles not done "
+                    f"(tiles {shown}); extract those ranges before publishing"
+                )
+            # Done files are bookkeeping of the fill, not part of the array: the published folder is
+            # byte-identical to one written by a single process.
+            shutil.rmtree(self.partial_path / RANGES_DIR, ignore_errors=True)
+            marker = {k: v for k, v in self._marker.items() if k != "params"}
+            done = (FEATURES_DONE_MARKER, marker)
+            publish_dir(self.partial_path, self.path, marker=done, old_tag=REPLACED_TAG)
+            return self.path
+
+
+def shared_partial_path(
+    store_path: str | Path, layer: int, *, params: Mapping[str, Any] | None
+) -> Path | None:
+    """The shared partial folder :func:`open_feature_ranges` fills for these parameters and the store's
+    current tiles (None when the store is not finished); it need not exist."""
+    store_path = Path(store_path)
+    try:
+        done = json.loads((store_path / DONE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    marker = {
+        "params_sha256": params_hash(dict(params or {})),
+        "tiles_input_sha256": done.get("input_sha256"),
+        "tiles_params_sha256": done.get("params_sha256"),
+        "layer": int(layer),
+    }
+    name = _array_name(layer)
+    return store_path / "features" / f"{name}{PARTIAL_TAG}{_key(marker)}"
+
+
+def done_feature_ranges(
+    store_path: str | Path, layer: int, *, params: Mapping[str, Any] | None
+) -> list[tuple[int, int]]:
+    """The tile ranges marked done in the shared partial of these parameters (``[]`` when there is none;
+    a published array has no partial left: ask :func:`is_features_done`)."""
+    partial = shared_partial_path(store_path, layer, params=params)
+    return [] if partial is None else _read_ranges(partial)
+
+
+def publish_feature_ranges(store_path: str | Path, layer: int, *, params: Mapping[str, Any] | None) -> Path:
+    """Publish the shared partial of these parameters (see :meth:`RangeFeatureWriter.publish`) without
+    the network that made it: its metadata is already in the partial array. A finished array is
+    returned as it is.
+
+    Raises:
+        IncompleteSampleError: No range, or not every range, is done (the message names the missing tiles).
+    """
+    import zarr
+
+    store_path = Path(store_path)
+    params = dict(params or {})
+    if is_features_done(store_path, layer, params=params):
+        return features_path(store_path, layer)
+    group, meta = open_finished(store_path)
+    n_tiles = int(group["tiles"].shape[0])
+    partial = shared_partial_path(store_path, layer, params=params)
+    if partial is None or not partial.is_dir():
+        raise IncompleteSampleError(
+            f"{store_path}: features of {n_tiles} of {n_tiles} tiles not done (no range written yet); "
+            "extract those ranges before publishing"
+        )
+    array = zarr.open_array(zarr.storage.LocalStore(partial), mode="r+")
+    marker = {**_store_marker(store_path, layer, params, meta, n_tiles), "params": params}
+    return RangeFeatureWriter(store_path, int(layer), partial, array, marker).publish()
+
+
+def open_feature_ranges(
+    store_path: str | Path,
+    layer: int,
+    *,
+    channels: int,
+    f_tile: int,
+    attrs: Mapping[str, Any],
+    params: Mapping[str, Any] | None = None,
+    shard_tiles: int | None = None,
+) -> RangeFeatureWriter:
+    """Open (or create) the shared partial array of ``features/layer{layer}`` for range writers.
+
+    Every process filling the layer calls this with the same arguments and gets the same folder:
+    created once (under a lock), reopened when its metadata is identical, recreated when not;
+    partial arrays of other parameters or of an older tiling are removed. Arguments as
+    :func:`open_features_for_write`; ``shard_tiles`` defaults to :func:`feature_shard_tiles`.
+
+    Raises:
+        FeaturesPublished: The layer is already published from these parameters: nothing to fill.
+        StoreLayoutError: ``store_path`` is not a finished tile store.
+        ValueError: A size or metadata field is invalid (the message names it).
+    """
+    store_path = Path(store_path)
+    name = _array_name(layer)
+    n_tiles, plain, marker = _layout(store_path, layer, channels, f_tile, attrs, params)
+    shard = feature_shard_tiles(n_tiles) if shard_tiles is None else int(shard_tiles)
+    if shard <= 0:
+        raise ValueError(f"need shard_tiles > 0; got {shard}")
+    shards = (min(shard, max(n_tiles, 1)), channels, f_tile, f_tile)
+    shape = (n_tiles, channels, f_tile, f_tile)
+
+    import zarr
+
+    folder = confined(store_path, store_path / "features")
+    partial_name = f"{name}{PARTIAL_TAG}{_key(marker)}"
+    with _layer_lock(folder):
+        if is_features_done(store_path, layer, params=params):
+            # A late writer (a task run twice) must not start a partial nobody will publish.
+            raise FeaturesPublished(f"{store_path}: features/{name} of these parameters are published")
+        for stale in _stale(folder, name):
+            if stale.name != partial_name:
+                shutil.rmtree(stale, ignore_errors=True)
+        root = zarr.open_group(zarr.storage.LocalStore(store_path), mode="r+")
+        feats = root.require_group("features")
+        array = None
+        if (folder / partial_name).is_dir():
+            try:
+                found = feats[partial_name]
+                same = (
+                    tuple(found.shape) == shape
+                    and tuple(found.shards or ()) == shards
+                    and found.attrs.get("equislide_features") == plain
+                )
+            except Exception:  # noqa: BLE001 - an unreadable partial is one more stale partial
+                same = False
+            if same:
+                array = found
+            else:
+                shutil.rmtree(folder / partial_name, ignore_errors=True)
+        if array is None:
+            array = feats.create_array(
+                partial_name,
+                shape=shape,
+                chunks=(1, channels, f_tile, f_tile),
+                shards=shards,
+                dtype="float16",
+                compressors=tile_compressors(),
+                fill_value=0,
+                dimension_names=("tile", "c", "y", "x"),
+                attributes={"equislide_features": plain},
+            )
+    return RangeFeatureWriter(
+        store_path, int(layer), folder / partial_name, array, {**marker, "params": dict(params or {})}
+    )
 
 
 def _done_marker(store_path: Path, layer: int) -> dict[str, Any] | None:

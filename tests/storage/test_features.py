@@ -12,13 +12,18 @@ import zarr
 from equislide.storage import (
     FEATURES_DONE_MARKER,
     FEATURES_FORMAT,
+    FeaturesPublished,
     IncompleteSampleError,
     StoreLayoutError,
+    done_feature_ranges,
+    feature_shard_tiles,
     features_path,
     is_features_done,
+    open_feature_ranges,
     open_features,
     open_features_for_write,
     open_sample_for_write,
+    publish_feature_ranges,
     read_features_meta,
 )
 
@@ -34,25 +39,25 @@ ATTRS = {
 PARAMS = {"backbone": "srenet18", "layer": 3, "seed": 0}
 
 
-def _store(root: Path, *, tile_params=None) -> Path:
-    coords = np.array([[TILE * i, 0] for i in range(N)])
+def _store(root: Path, *, tile_params=None, n: int = N) -> Path:
+    coords = np.array([[TILE * i, 0] for i in range(n)])
     with open_sample_for_write(
         root,
         "tma01/B3",
-        n_tiles=N,
+        n_tiles=n,
         tile=TILE,
         halo=HALO,
-        attrs={"mpp": 1.0, "source_mpp": 0.5, "grid_shape": [1, N]},
+        attrs={"mpp": 1.0, "source_mpp": 0.5, "grid_shape": [1, n]},
         params=tile_params or {"tile": TILE},
         input_sha256=SHA,
     ) as w:
-        w.write_tiles(0, np.full((N, TILE + 2 * HALO, TILE + 2 * HALO, 3), 200, np.uint8), coords)
+        w.write_tiles(0, np.full((n, TILE + 2 * HALO, TILE + 2 * HALO, 3), 200, np.uint8), coords)
         w.write_tissue_mask(np.ones((1, 5)), downsample=16)
     return root / "tma01" / "B3.zarr"
 
 
-def _feats(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(0, 3, (N, 6, 4, 4)).astype(np.float32)
+def _feats(seed: int = 0, n: int = N) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 3, (n, 6, 4, 4)).astype(np.float32)
 
 
 def _write(store: Path, feats: np.ndarray, params=PARAMS, batch: int = 2) -> Path:
@@ -169,3 +174,98 @@ def test_same_features_give_byte_identical_files(tmp_path):
         return {str(f.relative_to(p)): f.read_bytes() for f in sorted(p.rglob("*")) if f.is_file()}
 
     assert tree(a / "features") == tree(b / "features")
+
+
+def _tree(p: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(p)): f.read_bytes() for f in sorted(p.rglob("*")) if f.is_file()}
+
+
+def _ranges(store: Path, **kw):
+    return open_feature_ranges(store, 3, channels=6, f_tile=4, attrs=ATTRS, params=PARAMS, **kw)
+
+
+def _fill(store: Path, feats: np.ndarray, ranges: list[tuple[int, int]]) -> None:
+    w = _ranges(store)
+    for a, b in ranges:
+        w.write(a, feats[a:b])
+        w.mark_done(a, b)
+
+
+def test_shard_size_gives_a_large_sample_many_ranges():
+    sizes = (0, 1, 64, 65, 300, 2048, 2049, 10**6)
+    assert [feature_shard_tiles(n) for n in sizes] == [4, 4, 4, 4, 5, 32, 32, 32]
+
+
+def test_range_writers_share_one_partial_and_publish_when_every_range_is_done(tmp_path):
+    n = 150  # shard = 4 tiles
+    store, feats = _store(tmp_path, n=n), _feats(2, n)
+    first, second = _ranges(store), _ranges(store)
+    assert first.partial_path == second.partial_path and first.shard_tiles == 4
+    first.write(0, feats[:8])
+    first.mark_done(0, 8)
+    second.write(148, feats[148:])  # the last shard may be short
+    second.mark_done(148, 150)
+    assert done_feature_ranges(store, 3, params=PARAMS) == [(0, 8), (148, 150)]
+    assert _ranges(store).is_done(4, 8) and not _ranges(store).is_done(4, 12)  # reopened, not reset
+    with pytest.raises(ValueError, match="not whole shards of 4 tiles"):
+        first.write(6, feats[6:10])
+    with pytest.raises(IncompleteSampleError, match=r"tiles \[8, 12\) were not written here"):
+        second.mark_done(8, 12)
+    with pytest.raises(IncompleteSampleError, match=r"140 of 150 tiles not done \(tiles \[8, 148\)\)"):
+        publish_feature_ranges(store, 3, params=PARAMS)
+    assert not is_features_done(store, 3, params=PARAMS)
+    second.write(8, feats[8:148])
+    second.mark_done(8, 148)
+    assert publish_feature_ranges(store, 3, params=PARAMS) == features_path(store, 3)
+    assert is_features_done(store, 3, params=PARAMS) and not first.partial_path.exists()
+    np.testing.assert_array_equal(open_features(store, 3).compute(), feats.astype(np.float16))
+    published = sorted(p.name for p in features_path(store, 3).iterdir())
+    assert published == [FEATURES_DONE_MARKER, "c", "zarr.json"]  # no range bookkeeping left
+    assert publish_feature_ranges(store, 3, params=PARAMS) == features_path(store, 3)  # done: as it is
+    with pytest.raises(FeaturesPublished):  # a late writer starts no partial that nobody publishes
+        _ranges(store)
+    assert sorted(p.name for p in (store / "features").iterdir()) == ["layer3", "zarr.json"]
+
+
+def test_stale_partials_are_removed_and_changed_metadata_starts_over(tmp_path):
+    store = _store(tmp_path, n=20)
+    old = open_features_for_write(store, 3, channels=6, f_tile=4, attrs=ATTRS, params=PARAMS)
+    other = open_feature_ranges(store, 3, channels=6, f_tile=4, attrs=ATTRS, params={**PARAMS, "seed": 9})
+    assert not old.partial_path.exists() and other.partial_path.is_dir()
+    mine = _ranges(store)
+    assert not other.partial_path.exists() and mine.partial_path.is_dir()
+    mine.write(0, _feats(0, 20)[:4])
+    mine.mark_done(0, 4)
+    changed = open_feature_ranges(
+        store, 3, channels=6, f_tile=4, attrs={**ATTRS, "weights": "sha256:" + "0" * 64}, params=PARAMS
+    )
+    assert changed.partial_path == mine.partial_path and changed.done_ranges() == []
+    with pytest.raises(IncompleteSampleError, match="no range written yet"):
+        publish_feature_ranges(_store(tmp_path / "fresh", n=4), 3, params=PARAMS)
+
+
+def _fill_in_child(store: str, seed: int, n: int, ranges: list[tuple[int, int]]) -> None:
+    _fill(Path(store), _feats(seed, n), ranges)
+
+
+def test_processes_filling_ranges_at_once_give_the_single_writer_bytes(tmp_path):
+    """Two processes fill alternate ranges of one array at the same time; the published array is
+    byte-identical to one process filling it range by range."""
+    import multiprocessing
+
+    n = 256  # shard = 4 tiles, 64 ranges
+    shared, alone = _store(tmp_path / "shared", n=n), _store(tmp_path / "alone", n=n)
+    ranges = [(a, a + 4) for a in range(0, n, 4)]
+    ctx = multiprocessing.get_context("fork")
+    children = [
+        ctx.Process(target=_fill_in_child, args=(str(shared), 4, n, ranges[i::2])) for i in range(2)
+    ]
+    for c in children:
+        c.start()
+    for c in children:
+        c.join(60)
+    assert [c.exitcode for c in children] == [0, 0]
+    publish_feature_ranges(shared, 3, params=PARAMS)
+    _fill(alone, _feats(4, n), ranges)
+    publish_feature_ranges(alone, 3, params=PARAMS)
+    assert _tree(features_path(shared, 3)) == _tree(features_path(alone, 3))

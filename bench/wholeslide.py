@@ -1,0 +1,238 @@
+"""Whole-slide scale: one large sample's features over 1 and 2 workers, and the slide's work / critical path.
+
+    python bench/wholeslide.py [--side 6144] [--repeats 3] [--workers 1,2] [--out DIR]
+
+A generated pyramidal JPEG TIFF (a textured pink ellipse on white, ``--side`` px at 0.5 µm/px; to be
+replaced by ``equislide phantom --whole-slide``) is tiled once; then:
+
+1. The features stage of that one sample on a ``LocalCluster`` of each ``--workers`` count: its work
+   units (``flows._common.plan_units``, shard-aligned tile ranges) submitted longest first, one Dask
+   task each, on a fresh copy of the tiles every repeat; medians, and the speedup against 1 worker
+   measured in the same run.
+2. One whole cohort flow of the slide on the largest cluster, its Dask task stream recorded: work = the
+   sum of its tasks' compute durations, critical path = the longest dependency chain of the slide
+   (plan -> tile -> backbone -> the longest features unit -> kmeans -> segment; the stages are
+   barriers, so each stage's longest task is on it). Tasks are told apart by their order: Prefect-dask
+   keys do not carry task names, and the stages never overlap.
+3. The number of features task runs a 1000-sample cohort of mixed sizes makes (planned, not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="equislide-bench-prefect-"))
+
+
+def write_slide(path: Path, side: int, *, mpp: float = 0.5, seed: int = 0) -> Path:
+    """A pyramidal JPEG TIFF of ``side`` x ``side`` px: tissue-like texture in an ellipse, levels /2."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    small = side // 16
+    yy, xx = np.mgrid[:small, :small] / small - 0.5
+    tissue = ((xx / 0.47) ** 2 + (yy / 0.44) ** 2 < 1).repeat(16, 0).repeat(16, 1)
+    texture = rng.normal(0, 1, (side // 8, side // 8, 3)).astype(np.float32).repeat(8, 0).repeat(8, 1)
+    img = np.where(tissue[..., None], np.array([200, 120, 170], np.float32) + 30 * texture, 245)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    px_per_cm = 1e4 / mpp
+    with tifffile.TiffWriter(path, bigtiff=img.nbytes > 2**31) as tw:
+        level, k = img, 0
+        while True:
+            tw.write(
+                level,
+                photometric="rgb",
+                tile=(256, 256),
+                compression="jpeg",
+                resolution=(px_per_cm / 2**k, px_per_cm / 2**k),
+                resolutionunit="CENTIMETER",
+                subfiletype=1 if k else 0,
+                metadata=None,
+            )
+            if min(level.shape[:2]) <= 1024:
+                break
+            level, k = level[::2, ::2], k + 1
+    return path
+
+
+def fresh_copy(store: Path, dst: Path) -> Path:
+    """The tiled store without features (a fresh features stage)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(store, dst, ignore=shutil.ignore_patterns("features"))
+    return dst
+
+
+def features_stage(client, store: Path, backbone, spec, workers: int) -> tuple[float, list[float], int]:
+    """Wall seconds of one sample's features stage on ``client``; each unit's seconds; the unit count."""
+    from distributed import wait
+
+    from equislide.flows._common import plan_units
+    from equislide.stages.features import feature_ranges, publish_features, store_share_and_draw
+    from equislide.storage import read_sample_meta
+
+    n = int(read_sample_meta(store)["n_tiles"])
+    t0 = time.perf_counter()
+    units = plan_units([((store.stem, str(store)), n)], workers, pieces=lambda item: feature_ranges(item[1]))
+    futures = [
+        client.submit(store_share_and_draw, (str(store), ranges), backbone, spec, pure=False)
+        for unit in units
+        for (_, _), ranges in unit
+    ]
+    wait(futures)
+    results = [f.result() for f in futures]
+    publish_features(store, backbone)  # a no-op: the last unit published it
+    wall = time.perf_counter() - t0
+    assert any(r["published"] for r in results), "no unit published the sample"
+    return wall, [r["seconds"] for r in results], len(units)
+
+
+def cluster(workers: int):
+    from distributed import LocalCluster
+
+    from equislide.flows.cluster import PRELOAD, worker_environment
+
+    with worker_environment():
+        return LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, preload=[PRELOAD]
+        )
+
+
+def flow_task_stream(image: Path, out: Path, workers: int, options: dict) -> tuple[list[dict], int]:
+    """Run the cohort flow of one slide; its Dask task stream (compute start/stop per task) and the
+    number of features units it planned."""
+    from distributed import Client, get_task_stream
+
+    from equislide.flows.cohort import run_cohort
+
+    with cluster(workers) as lc, Client(lc) as client:
+        with get_task_stream(client) as ts:
+            report = run_cohort([str(image)], str(out), scheduler=lc.scheduler_address, **options)
+        data = list(ts.data)
+    assert all(s["status"] == "done" for s in report["samples"].values()), report["samples"]
+    spans = []
+    for rec in data:
+        for ss in rec.get("startstops", ()):
+            if ss["action"] == "compute":
+                spans.append({"start": ss["start"], "stop": ss["stop"], "worker": rec.get("worker")})
+    spans.sort(key=lambda s: s["start"])
+    return spans, report
+
+
+def task_runs_of_a_large_cohort(workers: int) -> tuple[int, int]:
+    """Features task runs planned for 1000 samples (TMA cores to three whole slides); and samples."""
+    from equislide.flows._common import plan_units
+
+    rnd = random.Random(0)
+    sizes = [rnd.choice([5, 20, 50, 200]) for _ in range(997)] + [20000, 8000, 3000]
+    units = plan_units(
+        [((f"s{i:04d}", n), n) for i, n in enumerate(sizes)],
+        workers,
+        pieces=lambda item: [(a, min(item[1], a + 32)) for a in range(0, item[1], 32)],
+    )
+    return len(units), len(sizes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--side", type=int, default=6144, help="slide side in px at 0.5 µm/px")
+    ap.add_argument("--mpp", type=float, default=2.0)
+    ap.add_argument("--tile", type=int, default=64)
+    ap.add_argument("--halo", type=int, default=16)
+    ap.add_argument("--layer", type=int, default=2)
+    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--no-flow", action="store_true", help="skip the work / critical path flow run")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from distributed import Client
+
+    from equislide import stages
+    from equislide.specs import FeatureSpec
+
+    root = args.out or Path(tempfile.mkdtemp(prefix="equislide-wholeslide-"))
+    root.mkdir(parents=True, exist_ok=True)
+    image = write_slide(root / "wholeslide.tiff", args.side)
+    t0 = time.perf_counter()
+    [tiled] = stages.tile_slide(image, root / "tiles", mpp=args.mpp, tile=args.tile, halo=args.halo)
+    print(
+        f"slide {args.side} px, {tiled.n_tiles} tiles of {args.tile} px at {args.mpp} µm/px "
+        f"(tiled in {time.perf_counter() - t0:.1f} s)"
+    )
+    spec = FeatureSpec(
+        layer=args.layer, model_kwargs={"width": args.width}, calibration_tiles=8, device="cpu"
+    )
+    backbone = stages.calibrated_backbone([tiled.store], root / "models", spec)
+
+    counts = [int(w) for w in args.workers.split(",")]
+    walls: dict[int, list[float]] = {}
+    for w in counts:
+        with cluster(w) as lc, Client(lc) as client:
+            walls[w] = []
+            for r in range(args.repeats):
+                store = fresh_copy(Path(tiled.store), root / f"w{w}" / "wholeslide.zarr")
+                wall, unit_s, n_units = features_stage(client, store, backbone, spec, w)
+                walls[w].append(wall)
+                print(
+                    f"  features, {w} worker(s), repeat {r + 1}: {wall:.1f} s wall, {n_units} units, "
+                    f"work {sum(unit_s):.1f} s, longest unit {max(unit_s):.1f} s "
+                    f"(work / longest {sum(unit_s) / max(max(unit_s), 1e-9):.1f})"
+                )
+    base = statistics.median(walls[counts[0]])
+    print(f"\n| workers | features s (median of {args.repeats}) | speedup vs {counts[0]} |")
+    print("|---|---|---|")
+    for w in counts:
+        med = statistics.median(walls[w])
+        print(f"| {w} | {med:.1f} | {base / med:.2f}x |")
+
+    if not args.no_flow:
+        w = max(counts)
+        options = {
+            "mpp": args.mpp,
+            "tile": args.tile,
+            "halo": args.halo,
+            "layer": args.layer,
+            "model_kwargs": {"width": args.width},
+            "clusters": 3,
+        }
+        spans, report = flow_task_stream(image, root / "flow", w, options)
+        n_units = len(spans) - 7  # plan, tile, backbone, <units>, kmeans, segment, tma, report
+        d = [s["stop"] - s["start"] for s in spans]
+        if n_units < 1:
+            print(f"flow: {len(spans)} tasks in the stream, not the expected stages; no critical path")
+        else:
+            plan, tile, bb = d[0], d[1], d[2]
+            feats = d[3 : 3 + n_units]
+            kmeans, segment = d[3 + n_units], d[4 + n_units]
+            chain = [plan, tile, bb, max(feats), kmeans, segment]
+            work = plan + tile + bb + sum(feats) + kmeans + segment
+            t = report["timings"]
+            print(
+                f"\nflow on {w} workers: {len(spans)} tasks ({n_units} features units); stage s: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
+            )
+            print(
+                f"work {work:.1f} s, critical path {sum(chain):.1f} s (plan {plan:.1f}, tile {tile:.1f}, "
+                f"backbone {bb:.1f}, features unit {max(feats):.1f}, kmeans {kmeans:.1f}, "
+                f"segment {segment:.1f})"
+            )
+            ratio = sum(feats) / max(feats)
+            print(f"work / critical path: {work / sum(chain):.2f}  (features alone: {ratio:.1f})")
+    for w in (2, 16, 64):
+        runs, n = task_runs_of_a_large_cohort(w)
+        print(f"features task runs for a {n}-sample cohort on {w} workers: {runs}")
+
+
+if __name__ == "__main__":
+    main()
