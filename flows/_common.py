@@ -39,7 +39,15 @@ from equislide.flows.cluster import (
     worker_environment,
     worker_warnings,
 )
-from equislide.specs import RANDOM_WEIGHTS, BackboneRef, ClusterSpec, FeatureSpec, KMeansRef, TilingSpec
+from equislide.specs import (
+    BATCH_TILES,
+    RANDOM_WEIGHTS,
+    BackboneRef,
+    ClusterSpec,
+    FeatureSpec,
+    KMeansRef,
+    TilingSpec,
+)
 from equislide.stages.backbone import calibrated_backbone, packaged_default
 from equislide.stages.budget import BudgetSpec, run_within
 from equislide.stages.consistency import (
@@ -57,7 +65,7 @@ from equislide.stages.inputs import (
     reason_of,
     resolve_inputs,
 )
-from equislide.stages.tile import SampleResult, SlidePlan, plan_slide, write_sample
+from equislide.stages.tile import SampleResult, SlidePlan, plan_slide, sample_ranges, write_sample_share
 from equislide.storage import (
     acquire_output_lock,
     clean_partials,
@@ -362,6 +370,11 @@ def plan_task(
     )
 
 
+def _tile_pieces(sample: SamplePlan) -> list[tuple[int, int]]:
+    """A sample's tile ranges a unit may hold: one shard each (the unit rule groups them)."""
+    return sample_ranges(sample, range_tiles=BATCH_TILES)
+
+
 @task(
     name="tile",
     task_run_name="tile {label}",
@@ -371,17 +384,26 @@ def plan_task(
     **TASK_OPTIONS,
 )
 def tile_task(
-    samples: list[SamplePlan], tiles_root: str, label: str, budget: float | None = None
+    samples: list[tuple[SamplePlan, list[tuple[int, int]] | None]],
+    tiles_root: str,
+    label: str,
+    budget: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Read and store the tiles of some samples of one input, each on its own: a region that cannot be
-    read fails its sample only (OpenSlide refuses every later read on a handle that hit an error, so
-    each sample opens the slide afresh; a few ms for a pyramidal TIFF or SVS)."""
+    """Read and store the tiles of a work unit of one input (:func:`plan_units`: whole samples, or
+    some tile ranges of a large one, ``(sample, ranges | None)``), each sample on its own: a region
+    that cannot be read fails its sample only (OpenSlide refuses every later read on a handle that
+    hit an error, so each sample opens the slide afresh; a few ms for a pyramidal TIFF or SVS)."""
+    get_run_logger().info("tile %s on worker %s", label, worker_address())
     return each_sample(
-        [(s.sample_id, s) for s in samples],
+        [(s.sample_id, (s, ranges)) for s, ranges in samples],
         "tiling",
-        functools.partial(write_sample, out_root=tiles_root),
+        functools.partial(_tile_share, out_root=tiles_root),
         budget=budget_of(budget, "tile"),
     )
+
+
+def _tile_share(share: tuple[SamplePlan, list[tuple[int, int]] | None], out_root: str) -> dict[str, Any]:
+    return write_sample_share(share[0], out_root, share[1])
 
 
 @task(
@@ -734,6 +756,8 @@ def tile_stage(state: RunState, spec: TilingSpec, progress: Callable[[float], No
     owner: dict[str, str] = {}  # sample ID -> input
     written: dict[str, list[SampleResult]] = {p: [] for p in state.ids}
     pending: dict[Any, list[tuple[str, SamplePlan]]] = {}
+    weights: dict[Any, int] = {}
+    shares: dict[str, list[dict[str, Any]]] = {}
     budgets = state.budgets
     plan_futures = {
         plan_task.submit(p, tiles_root, state.ids[p], _input_spec(state, p, spec), budgets.plan): p
@@ -751,21 +775,42 @@ def tile_stage(state: RunState, spec: TilingSpec, progress: Callable[[float], No
             continue
         plan = plans[path] = fut.result()
         owner.update(dict.fromkeys(plan.sample_ids, path))
-        for chunk in groups(plan.todo, state.workers):
-            items = [(s.sample_id, s) for s in chunk]
-            pending[tile_task.submit(chunk, tiles_root, label_of(items), budgets.tile)] = items
+        # A whole slide's shard-aligned tile ranges spread over several tasks; a TMA's cores grouped.
+        units = plan_units([(s, s.grid.n_tiles) for s in plan.todo], state.workers, pieces=_tile_pieces)
+        for unit in units:
+            items = [(s.sample_id, s) for s, _ in unit]
+            label = unit_label([((s.sample_id, s), ranges) for s, ranges in unit])
+            fut = tile_task.submit(unit, tiles_root, label, budgets.tile)
+            pending[fut] = items
+            weights[fut] = sum(s.grid.n_tiles if r is None else sum(b - a for a, b in r) for s, r in unit)
 
     def untiled(sid: str, reason: str) -> None:  # a store never finished: later stages skip the sample
         state.samples[sid] = {"store": str(sample_store_path(tiles_root, sid)), "input": owner[sid]}
         state.fail(sid, reason)
 
+    def share_done(sid: str, share: dict[str, Any]) -> None:
+        got = shares.setdefault(sid, [])
+        got.append(share)
+        if share["published"]:
+            result = share["result"]
+            # tile_s: the sum of the sample's shares, whichever tasks ran them.
+            result.seconds = sum(g["seconds"] for g in got[:-1]) + result.seconds
+            if any(g["status"] == "written" for g in got):
+                result.status = "written"
+            written[owner[sid]].append(result)
+
     collect(
         "tile",
         pending,
-        lambda sid, result: written[owner[sid]].append(result),
+        share_done,
         untiled,
         progress=lambda fraction: tell(0.5 + 0.5 * fraction),
+        weights=weights,
     )
+    published = {r.sample_id for results in written.values() for r in results}
+    for sid in shares:
+        if sid not in published and sid not in state.errors:
+            untiled(sid, "tile: every range ran but none of its tasks published the sample")
     for path, plan in plans.items():
         results = plan.ordered(written[path])
         state.records[path] = {

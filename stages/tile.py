@@ -43,6 +43,7 @@ __all__ = [
     "tile_slide",
     "write_sample",
     "write_sample_range",
+    "write_sample_share",
     "write_samples",
 ]
 
@@ -391,3 +392,52 @@ def publish_sample(sample: SamplePlan, out_root: str | os.PathLike[str]) -> Samp
         list(sample.warnings),
         time.perf_counter() - t0,
     )
+
+
+def write_sample_share(
+    sample: SamplePlan,
+    out_root: str | os.PathLike[str],
+    ranges: list[tuple[int, int]] | None = None,
+) -> dict[str, Any]:
+    """One work unit's share of a sample: the whole sample (``ranges`` None: :func:`write_sample`), or
+    some of its ranges (:func:`write_sample_range`) and then, when this share finds every range done,
+    :func:`publish_sample` (a module-level callable: it runs in a budgeted child).
+
+    Several shares of one sample run on several workers at once; the one that completes it publishes
+    it, so no step waits for the whole cohort.
+
+    Returns:
+        ``{"sample_id", "status" ("written" | "skipped"), "seconds" (this share's), "published",
+        "result"}``: ``result`` is the sample's :class:`SampleResult` once published (by this
+        share), else None.
+    """
+    import fcntl
+
+    from equislide.storage import is_sample_done, sample_store_path
+
+    sid = sample.sample_id
+    if ranges is None:
+        res = write_sample(sample, out_root)
+        out = {"sample_id": sid, "status": res.status, "seconds": res.seconds}
+        return {**out, "published": True, "result": res}
+    done = [write_sample_range(sample, out_root, int(a), int(b)) for a, b in ranges]
+    seconds = sum(d["seconds"] for d in done)
+    status = "written" if any(d["status"] == "written" for d in done) else "skipped"
+    out = {"sample_id": sid, "status": status, "seconds": round(seconds, 3)}
+    out.update(published=False, result=None)
+
+    final = sample_store_path(out_root, sid)
+    # Shares finishing at the same moment take turns on the sample's folder: the first to find every
+    # range done publishes; the others find it published (publishing is a mask write and a rename).
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if is_sample_done(out_root, sid, input_sha256=sample.input_sha256, params=sample.params):
+            return out  # published by another share (or an earlier run)
+        if _ranged_store(sample, out_root).missing():
+            return out  # another share still writes; the last one to finish publishes
+        res = publish_sample(sample, out_root)
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+    res.seconds = seconds + res.seconds
+    return {**out, "published": True, "result": res}

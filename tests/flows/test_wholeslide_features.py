@@ -84,6 +84,10 @@ def test_large_sample_features_run_on_both_workers_with_single_worker_bytes(
     assert covered[0][0] == 0 and covered[-1][1] == ranges[-1][1]
     assert all(b == c for (_, b), (c, _) in zip(covered, covered[1:], strict=False))  # each tile once
     assert sample["timings"]["features_s"] > 0
+    # The tile stage spreads the slide's shard ranges the same way, and one share published the store.
+    tiled = [m for m in logs if re.fullmatch(r"tile big tiles \d+-\d+ on worker tcp://\S+", m)]
+    assert len(tiled) >= 2 and len({m.rsplit(" ", 1)[1] for m in tiled}) == 2, logs
+    assert sample["timings"]["tile_s"] > 0
 
     with worker_environment():
         single = LocalCluster(
