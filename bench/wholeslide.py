@@ -1,9 +1,10 @@
-"""Whole-slide scale: one large sample's features over 1 and 2 workers, and the slide's work / critical path.
+"""Whole-slide scale: one large slide's features over 1 and 2 workers, and the slide's work / critical path.
 
-    python bench/wholeslide.py [--side 6144] [--repeats 3] [--workers 1,2] [--out DIR]
+    python bench/wholeslide.py [--size 80000x60000 | --slide FILE] [--mpp 2.5] [--repeats 3]
+                               [--workers 1,2] [--out DIR]
 
-A generated pyramidal JPEG TIFF (a textured pink ellipse on white, ``--side`` px at 0.5 µm/px; to be
-replaced by ``equislide phantom --whole-slide``) is tiled once; then:
+The whole-slide phantom (``equislide phantom --whole-slide``, ``--size`` at 0.25 µm/px; or ``--slide``)
+is tiled once (``segment``'s defaults: 2.5 µm/px, 512 px tiles, SRENet-18 layer 4); then:
 
 1. The features stage of that one sample on a ``LocalCluster`` of each ``--workers`` count: its work
    units (``flows._common.plan_units``, shard-aligned tile ranges) submitted longest first, one Dask
@@ -11,9 +12,9 @@ replaced by ``equislide phantom --whole-slide``) is tiled once; then:
    measured in the same run.
 2. One whole cohort flow of the slide on the largest cluster, its Dask task stream recorded: work = the
    sum of its tasks' compute durations, critical path = the longest dependency chain of the slide
-   (plan -> tile -> backbone -> the longest features unit -> kmeans -> segment; the stages are
-   barriers, so each stage's longest task is on it). Tasks are told apart by their order: Prefect-dask
-   keys do not carry task names, and the stages never overlap.
+   (plan -> the longest tile unit -> backbone -> the longest features unit -> kmeans -> segment ->
+   report; for one slide the stages are barriers, so each stage's longest task is on it), told apart
+   by the stage's task name in the Dask key; and tiles/s of each stage from ``run.json``.
 3. The number of features task runs a 1000-sample cohort of mixed sizes makes (planned, not run).
 """
 
@@ -28,40 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="equislide-bench-prefect-"))
 
 
-def write_slide(path: Path, side: int, *, mpp: float = 0.5, seed: int = 0) -> Path:
-    """A pyramidal JPEG TIFF of ``side`` x ``side`` px: tissue-like texture in an ellipse, levels /2."""
-    import tifffile
+def write_slide(path: Path, width: int, height: int, *, mpp: float = 0.25, seed: int = 0) -> Path:
+    """The whole-slide phantom (``equislide phantom --whole-slide``): a pyramidal JPEG TIFF."""
+    from equislide.tiling import write_whole_slide_phantom
 
-    rng = np.random.default_rng(seed)
-    small = side // 16
-    yy, xx = np.mgrid[:small, :small] / small - 0.5
-    tissue = ((xx / 0.47) ** 2 + (yy / 0.44) ** 2 < 1).repeat(16, 0).repeat(16, 1)
-    texture = rng.normal(0, 1, (side // 8, side // 8, 3)).astype(np.float32).repeat(8, 0).repeat(8, 1)
-    img = np.where(tissue[..., None], np.array([200, 120, 170], np.float32) + 30 * texture, 245)
-    img = np.clip(img, 0, 255).astype(np.uint8)
-    px_per_cm = 1e4 / mpp
-    with tifffile.TiffWriter(path, bigtiff=img.nbytes > 2**31) as tw:
-        level, k = img, 0
-        while True:
-            tw.write(
-                level,
-                photometric="rgb",
-                tile=(256, 256),
-                compression="jpeg",
-                resolution=(px_per_cm / 2**k, px_per_cm / 2**k),
-                resolutionunit="CENTIMETER",
-                subfiletype=1 if k else 0,
-                metadata=None,
-            )
-            if min(level.shape[:2]) <= 1024:
-                break
-            level, k = level[::2, ::2], k + 1
+    write_whole_slide_phantom(path, width=width, height=height, mpp=mpp, seed=seed)
     return path
 
 
@@ -123,7 +99,8 @@ def flow_task_stream(image: Path, out: Path, workers: int, options: dict) -> tup
     for rec in data:
         for ss in rec.get("startstops", ()):
             if ss["action"] == "compute":
-                spans.append({"start": ss["start"], "stop": ss["stop"], "worker": rec.get("worker")})
+                worker, key = rec.get("worker"), str(rec["key"])
+                spans.append({"start": ss["start"], "stop": ss["stop"], "worker": worker, "key": key})
     spans.sort(key=lambda s: s["start"])
     return spans, report
 
@@ -144,12 +121,13 @@ def task_runs_of_a_large_cohort(workers: int) -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--side", type=int, default=6144, help="slide side in px at 0.5 µm/px")
-    ap.add_argument("--mpp", type=float, default=2.0)
-    ap.add_argument("--tile", type=int, default=64)
-    ap.add_argument("--halo", type=int, default=16)
-    ap.add_argument("--layer", type=int, default=2)
-    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--size", default="80000x60000", help="phantom WxH at 0.25 µm/px (default 80000x60000)")
+    ap.add_argument("--slide", type=Path, help="an existing slide instead of a new phantom")
+    ap.add_argument("--mpp", type=float, default=2.5, help="analysis µm/px (default 2.5, segment's)")
+    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--halo", type=int, default=32)
+    ap.add_argument("--layer", type=int, default=4)
+    ap.add_argument("--width", type=int, default=64, help="network width (64: SRENet-18 itself)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--no-flow", action="store_true", help="skip the work / critical path flow run")
@@ -163,11 +141,17 @@ def main() -> None:
 
     root = args.out or Path(tempfile.mkdtemp(prefix="equislide-wholeslide-"))
     root.mkdir(parents=True, exist_ok=True)
-    image = write_slide(root / "wholeslide.tiff", args.side)
+    if args.slide is not None:
+        image = args.slide
+    else:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+        t0 = time.perf_counter()
+        image = write_slide(root / "wholeslide.tiff", width, height)
+        print(f"phantom {width} x {height} px written in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     [tiled] = stages.tile_slide(image, root / "tiles", mpp=args.mpp, tile=args.tile, halo=args.halo)
     print(
-        f"slide {args.side} px, {tiled.n_tiles} tiles of {args.tile} px at {args.mpp} µm/px "
+        f"slide {Path(image).name}, {tiled.n_tiles} tiles of {args.tile} px at {args.mpp} µm/px "
         f"(tiled in {time.perf_counter() - t0:.1f} s)"
     )
     spec = FeatureSpec(
@@ -207,28 +191,41 @@ def main() -> None:
             "clusters": 3,
         }
         spans, report = flow_task_stream(image, root / "flow", w, options)
-        n_units = len(spans) - 7  # plan, tile, backbone, <units>, kmeans, segment, tma, report
-        d = [s["stop"] - s["start"] for s in spans]
-        if n_units < 1:
-            print(f"flow: {len(spans)} tasks in the stream, not the expected stages; no critical path")
-        else:
-            plan, tile, bb = d[0], d[1], d[2]
-            feats = d[3 : 3 + n_units]
-            kmeans, segment = d[3 + n_units], d[4 + n_units]
-            chain = [plan, tile, bb, max(feats), kmeans, segment]
-            work = plan + tile + bb + sum(feats) + kmeans + segment
-            t = report["timings"]
-            print(
-                f"\nflow on {w} workers: {len(spans)} tasks ({n_units} features units); stage s: "
-                + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
-            )
-            print(
-                f"work {work:.1f} s, critical path {sum(chain):.1f} s (plan {plan:.1f}, tile {tile:.1f}, "
-                f"backbone {bb:.1f}, features unit {max(feats):.1f}, kmeans {kmeans:.1f}, "
-                f"segment {segment:.1f})"
-            )
-            ratio = sum(feats) / max(feats)
-            print(f"work / critical path: {work / sum(chain):.2f}  (features alone: {ratio:.1f})")
+        stages = ("plan", "tile", "backbone", "features", "kmeans", "segment", "tma", "report")
+        by_stage: dict[str, list[float]] = {k: [] for k in stages}
+        for sp in spans:
+            name = next((k for k in stages if f"{k}_task" in sp["key"]), None)
+            if name is not None:
+                by_stage[name].append(sp["stop"] - sp["start"])
+        # The stages are barriers for one slide (plan -> its tile units -> backbone -> features units
+        # -> kmeans -> segment -> report): the critical path holds each stage's longest task.
+        chain = {k: max(v) for k, v in by_stage.items() if v}
+        work = sum(sum(v) for v in by_stage.values())
+        t = report["timings"]
+        print(
+            f"\nflow on {w} workers: {len(spans)} tasks ("
+            + ", ".join(f"{k} {len(v)}" for k, v in by_stage.items() if v)
+            + "); stage s: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in t.items() if isinstance(v, (int, float)))
+        )
+        print(
+            f"work {work:.1f} s, critical path {sum(chain.values()):.1f} s ("
+            + ", ".join(f"{k} {v:.1f}" for k, v in chain.items())
+            + ")"
+        )
+        feats = by_stage["features"]
+        print(
+            f"work / critical path: {work / max(sum(chain.values()), 1e-9):.2f}  "
+            f"(features alone: {sum(feats) / max(max(feats, default=0), 1e-9):.1f})"
+        )
+        if not any(by_stage.values()):
+            print("flow: no task key names a stage (" + ", ".join(sp["key"] for sp in spans[:3]) + ")")
+        n_tiles = tiled.n_tiles
+        stage_s = {k: t.get(k) for k in ("tile", "features", "kmeans", "segment")}
+        print(
+            f"{n_tiles} tiles; tiles/s per stage: "
+            + ", ".join(f"{k} {n_tiles / v:.2f}" for k, v in stage_s.items() if v)
+        )
     for w in (2, 16, 64):
         runs, n = task_runs_of_a_large_cohort(w)
         print(f"features task runs for a {n}-sample cohort on {w} workers: {runs}")

@@ -229,8 +229,9 @@ UNITS_PER_WORKER = 2
 #: enough for a work / critical path of ~16 on a large cluster, a bounded number of task runs.
 SPLIT_UNITS = 16
 #: A sample smaller than this is never split: a unit of fewer tiles costs more in task-run overhead
-#: (~0.13 s Prefect, a budgeted child, opening the store) than it balances.
-MIN_SPLIT_TILES = 64
+#: (~0.13 s Prefect, a budgeted child, opening the store) than it balances. Low, because a tile is
+#: 512 px by default: a whole slide at 2.5 µm/px is tens of tiles and seconds of SRENet each.
+MIN_SPLIT_TILES = 16
 
 
 def plan_units(

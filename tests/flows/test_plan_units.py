@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from equislide.flows._common import plan_units, unit_label
+from equislide.flows._common import MIN_SPLIT_TILES, plan_units, unit_label
 
 
 def _pieces(item):
@@ -33,7 +33,7 @@ def test_mixed_cohort_is_longest_first_bounded_and_small_samples_stay_whole():
         assert tiles == sorted(tiles, reverse=True) and sum(tiles) == sum(sizes)
         split = {item[0] for u in units for item, r in u if r is not None}
         assert ("s0997" in split) == (workers > 1)  # on 1 worker it is less than a unit's share
-        assert not any(n < 64 for (sid, n), _ in samples if sid in split)
+        assert not any(n < MIN_SPLIT_TILES for (sid, n), _ in samples if sid in split)
     tma = [((f"tma/A{i}", 4), 4) for i in range(6)]  # TMA cores: never split, grouped in order
     assert [unit_label(u) for u in plan_units(tma, 2, pieces=_pieces)] == [
         "tma/A0 .. tma/A1 (2 samples)",
