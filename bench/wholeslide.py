@@ -221,7 +221,7 @@ def main() -> None:
         if not any(by_stage.values()):
             print("flow: no task key names a stage (" + ", ".join(sp["key"] for sp in spans[:3]) + ")")
         n_tiles = tiled.n_tiles
-        stage_s = {k: t.get(k) for k in ("tile", "features", "kmeans", "segment")}
+        stage_s = {k: t.get(f"{k}_s") for k in ("tile", "features", "kmeans", "segment")}
         print(
             f"{n_tiles} tiles; tiles/s per stage: "
             + ", ".join(f"{k} {n_tiles / v:.2f}" for k, v in stage_s.items() if v)
