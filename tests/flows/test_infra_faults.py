@@ -39,9 +39,17 @@ def _segment(phantom: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "equislide", "segment", str(phantom), "--out", str(out), *SEGMENT, *extra]
 
 
+def _holds(predicate) -> bool:
+    """``predicate()``; a folder renamed while it is globbed (a store being published) is "not yet"."""
+    try:
+        return bool(predicate())
+    except FileNotFoundError:
+        return False
+
+
 def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not _holds(predicate):
         assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[1][-2000:]}"
         assert time.monotonic() < deadline, f"no {what} in {timeout} s"
         time.sleep(0.02)

@@ -68,9 +68,17 @@ def _assert_same(outputs: dict[str, Any], reference: dict[str, Any]) -> None:
     assert not differ, f"{len(differ)} outputs differ from the clean run, e.g. {differ[:5]}"
 
 
+def _holds(predicate) -> Any:
+    """``predicate()``; a folder renamed while it is globbed (a store being published) is "not yet"."""
+    try:
+        return predicate()
+    except FileNotFoundError:
+        return None
+
+
 def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 600) -> Any:
     deadline = time.monotonic() + timeout
-    while not (found := predicate()):
+    while not (found := _holds(predicate)):
         assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[1][-3000:]}"
         assert time.monotonic() < deadline, f"no {what} in {timeout} s"
         time.sleep(0.3)
