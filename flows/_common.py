@@ -790,15 +790,7 @@ def tile_stage(state: RunState, spec: TilingSpec, progress: Callable[[float], No
         state.fail(sid, reason)
 
     def share_done(sid: str, share: dict[str, Any]) -> None:
-        got = shares.setdefault(sid, [])
-        got.append(share)
-        if share["published"]:
-            result = share["result"]
-            # tile_s: the sum of the sample's shares, whichever tasks ran them.
-            result.seconds = sum(g["seconds"] for g in got[:-1]) + result.seconds
-            if any(g["status"] == "written" for g in got):
-                result.status = "written"
-            written[owner[sid]].append(result)
+        shares.setdefault(sid, []).append(share)
 
     collect(
         "tile",
@@ -808,10 +800,18 @@ def tile_stage(state: RunState, spec: TilingSpec, progress: Callable[[float], No
         progress=lambda fraction: tell(0.5 + 0.5 * fraction),
         weights=weights,
     )
-    published = {r.sample_id for results in written.values() for r in results}
-    for sid in shares:
-        if sid not in published and sid not in state.errors:
+    for sid, got in shares.items():
+        if sid in state.errors:
+            continue
+        result = next((g["result"] for g in got if g["published"]), None)
+        if result is None:
             untiled(sid, "tile: every range ran but none of its tasks published the sample")
+            continue
+        # tile_s: the sum of the sample's shares' seconds, whichever tasks ran them.
+        result.seconds = sum(g["seconds"] for g in got if g["result"] is not result) + result.seconds
+        if any(g["status"] == "written" for g in got):
+            result.status = "written"
+        written[owner[sid]].append(result)
     for path, plan in plans.items():
         results = plan.ordered(written[path])
         state.records[path] = {

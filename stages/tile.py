@@ -408,8 +408,8 @@ def write_sample_share(
 
     Returns:
         ``{"sample_id", "status" ("written" | "skipped"), "seconds" (this share's), "published",
-        "result"}``: ``result`` is the sample's :class:`SampleResult` once published (by this
-        share), else None.
+        "result"}``: ``result`` is the sample's :class:`SampleResult` once it is published (by this
+        share or another), else None (other shares still write).
     """
     import fcntl
 
@@ -433,7 +433,9 @@ def write_sample_share(
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         if is_sample_done(out_root, sid, input_sha256=sample.input_sha256, params=sample.params):
-            return out  # published by another share (or an earlier run)
+            # Published by another share (or by this one before a retry): its result, for whichever
+            # share reports first.
+            return {**out, "published": True, "result": _skipped(out_root, sid, sample.input_sha256)}
         if _ranged_store(sample, out_root).missing():
             return out  # another share still writes; the last one to finish publishes
         res = publish_sample(sample, out_root)
