@@ -97,13 +97,6 @@ def _open_writer(store: str | Path, backbone: BackboneRef, device: str):
     return model, info, meta, writer
 
 
-def _covered(done: list[tuple[int, int]], start: int, stop: int) -> bool:
-    mask = np.zeros(stop - start, bool)
-    for a, b in done:
-        mask[max(a, start) - start : max(min(b, stop) - start, 0)] = True
-    return bool(mask.all())
-
-
 def extract_feature_range(
     store: str | Path, backbone: BackboneRef, spec: FeatureSpec | None, start: int, stop: int
 ) -> dict[str, Any]:
@@ -128,6 +121,7 @@ def _extract_ranges(
     from equislide.models.extract import extract_features
     from equislide.stages.backbone import read_tiles
     from equislide.storage import done_feature_ranges, is_features_done, read_sample_meta
+    from equislide.storage.ranges import covered
 
     spec = spec or FeatureSpec(backbone=backbone.backbone, layer=backbone.layer)
     layer, params = int(backbone.layer), backbone.params()
@@ -147,7 +141,7 @@ def _extract_ranges(
     if is_features_done(store, layer, params=params):
         return [skipped(a, b) for a, b in ranges]
     done = done_feature_ranges(store, layer, params=params)
-    if all(_covered(done, a, b) for a, b in ranges):
+    if all(covered(done, a, b) for a, b in ranges):
         return [skipped(a, b) for a, b in ranges]
     from equislide.storage import FeaturesPublished
 
@@ -197,12 +191,13 @@ def finished_feature_ranges(store: str | Path, backbone: BackboneRef) -> list[tu
 def features_complete(store: str | Path, backbone: BackboneRef) -> bool:
     """Every tile's range is done (published or about to be)."""
     from equislide.storage import done_feature_ranges, is_features_done, read_sample_meta
+    from equislide.storage.ranges import covered
 
     layer, params = int(backbone.layer), backbone.params()
     if is_features_done(store, layer, params=params):
         return True
     n = int(read_sample_meta(store)["n_tiles"])
-    return _covered(done_feature_ranges(store, layer, params=params), 0, n) if n else False
+    return covered(done_feature_ranges(store, layer, params=params), 0, n) if n else False
 
 
 def publish_features(store: str | Path, backbone: BackboneRef, spec: FeatureSpec | None = None) -> dict:

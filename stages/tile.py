@@ -411,9 +411,8 @@ def write_sample_share(
         "result"}``: ``result`` is the sample's :class:`SampleResult` once it is published (by this
         share or another), else None (other shares still write).
     """
-    import fcntl
-
     from equislide.storage import is_sample_done, sample_store_path
+    from equislide.storage.ranges import folder_lock
 
     sid = sample.sample_id
     if ranges is None:
@@ -429,9 +428,7 @@ def write_sample_share(
     final = sample_store_path(out_root, sid)
     # Shares finishing at the same moment take turns on the sample's folder: the first to find every
     # range done publishes; the others find it published (publishing is a mask write and a rename).
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with folder_lock(final.parent):
         if is_sample_done(out_root, sid, input_sha256=sample.input_sha256, params=sample.params):
             # Published by another share (or by this one before a retry): its result, for whichever
             # share reports first.
@@ -439,7 +436,5 @@ def write_sample_share(
         if _ranged_store(sample, out_root).missing():
             return out  # another share still writes; the last one to finish publishes
         res = publish_sample(sample, out_root)
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
     res.seconds = seconds + res.seconds
     return {**out, "published": True, "result": res}

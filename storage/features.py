@@ -27,9 +27,7 @@ whose tiles are done but whose features are not is simply resumable: :func:`is_f
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
@@ -42,6 +40,7 @@ from equislide.files import publish_dir
 from equislide.storage._errors import IncompleteSampleError, StoreLayoutError
 from equislide.storage.confine import confined
 from equislide.storage.hashing import canonical_json, params_hash
+from equislide.storage.ranges import covered, folder_lock, missing_ranges, read_done_ranges
 from equislide.storage.tile_store import (
     DONE_MARKER,
     PARTIAL_TAG,
@@ -254,6 +253,23 @@ def _store_marker(
     }
 
 
+def _create_array(
+    feats: Any, name: str, n_tiles: int, channels: int, f_tile: int, shard_tiles: int, plain: dict
+) -> Any:
+    """The float16 feature array both writers fill: chunk = 1 tile, shard = ``shard_tiles`` tiles."""
+    return feats.create_array(
+        name,
+        shape=(n_tiles, channels, f_tile, f_tile),
+        chunks=(1, channels, f_tile, f_tile),
+        shards=(min(shard_tiles, max(n_tiles, 1)), channels, f_tile, f_tile),
+        dtype="float16",
+        compressors=tile_compressors(),
+        fill_value=0,
+        dimension_names=("tile", "c", "y", "x"),
+        attributes={"equislide_features": plain},
+    )
+
+
 def open_features_for_write(
     store_path: str | Path,
     layer: int,
@@ -299,17 +315,7 @@ def open_features_for_write(
     root = zarr.open_group(zarr.storage.LocalStore(store_path), mode="r+")
     feats = root.require_group("features")
     partial_name = name + PARTIAL_TAG + uuid.uuid4().hex[:12]
-    array = feats.create_array(
-        partial_name,
-        shape=(n_tiles, channels, f_tile, f_tile),
-        chunks=(1, channels, f_tile, f_tile),
-        shards=(min(shard_tiles, max(n_tiles, 1)), channels, f_tile, f_tile),
-        dtype="float16",
-        compressors=tile_compressors(),
-        fill_value=0,
-        dimension_names=("tile", "c", "y", "x"),
-        attributes={"equislide_features": plain},
-    )
+    array = _create_array(feats, partial_name, n_tiles, channels, f_tile, shard_tiles, plain)
     return FeatureWriter(store_path, int(layer), folder / partial_name, array, marker)
 
 
@@ -348,44 +354,17 @@ def _range_name(start: int, stop: int) -> str:
 
 
 def _read_ranges(partial: Path) -> list[tuple[int, int]]:
-    folder = partial / RANGES_DIR
-    if not folder.is_dir():
-        return []
-    out = []
-    for f in folder.iterdir():
-        head, sep, tail = f.name.removesuffix(".json").partition("-")
-        if f.name.endswith(".json") and sep and head.isdigit() and tail.isdigit():
-            out.append((int(head), int(tail)))
-    return sorted(out)
-
-
-def _covered(done: list[tuple[int, int]], n_tiles: int) -> np.ndarray:
-    mask = np.zeros(n_tiles, bool)
-    for start, stop in done:
-        mask[start:stop] = True
-    return mask
-
-
-def _gaps(mask: np.ndarray) -> list[tuple[int, int]]:
-    """Maximal runs of False in ``mask`` as ``[start, stop)``."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[1], mask.astype(np.int8), [1]])))
-    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    return read_done_ranges(partial / RANGES_DIR)
 
 
 @contextlib.contextmanager
 def _layer_lock(folder: Path) -> Iterator[None]:
-    """Serialises creating and publishing a layer's shared partial among the processes filling it.
-
-    An ``flock`` on the ``features`` folder itself (the kernel drops it when a holder is killed): a
-    lock file would sit in the zarr group as an object zarr does not recognise (and warns about).
-    """
+    """Serialises creating and publishing a layer's shared partial among the processes filling it
+    (an ``flock`` on the ``features`` folder itself: a lock file would sit in the zarr group as an
+    object zarr does not recognise, and warns about)."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with folder_lock(folder):
         yield
-    finally:
-        os.close(fd)
 
 
 class RangeFeatureWriter:
@@ -447,11 +426,11 @@ class RangeFeatureWriter:
 
     def is_done(self, start: int, stop: int) -> bool:
         """Every tile of ``[start, stop)`` is in a range marked done."""
-        return bool(_covered(self.done_ranges(), self.n_tiles)[start:stop].all())
+        return covered(self.done_ranges(), start, stop)
 
     def missing(self) -> list[tuple[int, int]]:
         """The runs of tiles no done range covers yet."""
-        return _gaps(_covered(self.done_ranges(), self.n_tiles))
+        return missing_ranges(self.done_ranges(), self.n_tiles)
 
     def publish(self) -> Path:
         """Done-marker, then rename into :attr:`path`, once every tile's range is done; returns it.
@@ -601,17 +580,7 @@ def open_feature_ranges(
             else:
                 shutil.rmtree(folder / partial_name, ignore_errors=True)
         if array is None:
-            array = feats.create_array(
-                partial_name,
-                shape=shape,
-                chunks=(1, channels, f_tile, f_tile),
-                shards=shards,
-                dtype="float16",
-                compressors=tile_compressors(),
-                fill_value=0,
-                dimension_names=("tile", "c", "y", "x"),
-                attributes={"equislide_features": plain},
-            )
+            array = _create_array(feats, partial_name, n_tiles, channels, f_tile, shard, plain)
     return RangeFeatureWriter(
         store_path, int(layer), folder / partial_name, array, {**marker, "params": dict(params or {})}
     )

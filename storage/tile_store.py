@@ -52,6 +52,7 @@ from equislide.storage._errors import IncompleteSampleError, StoreLayoutError
 from equislide.storage.confine import confined
 from equislide.storage.hashing import canonical_json, params_hash
 from equislide.storage.ids import STORE_SUFFIX, sample_store_path
+from equislide.storage.ranges import covered, missing_ranges, read_done_ranges
 
 if TYPE_CHECKING:
     import dask.array
@@ -626,31 +627,15 @@ class RangedSampleStore:
 
     def done_ranges(self) -> list[tuple[int, int]]:
         """The ranges whose done file is written, sorted."""
-        folder = self.partial_path / RANGES_DIR
-        found = []
-        for p in folder.glob("*.json") if folder.is_dir() else ():
-            try:
-                start, stop = (int(v) for v in p.stem.split("-"))
-            except ValueError:
-                continue
-            found.append((start, stop))
-        return sorted(found)
+        return read_done_ranges(self.partial_path / RANGES_DIR)
 
     def is_range_done(self, start: int, stop: int) -> bool:
         """True when every tile of ``[start, stop)`` lies in a done range."""
-        covered = np.zeros(self.n_tiles, bool)
-        for a, b in self.done_ranges():
-            covered[a:b] = True
-        return bool(covered[start:stop].all())
+        return covered(self.done_ranges(), start, stop)
 
     def missing(self) -> list[tuple[int, int]]:
         """Maximal ``[start, stop)`` intervals of tiles in no done range."""
-        covered = np.zeros(self.n_tiles + 2, bool)
-        covered[0] = covered[-1] = True
-        for a, b in self.done_ranges():
-            covered[a + 1 : b + 1] = True
-        edges = np.flatnonzero(np.diff(covered.astype(np.int8)))
-        return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+        return missing_ranges(self.done_ranges(), self.n_tiles)
 
     def write_range(self, start: int, stop: int, tiles: np.ndarray) -> None:
         """Write tiles ``[start, stop)`` (whole shards) and mark the range done.
