@@ -99,6 +99,14 @@ def _check_kernel_size(kernel_size: int) -> None:
         )
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` computes in: autocast's, where it is on for ``x``'s device."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind) and x.dtype.is_floating_point:
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 def _support_halfwidth(plane: np.ndarray) -> int:
     m = plane.shape[0] // 2
     rows, cols = np.nonzero(plane)
@@ -260,7 +268,10 @@ class SREConv2d(nn.Module):
             key = (self.weight._version, self.weight.data_ptr(), self.weight.device, self.weight.dtype)
             if self._dense_cache is not None and self._dense_cache[0] == key:
                 return self._dense_cache[1]
-        kernel = torch.einsum("oir,rkl->oikl", self.weight, self.basis.to(self.weight.dtype))
+        # Built outside autocast, so the cached kernel keeps the weights' dtype whatever the caller's
+        # autocast state; conv2d casts it where autocast is on.
+        with torch.autocast(self.weight.device.type, enabled=False):
+            kernel = torch.einsum("oir,rkl->oikl", self.weight, self.basis.to(self.weight.dtype))
         if cacheable:
             kernel = kernel.detach()
             self._dense_cache = (key, kernel)
@@ -303,7 +314,7 @@ class SREConv2d(nn.Module):
             # formulation makes ~15 of them per layer (64 x 512 x 512, k = 9: 410 -> 138 ms).
             out = torch.empty(
                 (n, self.out_channels, h_out, w_out),
-                dtype=x.dtype,
+                dtype=_compute_dtype(x),
                 device=x.device,
                 memory_format=torch.channels_last,
             )
@@ -315,7 +326,7 @@ class SREConv2d(nn.Module):
                     strip = out_hwc[y0:y1].view(-1, self.out_channels)
                     self._ring_rows_into(x[i : i + 1], y0, y1, strip)
         if self.bias is not None:
-            out = out + self.bias[None, :, None, None]
+            out = out + self.bias[None, :, None, None].to(out.dtype)
         return out
 
     def _strip_rows(self, w_out: int) -> int:
@@ -367,7 +378,9 @@ class SREConv2d(nn.Module):
             else:
                 ring = F.conv2d(xs, self._dw_weight(r, xs), None, s, (0, pw), d, c)
             ring2d = ring.permute(0, 2, 3, 1).reshape(-1, c)
-            w = self.weight[:, :, r].t()
+            # mm(out=) is outside autocast's reach: cast here, as autocast would for a plain mm.
+            w = self.weight[:, :, r].t().to(out2d.dtype)
+            ring2d = ring2d.to(out2d.dtype)
             if r == 0:
                 torch.mm(ring2d, w, out=out2d)
             else:

@@ -128,6 +128,24 @@ def test_float32_agreement_on_a_large_map():
     assert float((a - b).abs().max() / a.abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_ring_path_runs_under_bf16_autocast_like_dense(grad):
+    dense = SREConv2d(16, 24, 9, impl="dense", bias=True).eval()
+    ring = SREConv2d(16, 24, 9, impl="ring", bias=True).eval()
+    ring.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        dense.bias.normal_()
+        ring.bias.copy_(dense.bias)
+    x = torch.randn(2, 16, 40, 40)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = dense(x), ring(x)
+    assert a.dtype == b.dtype == torch.bfloat16
+    with torch.no_grad():
+        ref = dense(x)
+    for out in (a, b):
+        assert float((out.float() - ref).norm() / ref.norm()) < 2e-2
+
+
 def test_dense_kernel_cache_follows_weight_updates():
     conv = SREConv2d(4, 4, 5, impl="dense").eval()
     with torch.no_grad():
