@@ -87,9 +87,12 @@ def feature_stride(backbone: nn.Module, layer: int) -> int:
 def normalise_tiles(tiles: np.ndarray | Tensor, *, device: str | torch.device = "cpu") -> Tensor:
     """uint8 tiles ``(B, T, T, 3)`` -> normalised float32 ``(B, 3, T, T)`` on ``device``.
 
-    The uint8 batch is moved to the device once (4x fewer bytes than float32), then converted there.
+    The uint8 batch is moved to the device once (4x fewer bytes than float32), then converted there;
+    a cupy batch (GPU decode) is taken over through DLPack where it lies (no host round trip).
     """
-    t = torch.as_tensor(tiles)
+    from equislide.arrays import to_torch
+
+    t = to_torch(tiles)
     if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[-1] != 3:
         raise ValueError(f"tiles must be uint8 (B, T, T, 3) RGB, got {t.dtype} {tuple(t.shape)}")
     t = t.to(resolve_device(device), non_blocking=True)

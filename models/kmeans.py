@@ -205,21 +205,23 @@ class KMeansModel:
 
         Args:
             x: ``(n, d)`` vectors, a ``(d, h, w)`` feature map or ``(n_tiles, d, h, w)`` maps;
-                numpy (computed on the CPU) or a torch tensor (computed on its device). Any float
+                numpy (computed on the CPU), a torch tensor or a cupy array (computed on its device,
+                cupy handed to torch through DLPack without a host copy). Any float
                 dtype; float16 is upcast chunk by chunk.
             batch_size: Vectors per chunk (default ``params.batch_size``): memory beyond the
                 input and output stays at about ``batch_size x (d + k)`` floats.
 
         Returns:
-            int64 labels in ``[0, k)``: ``(n,)``, ``(h, w)`` or ``(n_tiles, h, w)``; numpy for a
-            numpy input, a tensor on the input's device for a tensor.
+            int64 labels in ``[0, k)``: ``(n,)``, ``(h, w)`` or ``(n_tiles, h, w)``, of the input's
+            kind: numpy, a tensor on the input's device, or cupy on the input's GPU.
 
         Raises:
             KMeansError: the shape is none of the above or ``d`` is not :attr:`n_features`.
         """
         batch = batch_size or self.params.batch_size
-        is_tensor = isinstance(x, torch.Tensor)
-        t = x if is_tensor else torch.from_numpy(np.asarray(x))
+        from equislide.arrays import like, to_torch
+
+        t = to_torch(x)  # a cupy batch stays on its GPU (DLPack), numpy stays on the host
         d = self.n_features
         if t.ndim not in (2, 3, 4) or (t.ndim == 2 and t.shape[1] != d) or (t.ndim > 2 and t.shape[-3] != d):
             raise KMeansError(
@@ -251,7 +253,7 @@ class KMeansModel:
                     out[i, r : r + rows] = labels.reshape(slab.shape[1], w)
             if t.ndim == 3:
                 out = out[0]
-        return out if is_tensor else out.cpu().numpy()
+        return like(out, x)
 
     def save(self, path: str | os.PathLike[str], *, provenance: dict | None = None) -> Path:
         """Write the centroids to ``path`` (``.safetensors``) and a JSON sidecar beside it.

@@ -149,32 +149,62 @@ def _extract_ranges(
         model, info, meta, writer = _open_writer(store, backbone, spec.device)
     except FeaturesPublished:  # published by another process since the check above
         return [skipped(a, b) for a, b in ranges]
-    halo, batch = int(meta["halo"]), int(spec.batch_tiles)
-    out = []
-    for start, stop in ranges:
-        if writer.is_done(start, stop):  # done before, or by another process meanwhile
-            out.append(skipped(start, stop))
-            continue
-        t0 = time.perf_counter()
-        for s0 in range(start, stop, writer.shard_tiles):
-            s1 = min(stop, s0 + writer.shard_tiles)
-            tiles = read_tiles(store, s0, s1)
+    from equislide.models.accel import accelerate, choose_batch_tiles
+    from equislide.models.prefetch import Prefetcher, prefetch_enabled
+
+    halo, device = int(meta["halo"]), info["device"]
+    side = int(meta["tile"]) + 2 * halo
+    # On CUDA the batch comes from free memory; never past a shard (a forward never straddles one).
+    batch = choose_batch_tiles(
+        model, device, side=side, layer=layer, default=int(spec.batch_tiles), maximum=writer.shard_tiles
+    )
+    model = accelerate(model, device)
+    out: dict[int, dict[str, Any]] = {}
+    todo = [i for i, (a, b) in enumerate(ranges) if not writer.is_done(a, b)]
+    out.update({i: skipped(*ranges[i]) for i in range(len(ranges)) if i not in todo})
+    # Every shard of every range to do, in order: the next shard (also the next range's first) is read,
+    # decoded and, on CUDA, sent to the device while this one runs forward.
+    shards = [
+        (i, s0, min(ranges[i][1], s0 + writer.shard_tiles))
+        for i in todo
+        for s0 in range(ranges[i][0], ranges[i][1], writer.shard_tiles)
+    ]
+    current, t0, skipping = -1, time.perf_counter(), False
+
+    def finish(i: int) -> None:
+        start, stop = ranges[i]
+        writer.mark_done(start, stop)
+        out[i] = {
+            **skipped(start, stop),
+            "status": "written",
+            "n_tiles": int(stop - start),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "device": device,
+        }
+
+    with Prefetcher(
+        lambda shard: read_tiles(store, shard[1], shard[2]), shards, device=device, enabled=prefetch_enabled()
+    ) as loaded:
+        for (i, s0, s1), tiles in loaded:
+            if i != current:
+                if current >= 0:
+                    if not skipping:
+                        finish(current)
+                    t0 = time.perf_counter()
+                current = i
+                skipping = writer.is_done(*ranges[i])  # done by another process meanwhile
+                if skipping:
+                    out[i] = skipped(*ranges[i])
+            if skipping:
+                continue
             parts = [
-                extract_features(model, tiles[b : b + batch], layer=layer, halo=halo, device=info["device"])
+                extract_features(model, tiles[b : b + batch], layer=layer, halo=halo, device=device)
                 for b in range(0, s1 - s0, batch)
             ]
             writer.write(s0, np.concatenate(parts))  # a whole shard per write: no shard is shared
-        writer.mark_done(start, stop)
-        out.append(
-            {
-                **skipped(start, stop),
-                "status": "written",
-                "n_tiles": int(stop - start),
-                "seconds": round(time.perf_counter() - t0, 3),
-                "device": info["device"],
-            }
-        )
-    return out
+        if current >= 0 and not skipping:
+            finish(current)
+    return [out[i] for i in range(len(ranges))]
 
 
 def finished_feature_ranges(store: str | Path, backbone: BackboneRef) -> list[tuple[int, int]]:
@@ -270,11 +300,17 @@ def extract_store_features(
     }
 
 
-def tile_feature_masks(store: str | Path, stride: int) -> np.ndarray:
+def tile_feature_masks(store: str | Path, stride: int, *, xp: Any = np) -> Any:
     """Boolean tissue masks of every tile interior at feature resolution, ``(n_tiles, f, f)``.
 
     The store's thumbnail tissue mask is sampled at the centre of each feature pixel (as
     :func:`equislide.storage.stitch_labels` does), so the masks match the stitched label map.
+
+    Args:
+        store: A finished tile store.
+        stride: Analysis px per feature px.
+        xp: numpy (default) or cupy (:func:`equislide.arrays.array_module`): the module the masks are
+            built with, so they are on the device where the features are masked.
     """
     import zarr
 
@@ -286,19 +322,19 @@ def tile_feature_masks(store: str | Path, stride: int) -> np.ndarray:
     f = int(meta["tile"]) // int(stride)
     n = len(coords)
     if n == 0:
-        return np.zeros((0, f, f), bool)
+        return xp.zeros((0, f, f), bool)
     origin = coords.min(0)
     rel = coords - origin
-    ones = np.zeros((n, f, f), np.int64)
+    ones = xp.zeros((n, f, f), np.int64)
     kwargs: dict[str, Any] = {}
     if "tissue_mask" in group:
         kwargs = {
-            "tissue_mask": np.asarray(group["tissue_mask"][:]),
+            "tissue_mask": xp.asarray(group["tissue_mask"][:]),
             "mask_downsample": float(group["tissue_mask"].attrs["downsample"]),
             "mask_origin": tuple(meta.get("tissue_mask_l_origin") or (0.0, 0.0)),
         }
     tissue = stitch_labels(ones, coords, stride=int(stride), l_origin=tuple(int(v) for v in origin), **kwargs)
-    out = np.empty((n, f, f), bool)
+    out = xp.empty((n, f, f), bool)
     for i, (x, y) in enumerate(rel // int(stride)):
         out[i] = tissue[y : y + f, x : x + f] != 0
     return out

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from equislide.arrays import array_module
+
 __all__ = [
     "NO_TISSUE",
     "PALETTE",
@@ -129,7 +131,8 @@ def stitch_labels(
 
     Args:
         tile_labels: int ``(n_tiles, f_h, f_w)`` cluster indices (0-based) of each tile's interior,
-            halo already cropped; negative values mean "no tissue" there.
+            halo already cropped; negative values mean "no tissue" there. numpy, or cupy to stitch on the GPU
+            (:func:`equislide.arrays.array_module`: the map is then a cupy array too).
         coords: int ``(n_tiles, 2)`` interior top-left ``(l_x, l_y)`` of each tile in analysis px (as in
             the tile store); ``coords - l_origin`` must be >= 0 and multiples of ``stride``.
         stride: Analysis px per feature px.
@@ -145,7 +148,8 @@ def stitch_labels(
         ``(f_rows, f_cols)`` uint8 (uint16 past 254 clusters): ``k + 1`` for cluster ``k``, 0 elsewhere.
         Where tiles overlap, the later tile wins.
     """
-    tile_labels = np.asarray(tile_labels)
+    xp = array_module(tile_labels, tissue_mask)
+    tile_labels = xp.asarray(tile_labels)
     if tile_labels.ndim != 3 or not np.issubdtype(tile_labels.dtype, np.integer):
         raise ValueError(
             f"tile_labels must be integer (n_tiles, h, w), got {tile_labels.dtype} {tile_labels.shape}"
@@ -156,19 +160,19 @@ def stitch_labels(
     if shape is None:
         shape = (int((f_xy[:, 1].max() + fh) if n else 0), int((f_xy[:, 0].max() + fw) if n else 0))
     top = int(tile_labels.max()) + 1 if n else 0
-    out = np.full(shape, NO_TISSUE, dtype=label_dtype(max(top, 1)))
+    out = xp.full(shape, NO_TISSUE, dtype=label_dtype(max(top, 1)))
     for i in range(n):
         fx, fy = int(f_xy[i, 0]), int(f_xy[i, 1])
         y1, x1 = min(fy + fh, shape[0]), min(fx + fw, shape[1])
         if fy >= shape[0] or fx >= shape[1]:
             continue
         block = tile_labels[i, : y1 - fy, : x1 - fx]
-        out[fy:y1, fx:x1] = np.where(block >= 0, block + 1, NO_TISSUE)
+        out[fy:y1, fx:x1] = xp.where(block >= 0, block + 1, NO_TISSUE)
     if tissue_mask is not None:
         if mask_downsample is None or not float(mask_downsample) > 0:
             raise ValueError(f"mask_downsample={mask_downsample!r} must be > 0 when a tissue_mask is given")
         rel = (float(mask_origin[0]) - l_origin[0], float(mask_origin[1]) - l_origin[1])
-        out[~_sample_mask(np.asarray(tissue_mask) != 0, shape, stride, float(mask_downsample), rel)] = (
+        out[~_sample_mask(xp.asarray(tissue_mask) != 0, shape, stride, float(mask_downsample), rel)] = (
             NO_TISSUE
         )
     return out
@@ -184,6 +188,7 @@ def _sample_mask(
     right / lower one, and the map of a mirrored or rotated slide would then not be the mirrored or
     rotated map.
     """
+    xp = array_module(mask)
 
     def neighbours(centres: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         u = centres / downsample
@@ -195,7 +200,8 @@ def _sample_mask(
 
     y0, y1, ok_y = neighbours((np.arange(shape[0]) + 0.5) * stride - origin[1], mask.shape[0])
     x0, x1, ok_x = neighbours((np.arange(shape[1]) + 0.5) * stride - origin[0], mask.shape[1])
-    out = np.zeros(shape, bool)
+    out = xp.zeros(shape, bool)
+    y0, y1, ok_y, x0, x1, ok_x = (xp.asarray(a) for a in (y0, y1, ok_y, x0, x1, ok_x))
     for ys in (y0, y1):
         for xs in (x0, x1):
             out |= mask[ys][:, xs]
