@@ -35,6 +35,7 @@ Plain numpy / scikit-image / OpenSlide / tifffile code, usable from a notebook: 
 from __future__ import annotations
 
 from ._base import MAX_BLOCK_BYTES, MAX_THUMBNAIL_READ_PIXELS
+from ._device_read import GPU_DECODE_FORMATS, gpu_decode_reader, read_region_on_device
 from ._errors import (
     CorruptSlideError,
     NotASlideError,
@@ -54,6 +55,7 @@ from .tissue import pen_mask, tissue_mask
 from .tma import Core, core_name, fill_grid, find_cores, is_tma
 
 __all__ = [
+    "GPU_DECODE_FORMATS",
     "MAX_PLAIN_PIXELS",
     "MAX_BLOCK_BYTES",
     "MAX_THUMBNAIL_READ_PIXELS",
@@ -74,10 +76,12 @@ __all__ = [
     "UnsupportedImageError",
     "core_name",
     "fill_grid",
+    "gpu_decode_reader",
     "find_cores",
     "is_tma",
     "open_slide",
     "pen_mask",
+    "read_region_on_device",
     "rotate_image",
     "rotate_labels",
     "tissue_mask",

@@ -185,7 +185,11 @@ class CuCIMSlide(Slide):
             l0 += 1
         return l0
 
-    def _read_image(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+    def _plan(
+        self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> tuple[tuple[int, int], tuple[int, int], tuple[slice, slice]] | None:
+        """Where cuCIM reads ``size`` level px at ``l0_xy``: ``(location, read size, where it lands in
+        the output)``, or None when nothing of it is inside the level."""
         # The level pixel nearest to l0_xy / downsample (OpenSlide resamples at the fractional
         # position; cuCIM would truncate, up to one level pixel off). cuCIM refuses sizes beyond the
         # level and fills outside areas black (TIFF) or white (SVS), so read only the part inside the
@@ -195,25 +199,64 @@ class CuCIMSlide(Slide):
         lv_x0, lv_y0 = math.floor(l0_xy[0] / level_ds + 0.5), math.floor(l0_xy[1] / level_ds + 0.5)
         lv_x_lo, lv_y_lo = max(lv_x0, 0), max(lv_y0, 0)
         lv_x_hi, lv_y_hi = min(lv_x0 + size[0], lv_w), min(lv_y0 + size[1], lv_h)
-        out = np.full((size[1], size[0], 3), 255, dtype=np.uint8)
         if lv_x_hi <= lv_x_lo or lv_y_hi <= lv_y_lo:
-            return Image.fromarray(out)
+            return None
         if level == 0:
             location = (lv_x_lo, lv_y_lo)
         else:
             location = (self._l0_for_level_px(lv_x_lo, level_ds), self._l0_for_level_px(lv_y_lo, level_ds))
+        where = (slice(lv_y_lo - lv_y0, lv_y_hi - lv_y0), slice(lv_x_lo - lv_x0, lv_x_hi - lv_x0))
+        return location, (lv_x_hi - lv_x_lo, lv_y_hi - lv_y_lo), where
+
+    def _read_image(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        out = np.full((size[1], size[0], 3), 255, dtype=np.uint8)
+        plan = self._plan(l0_xy, level, size)
+        if plan is None:
+            return Image.fromarray(out)
+        location, read_size, where = plan
         try:
-            arr = np.asarray(
-                self._img.read_region(
-                    location=location, size=(lv_x_hi - lv_x_lo, lv_y_hi - lv_y_lo), level=level
-                )
-            )
+            arr = np.asarray(self._img.read_region(location=location, size=read_size, level=level))
         except (ValueError, RuntimeError) as err:
             raise CorruptSlideError(
                 self.path, f"cannot decode region at l0_xy={l0_xy}, level={level}", detail=f"cuCIM: {err}"
             ) from err
-        out[lv_y_lo - lv_y0 : lv_y_hi - lv_y0, lv_x_lo - lv_x0 : lv_x_hi - lv_x0] = _to_rgb(arr)
+        out[where] = _to_rgb(arr)
         return Image.fromarray(out)
+
+    def read_region_device(
+        self, l0_xy: tuple[int, int], level: int, size: tuple[int, int], *, device: str = "cuda"
+    ) -> Any:
+        """:meth:`read_region` decoded by cuCIM on the GPU (nvJPEG / nvImageCodec where cuCIM has them
+        for the file's compression): a cupy ``(height, width, 3)`` uint8 array on ``device``, white
+        outside the image, the same pixels :meth:`read_region` gives up to the decoders' rounding.
+
+        Raises:
+            ValueError: cupy is missing (it holds the result).
+            CorruptSlideError: The file fails to decode in this region.
+        """
+        from equislide.arrays import CUPY_INSTALL_HINT, cupy_or_none
+
+        cp = cupy_or_none()
+        if cp is None:
+            raise ValueError(f"{self.path.name}: a GPU read needs cupy and a GPU: {CUPY_INSTALL_HINT}")
+        l0_xy, size = self._check_read(l0_xy, level, size)
+        out = cp.full((size[1], size[0], 3), 255, dtype=cp.uint8)
+        plan = self._plan(l0_xy, level, size)
+        if plan is None:
+            return out
+        location, read_size, where = plan
+        try:
+            region = self._img.read_region(location=location, size=read_size, level=level, device=device)
+        except (ValueError, RuntimeError) as err:
+            raise CorruptSlideError(
+                self.path, f"cannot decode region at l0_xy={l0_xy}, level={level}", detail=f"cuCIM: {err}"
+            ) from err
+        arr = cp.asarray(region)  # a device CuImage exposes __cuda_array_interface__: no host copy
+        if arr.shape[-1] == 4:  # the slow path's premultiplied RGBA, on white as _to_rgb does it
+            alpha = arr[..., 3:4].astype(cp.uint16)
+            arr = cp.minimum(arr[..., :3].astype(cp.uint16) + (255 - alpha), 255).astype(cp.uint8)
+        out[where] = arr
+        return out
 
     def close(self) -> None:
         self._img.close()

@@ -68,10 +68,10 @@ def test_an_error_in_the_reader_is_raised_as_itself_after_the_items_before_it() 
 
     for enabled in (True, False):
         seen = []
-        with pytest.raises(BadShard, match="tiles shard 3 cannot be decoded") as info:
-            with Prefetcher(load, range(6), enabled=enabled) as pf:
-                for i, _ in pf:
-                    seen.append(i)
+        pf = Prefetcher(load, range(6), enabled=enabled)
+        with pytest.raises(BadShard, match="tiles shard 3 cannot be decoded") as info, pf:
+            for i, _ in pf:
+                seen.append(i)
         assert seen == [0, 1, 2]
         assert str(info.value) == "store.zarr: tiles shard 3 cannot be decoded"
 
@@ -96,11 +96,10 @@ def test_a_consumer_leaving_early_stops_the_worker_without_a_hang() -> None:
 
 def test_a_consumer_error_stops_the_worker() -> None:
     pf = Prefetcher(lambda i: i, range(1000))
-    with pytest.raises(KeyError):
-        with pf:
-            for i, _ in pf:
-                if i == 1:
-                    raise KeyError("consumer")
+    with pytest.raises(KeyError), pf:
+        for i, _ in pf:
+            if i == 1:
+                raise KeyError("consumer")
     assert pf._thread is not None and not pf._thread.is_alive()
 
 

@@ -222,3 +222,48 @@ def test_without_cucim_the_error_says_how_to_install(tmp_path: Path) -> None:
     message = run.stdout.strip()
     assert "\n" not in message and message.startswith("slide.svs: ")
     assert "cuCIM" in message and "not installed" in message and "pip install cucim-cu12" in message
+
+
+def test_gpu_read_falls_back_to_the_host_readers_without_cucim_or_a_gpu(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """Without cuCIM, cupy or a GPU (this CPU machine), or for a format cuCIM does not read, the GPU
+    read is OpenSlide's / the plain-image reader's numpy region, pixel for pixel."""
+    from equislide.tiling import gpu_decode_reader, read_region_on_device
+
+    png = tmp_path / "plain.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(png)
+    assert gpu_decode_reader(png) == "host"  # never cuCIM for a PNG, GPU or not
+    with open_slide(png) as s:
+        assert np.array_equal(
+            read_region_on_device(png, (3, 4), 0, (20, 10)), s.read_region((3, 4), 0, (20, 10))
+        )
+    svs = shared_data / "slides" / SLIDES[0]
+    if gpu_decode_reader(svs) != "host":
+        pytest.skip("cuCIM with a GPU is here: the GPU read is checked by the next test")
+    got = read_region_on_device(svs, (100, 200), 0, (96, 64))
+    with open_slide(svs, backend="openslide") as s:
+        assert isinstance(got, np.ndarray) and np.array_equal(got, s.read_region((100, 200), 0, (96, 64)))
+    with pytest.raises(SlideError, match="missing.svs"):
+        read_region_on_device(tmp_path / "missing.svs", (0, 0), 0, (8, 8))
+
+
+@pytest.mark.parametrize("name", SLIDES)
+def test_gpu_read_equals_the_cpu_decode(cucim: ModuleType, shared_data: Path, name: str) -> None:
+    """cuCIM's GPU decode against its CPU decode, inside and across the image's edge (needs cuCIM,
+    cupy and a GPU; skipped otherwise)."""
+    from equislide.arrays import cupy_or_none
+    from equislide.tiling import gpu_decode_reader, read_region_on_device
+
+    cp = cupy_or_none()
+    if cp is None:
+        pytest.skip("cupy with a GPU is needed for cuCIM's GPU decode")
+    path = shared_data / "slides" / name
+    assert gpu_decode_reader(path) == "cucim-gpu"
+    with open_slide(path, backend="cucim") as s:
+        w, h = s.level_dimensions[0]
+        for l0_xy in ((0, 0), (w - 40, h - 30)):
+            got = read_region_on_device(path, l0_xy, 0, (128, 96))
+            ref = s.read_region(l0_xy, 0, (128, 96))
+            diff = np.abs(cp.asnumpy(got).astype(int) - ref.astype(int))
+            assert got.shape == ref.shape and diff.mean() < 1.0 and diff.max() <= 16
