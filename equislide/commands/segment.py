@@ -54,6 +54,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "slides that arrived since the last one, skips finished ones, and leaves slides still being "
             "copied for the next run (DIR/run.json: parameters.input_selection)."
         ),
+        epilog=(
+            "Feature workers: EQUISLIDE_PREFETCH=0 reads each tile shard in line instead of on a "
+            "background thread while the previous one runs forward (default on); EQUISLIDE_COMPILE=1 runs "
+            "the backbone through torch.compile (falls back to eager with one warning; default off). On "
+            "CUDA the forward batch is sized from free GPU memory (at most one feature shard) and the "
+            "model runs channels_last."
+        ),
     )
     add_input_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="run folder")
