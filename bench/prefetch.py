@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also measure EQUISLIDE_COMPILE=1")
+    parser.add_argument("--no-prefetch-part", action="store_true", help="with --compile: only that part")
     args = parser.parse_args()
     if not args.slide.is_file():
         raise SystemExit(f"{args.slide}: no such slide; pass --slide or set EQUISLIDE_DATA")
@@ -105,17 +106,18 @@ def main() -> None:
         run_stage(store, root, backbone, spec, {"EQUISLIDE_PREFETCH": "0"})  # warm-up (network, caches)
         times: dict[str, list[float]] = {"0": [], "1": []}
         reads = []
-        for _ in range(args.repeats):
+        for _ in range(0 if args.no_prefetch_part else args.repeats):
             reads.append(read_only(store))
             for mode in ("0", "1"):
                 s, n = run_stage(store, root, backbone, spec, {"EQUISLIDE_PREFETCH": mode})
                 times[mode].append(s)
-        off, on = statistics.median(times["0"]), statistics.median(times["1"])
-        print(f"read + decode of every shard alone: {statistics.median(reads):.2f} s (median)")
-        print(f"{'reader':<22}{'s (median)':>12}{'tiles/s':>10}{'ratio':>8}   each run")
-        for name, t in (("in line (baseline)", off), ("prefetching", on)):
-            each = " ".join(f"{v:.2f}" for v in times["0" if t is off else "1"])
-            print(f"{name:<22}{t:>12.2f}{n / t:>10.2f}{off / t:>8.2f}   {each}")
+        if reads:
+            off, on = statistics.median(times["0"]), statistics.median(times["1"])
+            print(f"read + decode of every shard alone: {statistics.median(reads):.2f} s (median)")
+            print(f"{'reader':<22}{'s (median)':>12}{'tiles/s':>10}{'speed':>8}   each run")
+            for mode, name, t in (("0", "in line (baseline)", off), ("1", "prefetching", on)):
+                each = " ".join(f"{v:.2f}" for v in times[mode])
+                print(f"{name:<22}{t:>12.2f}{n / t:>10.2f}{off / t:>8.2f}   {each}")
 
         if args.compile:
             from equislide.stages.backbone import clear_backbone_cache
@@ -130,7 +132,9 @@ def main() -> None:
             print(
                 f"  steady compiled {c:.2f} s = {n / c:.2f} tiles/s; eager {e:.2f} s = {n / e:.2f} tiles/s; "
             )
-            print(f"  compiled / eager speed {e / c:.2f}x")
+            print(
+                f"  compiled / eager speed {e / c:.2f}x; each compiled {' '.join(f'{v:.2f}' for v in steady)}"
+            )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["array_module", "asnumpy", "cupy_or_none", "is_cupy", "like", "to_torch"]
+__all__ = ["CUPY_INSTALL_HINT", "array_module", "asnumpy", "cupy_or_none", "is_cupy", "like", "to_torch"]
 
 #: How to get cupy; named in errors that need it.
 CUPY_INSTALL_HINT = "pip install 'equislide[gpu]' (cupy-cuda12x)"

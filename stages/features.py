@@ -161,7 +161,7 @@ def _extract_ranges(
     model = accelerate(model, device)
     out: dict[int, dict[str, Any]] = {}
     todo = [i for i, (a, b) in enumerate(ranges) if not writer.is_done(a, b)]
-    out.update({i: skipped(*ranges[i]) for i in range(len(ranges)) if i not in todo})
+    out.update({i: skipped(*ranges[i]) for i in set(range(len(ranges))) - set(todo)})
     # Every shard of every range to do, in order: the next shard (also the next range's first) is read,
     # decoded and, on CUDA, sent to the device while this one runs forward.
     shards = [
