@@ -115,9 +115,11 @@ def _support_halfwidth(plane: np.ndarray) -> int:
 
 
 # Per-layer choice of "auto", from bench/sre_conv.py on this project's 2-core AVX-512 CPU (torch
-# 2.13, 512 px input, batch 1): at inference the ring path is 5.4-7.5x faster than dense for every
-# SRENet-18 layer with 64 or more input channels; for the 3-channel stem the two are within noise
-# (ring 39 ms vs dense 44 ms), and with autograd dense wins there (fwd+bwd 223 vs 255 ms).
+# 2.13): at inference the ring path is 4.6-7.5x faster than dense for every SRENet-18 layer with 64
+# or more input channels, and since its rings are mixed in one GEMM (narrow layers) also for the
+# 3-channel stem (1 thread, CPU time, medians of 5: 6.2 vs 8.6 ms at 224 px, 56 vs 99 ms at 512 px).
+# With autograd dense wins for the stem (fwd+bwd 223 vs 255 ms at 512 px), so narrow layers use
+# ring only where the inference strip path runs.
 _AUTO_MIN_RING_CHANNELS = 16
 
 # Inference path: rows per strip hold about this many bytes of float32 ring sums (all rings);
@@ -262,10 +264,15 @@ class SREConv2d(nn.Module):
 
     @property
     def resolved_impl(self) -> Literal["dense", "ring"]:
-        """The implementation ``forward`` uses for this layer."""
+        """The implementation ``forward`` uses for this layer (for ``auto``, in the current grad mode)."""
         if self.impl != "auto":
             return self.impl
-        return "ring" if self.in_channels // self.groups >= _AUTO_MIN_RING_CHANNELS else "dense"
+        if self.in_channels // self.groups >= _AUTO_MIN_RING_CHANNELS:
+            return "ring"
+        strip_path = (
+            not torch.is_grad_enabled() and self.groups == 1 and self.padding >= self._ring_plan[0][1]
+        )
+        return "ring" if strip_path else "dense"
 
     def dense_kernel(self) -> Tensor:
         """The expanded ``(C_out, C_in / groups, k, k)`` kernel.

@@ -160,10 +160,14 @@ def test_dense_kernel_cache_follows_weight_updates():
     assert conv.dense_kernel().requires_grad
 
 
-def test_auto_picks_ring_for_wide_layers_and_dense_for_the_rgb_stem():
+def test_auto_picks_ring_for_wide_layers_and_for_the_rgb_stem_only_at_inference():
     assert SREConv2d(3, 64, 7).resolved_impl == "dense"
     assert SREConv2d(64, 64, 9).resolved_impl == "ring"
     assert SREConv2d(64, 64, 9, impl="dense").resolved_impl == "dense"
+    with torch.no_grad():  # inference: the stem's rings are mixed in one GEMM, faster than dense
+        assert SREConv2d(3, 64, 7).resolved_impl == "ring"
+        assert SREConv2d(4, 8, 5, groups=2).resolved_impl == "dense"
+        assert SREConv2d(64, 64, 9, impl="dense").resolved_impl == "dense"
 
 
 @pytest.mark.parametrize("rings", ["hard", "soft"])
