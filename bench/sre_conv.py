@@ -1,32 +1,63 @@
-"""Benchmark: SRE-Conv dense vs ring implementation, per SRENet-18 layer and for the whole network.
+"""Benchmark: SRE-Conv dense vs ring vs auto, per SRENet-18 layer and for the whole network, against the peak.
 
 Baseline: ``impl="dense"`` (the reference formulation, k x k kernel through conv2d), measured in
-the same run. Prints wall time (best of N), the speed-up of ``ring`` and ``auto`` over dense,
-multiply-add counts, and the largest relative difference of the outputs.
+the same run. The machine's float32 and bf16 peak are measured in the same run too, as reached by a
+large dense ``conv2d`` (oneDNN, 256 -> 256 channels, 3 x 3, 128 px, channels_last) and by a large
+GEMM (``torch.mm``, n^3). Every path prints its time (median of the repeats), its speed-up over
+dense, and its achieved FLOP/s as a fraction of the float32 conv peak, counting each path's own
+work: the ring path's is the bench's ``macs`` (ring sums over each ring's cropped support plus the
+R x C_in x C_out mixing), far less than the dense kernel's.
 
-    python bench/sre_conv.py                 # layers + whole network, batch 1 and 8, 512 x 512
-    python bench/sre_conv.py --quick         # batch 1 only, fewer repeats
-    python bench/sre_conv.py --size 256 --threads 1
+    python bench/sre_conv.py --quick                      # batch 1, 512 px, 2 repeats
+    python bench/sre_conv.py --sizes 224 256 512 --batches 1 8 --threads 1 2
+    python bench/sre_conv.py --precisions fp32 --clock cpu --threads 1   # on a loaded machine
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from equislide.models import SREConv2d, srenet18
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up: oneDNN primitive creation, allocator
+
+def timed(fn, repeats: int, clock) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up (oneDNN primitive creation, allocator)."""
+    fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        times.append(clock() - t0)
+    return statistics.median(times)
+
+
+def autocast(precision: str):
+    dtype = PRECISIONS[precision]
+    return nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
+
+
+def peaks(repeats: int, clock, gemm: int) -> dict[str, float]:
+    """FLOP/s of a large dense conv2d and a large GEMM in float32 and bf16."""
+    out = {}
+    x = torch.randn(1, 256, 128, 128).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
+    conv_flop = 2 * 256 * 256 * 9 * 128 * 128
+    a, b = torch.randn(gemm, gemm), torch.randn(gemm, gemm)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        xd, wd, ad, bd = x.to(dtype), w.to(dtype), a.to(dtype), b.to(dtype)
+        out[f"conv {name}"] = conv_flop / timed(
+            lambda xd=xd, wd=wd: F.conv2d(xd, wd, None, 1, 1), repeats, clock
+        )
+        out[f"gemm {name}"] = 2 * gemm**3 / timed(lambda ad=ad, bd=bd: torch.mm(ad, bd), repeats, clock)
+    return out
 
 
 def macs(conv: SREConv2d, h_out: int, w_out: int) -> tuple[int, int]:
@@ -54,74 +85,138 @@ def layer_shapes(size: int) -> list[tuple[str, int, int, int, int]]:
     ]
 
 
-def bench_layers(size: int, batch: int, repeats: int) -> None:
-    print(f"\nper layer, batch {batch}, input {size} x {size} (times in ms, best of {repeats})")
-    print(
-        f"{'layer':16s}{'shape':>22s}{'dense':>9s}{'ring':>9s}{'ring x':>8s}{'auto':>6s}"
-        f"{'GMAC dense':>12s}{'GMAC ring':>11s}{'max rel diff':>14s}"
+def network_macs(model: torch.nn.Module, x: torch.Tensor, layer: int) -> dict[str, int]:
+    """Multiply-adds of the SRE-Convs of ``model.features(x, layer)`` (an ``auto`` model) per path."""
+    total = {"dense": 0, "ring": 0, "auto": 0}
+
+    def hook(conv, _inputs, output):
+        dense, ring = macs(conv, output.shape[-2], output.shape[-1])
+        n = output.shape[0]
+        total["dense"] += n * dense
+        total["ring"] += n * ring
+        total["auto"] += n * (ring if conv.resolved_impl == "ring" else dense)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, SREConv2d)]
+    try:
+        model.features(x, layer)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def row(label: str, times: dict[str, float], work: dict[str, int], peak: float) -> str:
+    fastest = min(times["dense"], times["ring"])
+    auto_note = "" if times["auto"] <= 1.05 * fastest else "  AUTO >5% SLOWER THAN THE FASTER PATH"
+    cells = "".join(
+        f"{times[i] * 1e3:10.1f}{2 * work[i] / times[i] / 1e9:7.0f}{2 * work[i] / times[i] / peak:6.0%}"
+        for i in ("dense", "ring", "auto")
     )
+    speedups = f"{times['dense'] / times['ring']:8.2f}{times['dense'] / times['auto']:7.2f}"
+    return f"{label:34s}{cells}{speedups}{auto_note}"
+
+
+HEADER = (
+    f"{'':34s}{'dense ms':>10s}{'GF/s':>7s}{'peak':>6s}{'ring ms':>10s}{'GF/s':>7s}{'peak':>6s}"
+    f"{'auto ms':>10s}{'GF/s':>7s}{'peak':>6s}{'ring x':>8s}{'auto x':>7s}"
+)
+
+
+def bench_layers(size: int, batch: int, precision: str, repeats: int, clock, peak: float) -> None:
+    print(f"\nper layer, batch {batch}, {size} px, {precision}  (peak = fraction of the fp32 conv peak)")
+    print(HEADER)
     for name, cin, cout, k, side in layer_shapes(size):
-        dense = SREConv2d(cin, cout, k, impl="dense").eval()
-        ring = SREConv2d(cin, cout, k, impl="ring").eval()
-        ring.load_state_dict(dense.state_dict())
+        convs = {impl: SREConv2d(cin, cout, k, impl=impl).eval() for impl in ("dense", "ring", "auto")}
+        for conv in convs.values():
+            conv.load_state_dict(convs["dense"].state_dict())
         x = torch.randn(batch, cin, side, side).contiguous(memory_format=torch.channels_last)
-        t_dense = best_of(lambda dense=dense, x=x: dense(x), repeats)
-        t_ring = best_of(lambda ring=ring, x=x: ring(x), repeats)
-        a, b = dense(x), ring(x)
+        with autocast(precision):
+            times = {i: timed(lambda c=c, x=x: c(x), repeats, clock) for i, c in convs.items()}
+            a, b = convs["dense"](x).float(), convs["ring"](x).float()
+        dense, ring = macs(convs["dense"], side, side)
+        work = {"dense": batch * dense, "ring": batch * ring}
+        work["auto"] = work[convs["auto"].resolved_impl]
         diff = float((a - b).abs().max() / a.abs().max())
-        m_dense, m_ring = macs(dense, side, side)
-        auto = SREConv2d(cin, cout, k).resolved_impl
-        print(
-            f"{name:16s}{f'{cin}->{cout} k{k} @{side}':>22s}{t_dense * 1e3:9.1f}{t_ring * 1e3:9.1f}"
-            f"{t_dense / t_ring:8.2f}{auto:>6s}{batch * m_dense / 1e9:12.2f}{batch * m_ring / 1e9:11.2f}"
-            f"{diff:14.1e}"
-        )
+        print(row(f"{name} {cin}->{cout} k{k} @{side}", times, work, peak) + f"  diff {diff:.0e}")
 
 
-def bench_network(size: int, batch: int, repeats: int, layer: int) -> None:
+def bench_network(size: int, batch: int, precision: str, repeats: int, layer: int, clock, peak: float):
     x = torch.rand(batch, 3, size, size)
     models = {impl: srenet18(impl=impl).eval() for impl in ("dense", "ring", "auto")}
     for m in models.values():
         m.load_state_dict(models["dense"].state_dict())
+    work = network_macs(models["auto"], x, layer)
     times, outs = {}, {}
-    for impl, model in models.items():
-        times[impl] = best_of(lambda model=model: model.features(x, layer), repeats)
-        outs[impl] = model.features(x, layer)
+    with autocast(precision):
+        for impl, model in models.items():
+            times[impl] = timed(lambda model=model: model.features(x, layer), repeats, clock)
+            outs[impl] = model.features(x, layer).float()
     ref = outs["dense"]
-    print(f"\nwhole SRENet-18 features(x, {layer}), batch {batch}, input {size} x {size}, best of {repeats}")
-    for impl in ("dense", "ring", "auto"):
-        diff = float((outs[impl] - ref).abs().max() / ref.abs().max())
-        print(
-            f"  {impl:6s}{times[impl]:9.2f} s   {times['dense'] / times[impl]:5.2f}x vs dense   "
-            f"{batch / times[impl]:6.2f} img/s   max rel diff {diff:.1e}"
-        )
+    diff = max(float((outs[i] - ref).abs().max() / ref.abs().max()) for i in ("ring", "auto"))
+    print(
+        row(f"features(x, {layer}) b{batch} {size}px {precision}", times, work, peak) + f"  diff {diff:.0e}"
+    )
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--sizes", "--size", type=int, nargs="+", default=[512])
+    parser.add_argument("--batches", "--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    parser.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layer", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="batch 1 only, 2 repeats")
-    parser.add_argument("--skip-layers", action="store_true")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quick:
-        args.batches, args.repeats = [1], 2
-    torch.manual_seed(0)
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{torch.backends.cpu.get_cpu_capability()}"
+    parser.add_argument("--gemm", type=int, default=4096, help="side of the peak GEMM (n x n x n)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU seconds, steadier than wall time on a machine shared with other jobs",
     )
+    parser.add_argument("--quick", action="store_true", help="batch 1 only, 2 repeats, 2048 GEMM")
+    parser.add_argument("--skip-layers", action="store_true")
+    parser.add_argument("--skip-network", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.batches, args.repeats, args.gemm = [1], 2, 2048
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, clock {args.clock}")
+    summary = []
     with torch.no_grad():
-        if not args.skip_layers:
-            bench_layers(args.size, 1, args.repeats)
-        for batch in args.batches:
-            # Batch 8 through dense SRENet-18 at 512 px is minutes on 2 cores: one timed repeat.
-            bench_network(args.size, batch, args.repeats if batch == 1 else 1, args.layer)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            peak = peaks(args.repeats, clock, args.gemm)
+            print(
+                f"\n== {threads} thread(s); peak GFLOP/s: "
+                + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peak.items())
+            )
+            fp32 = peak["conv fp32"]
+            for size in args.sizes:
+                for precision in args.precisions:
+                    if not args.skip_layers:
+                        bench_layers(size, 1, precision, args.repeats, clock, fp32)
+            if args.skip_network:
+                continue
+            print("\nwhole network")
+            print(HEADER)
+            for size in args.sizes:
+                for batch in args.batches:
+                    ring = {}
+                    for precision in args.precisions:
+                        # Dense SRENet-18 at 512 px, batch 8 is minutes on 2 cores: one timed repeat.
+                        repeats = args.repeats if batch * size * size <= 512 * 512 else 1
+                        ring[precision] = bench_network(
+                            size, batch, precision, repeats, args.layer, clock, fp32
+                        )
+                    if "fp32" in ring and "bf16" in ring:
+                        summary.append(
+                            f"{threads} thr {size} px b{batch}: ring bf16 / fp32 speed "
+                            f"{ring['fp32']['ring'] / ring['bf16']['ring']:.2f}x"
+                        )
+    for line in summary:
+        print(line)
 
 
 if __name__ == "__main__":

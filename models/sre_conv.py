@@ -16,6 +16,7 @@ pixel grid. Two algebraically identical ways to apply it are implemented:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Literal
 
@@ -114,10 +115,19 @@ def _support_halfwidth(plane: np.ndarray) -> int:
 
 
 # Per-layer choice of "auto", from bench/sre_conv.py on this project's 2-core AVX-512 CPU (torch
-# 2.13, 512 px input, batch 1): at inference the ring path is 5.4-7.5x faster than dense for every
-# SRENet-18 layer with 64 or more input channels; for the 3-channel stem the two are within noise
-# (ring 39 ms vs dense 44 ms), and with autograd dense wins there (fwd+bwd 223 vs 255 ms).
+# 2.13): at inference the ring path is 4.6-7.5x faster than dense for every SRENet-18 layer with 64
+# or more input channels, and since its rings are mixed in one GEMM (narrow layers) also for the
+# 3-channel stem (1 thread, CPU time, medians of 5: 6.2 vs 8.6 ms at 224 px, 56 vs 99 ms at 512 px).
+# With autograd dense wins for the stem (fwd+bwd 223 vs 255 ms at 512 px), so narrow layers use
+# ring only where the inference strip path runs.
 _AUTO_MIN_RING_CHANNELS = 16
+
+# Inference path: rows per strip hold about this many bytes of float32 ring sums (all rings);
+# 2-16 MiB measured within noise of each other for the SRENet-18 layers, 1 MiB and less lost up
+# to 1.6x at 64 channels x 512 px (the halo rows each ring re-reads grow as strips shrink).
+_STRIP_BYTES = 8 << 20
+# Layers with at most this many input channels mix all rings in one GEMM (see _forward_ring).
+_FUSED_MAX_CHANNELS = 32
 
 
 class SREConv2d(nn.Module):
@@ -205,6 +215,7 @@ class SREConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self._dense_cache: tuple[tuple, Tensor] | None = None
         self._dw_cache: dict[tuple, Tensor] = {}
+        self._mix_cache: tuple[tuple, Tensor] | None = None
         self._ring_plan = self._plan_ring_sums(basis)
         self.reset_parameters()
 
@@ -253,10 +264,15 @@ class SREConv2d(nn.Module):
 
     @property
     def resolved_impl(self) -> Literal["dense", "ring"]:
-        """The implementation ``forward`` uses for this layer."""
+        """The implementation ``forward`` uses for this layer (for ``auto``, in the current grad mode)."""
         if self.impl != "auto":
             return self.impl
-        return "ring" if self.in_channels // self.groups >= _AUTO_MIN_RING_CHANNELS else "dense"
+        if self.in_channels // self.groups >= _AUTO_MIN_RING_CHANNELS:
+            return "ring"
+        strip_path = (
+            not torch.is_grad_enabled() and self.groups == 1 and self.padding >= self._ring_plan[0][1]
+        )
+        return "ring" if strip_path else "dense"
 
     def dense_kernel(self) -> Tensor:
         """The expanded ``(C_out, C_in / groups, k, k)`` kernel.
@@ -307,32 +323,52 @@ class SREConv2d(nn.Module):
         if torch.is_grad_enabled() or self.groups != 1 or p < self._ring_plan[0][1]:
             xp = F.pad(x, (p, p, p, p)) if p else x
             out = self._ring_rows(xp, 0, h_out, w_out)
-        else:
-            # Without autograd the output is built in row strips small enough for the ring sums
-            # to stay in cache, and each ring's 1 x 1 mixing is a GEMM accumulating straight into
-            # the output rows: a full-size pass over a large map is memory-bound, and the plain
-            # formulation makes ~15 of them per layer (64 x 512 x 512, k = 9: 410 -> 138 ms).
-            out = torch.empty(
-                (n, self.out_channels, h_out, w_out),
-                dtype=_compute_dtype(x),
-                device=x.device,
-                memory_format=torch.channels_last,
-            )
-            rows = self._strip_rows(w_out)
-            for i in range(n):
-                out_hwc = out[i].permute(1, 2, 0)  # a view: out is channels_last
-                for y0 in range(0, h_out, rows):
-                    y1 = min(h_out, y0 + rows)
-                    strip = out_hwc[y0:y1].view(-1, self.out_channels)
-                    self._ring_rows_into(x[i : i + 1], y0, y1, strip)
-        if self.bias is not None:
-            out = out + self.bias[None, :, None, None].to(out.dtype)
+            if self.bias is not None:
+                out = out + self.bias[None, :, None, None].to(out.dtype)
+            return out
+        # Without autograd the output is built in row strips whose ring sums stay in cache, mixed
+        # by GEMMs that write straight into the output rows (bias fused into the first). Layers
+        # with few input channels put the strip's ring sums side by side in one (pixels, R * C_in)
+        # buffer and mix them in ONE GEMM of inner size R * C_in: per-ring GEMMs of inner size 3
+        # (the RGB stem) run far below the GEMM rate. Wider layers accumulate one GEMM per ring
+        # instead: copying the sums into the shared buffer cost more than it saved there
+        # (bench/sre_conv.py; README, SRE-Conv speed).
+        dtype = _compute_dtype(x)
+        out = torch.empty(
+            (n, self.out_channels, h_out, w_out),
+            dtype=dtype,
+            device=x.device,
+            memory_format=torch.channels_last,
+        )
+        weight = self._mix_weight(dtype)
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        rows = max(1, min(h_out, self._strip_rows(w_out)))
+        fused = self.in_channels <= _FUSED_MAX_CHANNELS
+        c, ring_count = self.in_channels, self.num_rings
+        buf = torch.empty((rows * w_out, ring_count * c), dtype=dtype, device=x.device) if fused else None
+        for i in range(n):
+            out_hwc = out[i].permute(1, 2, 0)  # a view: out is channels_last
+            for y0 in range(0, h_out, rows):
+                y1 = min(h_out, y0 + rows)
+                strip = out_hwc[y0:y1].view(-1, self.out_channels)
+                if buf is None:
+                    self._ring_rows_into(x[i : i + 1], y0, y1, strip, weight, bias)
+                    continue
+                sums = buf[: (y1 - y0) * w_out]
+                by_ring = sums.view(y1 - y0, w_out, ring_count, c)
+                for r, ring in self._ring_strips(x[i : i + 1], y0, y1):
+                    # copy_ also casts: under autocast the depthwise sums may be in another dtype.
+                    by_ring[:, :, r].copy_(ring[0].permute(1, 2, 0))
+                if bias is None:
+                    torch.mm(sums, weight, out=strip)
+                else:
+                    torch.addmm(bias, sums, weight, out=strip)
         return out
 
     def _strip_rows(self, w_out: int) -> int:
-        # ~2 MB of float32 ring sums per strip (the 1 MiB-per-core L2 plus L3 on the reference CPU).
-        per_row = max(1, w_out * max(self.in_channels, self.out_channels) * 4)
-        return max(4, (2 << 20) // per_row)
+        # The strip's (pixels, R * C_in) float32 ring-sum buffer is held near _STRIP_BYTES.
+        per_row = max(1, w_out * self.num_rings * self.in_channels * 4)
+        return max(1, _STRIP_BYTES // per_row)
 
     def _ring_sum(self, xp: Tensor, r: int, y0: int, y1: int, w_out: int) -> Tensor:
         """Sums over ring ``r`` of the padded input ``xp`` for output rows ``[y0, y1)``."""
@@ -355,8 +391,8 @@ class SREConv2d(nn.Module):
             out = term if out is None else out.add_(term)
         return out  # type: ignore[return-value]  # num_rings >= 1
 
-    def _ring_rows_into(self, x: Tensor, y0: int, y1: int, out2d: Tensor) -> None:
-        """Write output rows ``[y0, y1)`` of one unpadded image into ``out2d`` (pixels x C_out).
+    def _ring_strips(self, x: Tensor, y0: int, y1: int) -> Iterator[tuple[int, Tensor]]:
+        """``(r, sums over ring r)`` for output rows ``[y0, y1)`` of one unpadded image.
 
         Zero padding is applied per strip, only where the strip meets the top or bottom edge, and
         by the depthwise convolution itself at the sides: the rows of a channels_last image are
@@ -377,14 +413,37 @@ class SREConv2d(nn.Module):
                     ring = F.pad(ring, (pw, pw))
             else:
                 ring = F.conv2d(xs, self._dw_weight(r, xs), None, s, (0, pw), d, c)
-            ring2d = ring.permute(0, 2, 3, 1).reshape(-1, c)
-            # mm(out=) is outside autocast's reach: cast here, as autocast would for a plain mm.
-            w = self.weight[:, :, r].t().to(out2d.dtype)
-            ring2d = ring2d.to(out2d.dtype)
-            if r == 0:
+            yield r, ring
+
+    def _ring_rows_into(
+        self, x: Tensor, y0: int, y1: int, out2d: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> None:
+        """Output rows ``[y0, y1)`` of one image into ``out2d`` (pixels x C_out), one GEMM per ring."""
+        c = self.in_channels
+        for r, ring in self._ring_strips(x, y0, y1):
+            ring2d = ring.permute(0, 2, 3, 1).reshape(-1, c).to(out2d.dtype)
+            w = weight[r * c : (r + 1) * c]  # contiguous rows of the ring-major weight
+            if r > 0:
+                out2d.addmm_(ring2d, w)
+            elif bias is None:
                 torch.mm(ring2d, w, out=out2d)
             else:
-                out2d.addmm_(ring2d, w)
+                torch.addmm(bias, ring2d, w, out=out2d)
+
+    def _mix_weight(self, dtype: torch.dtype) -> Tensor:
+        """The ``(R * C_in, C_out)`` ring-major mixing weight in ``dtype``.
+
+        Cached until the weights change: per-ring slices of the ``(C_out, C_in, R)`` parameter are
+        strided, and every GEMM re-packed them (5 MB per call at 512 channels).
+        """
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device, dtype)
+        cached = self._mix_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weight = self.weight.detach().permute(2, 1, 0).reshape(-1, self.out_channels).to(dtype)
+        weight = weight.contiguous()
+        self._mix_cache = (key, weight)
+        return weight
 
     def _dw_weight(self, r: int, like: Tensor) -> Tensor:
         plane = self._ring_plan[r][0]
@@ -401,4 +460,5 @@ class SREConv2d(nn.Module):
         self._ring_plan = [(fn(plane), offset, ident) for plane, offset, ident in self._ring_plan]
         self._dense_cache = None
         self._dw_cache = {}
+        self._mix_cache = None
         return result

@@ -14,6 +14,7 @@ from equislide.models import (
     num_rings,
     ring_basis,
     ring_index,
+    sre_conv,
 )
 
 # (in, out, kernel, stride, padding, dilation, groups, bias)
@@ -159,10 +160,14 @@ def test_dense_kernel_cache_follows_weight_updates():
     assert conv.dense_kernel().requires_grad
 
 
-def test_auto_picks_ring_for_wide_layers_and_dense_for_the_rgb_stem():
+def test_auto_picks_ring_for_wide_layers_and_for_the_rgb_stem_only_at_inference():
     assert SREConv2d(3, 64, 7).resolved_impl == "dense"
     assert SREConv2d(64, 64, 9).resolved_impl == "ring"
     assert SREConv2d(64, 64, 9, impl="dense").resolved_impl == "dense"
+    with torch.no_grad():  # inference: the stem's rings are mixed in one GEMM, faster than dense
+        assert SREConv2d(3, 64, 7).resolved_impl == "ring"
+        assert SREConv2d(4, 8, 5, groups=2).resolved_impl == "dense"
+        assert SREConv2d(64, 64, 9, impl="dense").resolved_impl == "dense"
 
 
 @pytest.mark.parametrize("rings", ["hard", "soft"])
@@ -186,3 +191,80 @@ def test_plain_conv_is_not_equivariant():
     conv = torch.nn.Conv2d(5, 7, 5, padding=2).eval()
     with pytest.raises(AssertionError, match="not equivariant"):
         check_equivariance(conv, torch.randn(2, 5, 24, 24), atol=1e-3, rtol=1e-4)
+
+
+# The inference path mixes rings in one GEMM for narrow layers and one GEMM per ring for wide ones;
+# both are forced here on the same shapes. (in, out, kernel, stride, padding, dilation, bias, side)
+INFERENCE_CONFIGS = [
+    (8, 16, 9, 1, None, 1, True, (29, 34)),
+    (8, 8, 5, 2, None, 1, True, (33, 33)),
+    (6, 10, 7, 1, None, 2, False, (23, 19)),
+    (4, 6, 5, 2, 1, 1, True, (17, 12)),
+    (5, 7, 9, 1, None, 1, True, (3, 2)),  # a map smaller than the kernel (all padding)
+    (3, 4, 1, 1, None, 1, False, (5, 5)),
+]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["one-gemm", "gemm-per-ring"])
+@pytest.mark.parametrize("rows", [1, 3, 1000])
+@pytest.mark.parametrize("cfg", INFERENCE_CONFIGS, ids=lambda c: "x".join(map(str, c[:7])))
+def test_inference_paths_equal_dense_in_float64(cfg, rows, fused, monkeypatch):
+    cin, cout, k, stride, padding, dilation, bias, (h, w) = cfg
+    monkeypatch.setattr(sre_conv, "_FUSED_MAX_CHANNELS", 1 << 30 if fused else 0)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, bias=bias)
+    dense = SREConv2d(cin, cout, k, impl="dense", **kwargs).eval().double()
+    ring = SREConv2d(cin, cout, k, impl="ring", **kwargs).eval().double()
+    ring.load_state_dict(dense.state_dict())
+    if bias:
+        with torch.no_grad():
+            dense.bias.normal_()
+            ring.bias.copy_(dense.bias)
+    ring._strip_rows = lambda w_out: rows  # type: ignore[method-assign]
+    x = torch.randn(2, cin, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ring(x), dense(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["one-gemm", "gemm-per-ring"])
+def test_inference_paths_under_bf16_autocast(fused, monkeypatch):
+    monkeypatch.setattr(sre_conv, "_FUSED_MAX_CHANNELS", 1 << 30 if fused else 0)
+    dense = SREConv2d(12, 20, 7, impl="dense", bias=True).eval()
+    ring = SREConv2d(12, 20, 7, impl="ring", bias=True).eval()
+    ring.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        dense.bias.normal_()
+        ring.bias.copy_(dense.bias)
+        x = torch.randn(1, 12, 31, 26)
+        ref = dense(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ring(x)
+        again = ring(x)  # a float32 call after the bf16 one: no bf16 weight may leak through the cache
+    assert out.dtype == torch.bfloat16 and again.dtype == torch.float32
+    assert float((out.float() - ref).norm() / ref.norm()) < 2e-2
+    torch.testing.assert_close(again, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("cin", [8, 48])  # below and above _FUSED_MAX_CHANNELS
+def test_mixing_weight_cache_follows_weight_updates(cin):
+    dense = SREConv2d(cin, 8, 5, impl="dense").eval()
+    ring = SREConv2d(cin, 8, 5, impl="ring").eval()
+    ring.load_state_dict(dense.state_dict())
+    x = torch.randn(1, cin, 16, 16)
+    with torch.no_grad():
+        ring(x)
+        for conv in (dense, ring):
+            conv.weight[:, :, 1].mul_(-3.0)  # in place: only the version counter changes
+        a, b = dense(x), ring(x)
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-5
+
+
+def test_srenet18_ring_features_match_dense_to_float32_rounding():
+    from equislide.models import srenet18
+
+    dense = srenet18(impl="dense").eval()
+    ring = srenet18(impl="ring").eval()
+    ring.load_state_dict(dense.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = dense.features(x, 4), ring.features(x, 4)
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-5
