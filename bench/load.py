@@ -201,17 +201,20 @@ class Sampler(threading.Thread):
 
 def make_slides(folder: Path, samples: int, core_um: float) -> tuple[list[Path], set[str]]:
     """Phantom TMAs of up to 25 cores (none missing) adding up to ``samples`` cores; the expected IDs."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     slides, expected = [], set()
     left, i = samples, 0
     while left > 0:
         n = min(CORES_PER_SLIDE, left)
-        path = folder / f"tma{i:03d}.tiff"
-        subprocess.run(
-            [_tool("equislide"), "phantom", str(path), "--cores", str(n), "--missing", "0",
-             "--seed", str(i), "--core-diameter-um", str(core_um)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        # Named by what makes it (seed = index, cores): a larger cohort of one core size reuses the
+        # smaller one's slides (a phantom TMA takes a minute to make on a loaded 2-core machine).
+        path = folder / f"tma{i:03d}-{n}.tiff"
+        if not path.with_suffix(".json").exists():
+            subprocess.run(
+                [_tool("equislide"), "phantom", str(path), "--cores", str(n), "--missing", "0",
+                 "--seed", str(i), "--core-diameter-um", str(core_um)],
+                check=True, capture_output=True,
+            )  # fmt: skip
         info = json.loads(path.with_suffix(".json").read_text())
         expected |= {f"{path.stem}/{c['name']}" for c in info["cores"] if not c.get("missing")}
         slides.append(path)
@@ -514,7 +517,7 @@ def main() -> None:
             for n in ns:
                 name = f"{label}{n}"
                 tag = name.replace(" ", "-")
-                slides, ids = make_slides(root / f"slides-{tag}", n, core_um)
+                slides, ids = make_slides(root / f"slides-{core_um:g}um", n, core_um)
                 r = run_cohort(name, slides, ids, root / f"run-{tag}", server, args.workers, given,
                                client_home, args.timeout, extra)  # fmt: skip
                 r["segment_args"] = extra + (["--weights", "(warm-up's)"] if given else [])
