@@ -64,6 +64,7 @@ import psutil
 
 CORES_PER_SLIDE = 25
 LOCKED = re.compile(r"database is locked", re.IGNORECASE)
+DONE_LINE = re.compile(r" - (tiling|features|segmenting) (\S+): \d+\.\d+ s$", re.MULTILINE)
 ACCESS = re.compile(r'"(?:GET|POST|PATCH|PUT|DELETE) /api/')
 
 
@@ -200,17 +201,20 @@ class Sampler(threading.Thread):
 
 def make_slides(folder: Path, samples: int, core_um: float) -> tuple[list[Path], set[str]]:
     """Phantom TMAs of up to 25 cores (none missing) adding up to ``samples`` cores; the expected IDs."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     slides, expected = [], set()
     left, i = samples, 0
     while left > 0:
         n = min(CORES_PER_SLIDE, left)
-        path = folder / f"tma{i:03d}.tiff"
-        subprocess.run(
-            [_tool("equislide"), "phantom", str(path), "--cores", str(n), "--missing", "0",
-             "--seed", str(i), "--core-diameter-um", str(core_um)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        # Named by what makes it (seed = index, cores): a larger cohort of one core size reuses the
+        # smaller one's slides (a phantom TMA takes a minute to make on a loaded 2-core machine).
+        path = folder / f"tma{i:03d}-{n}.tiff"
+        if not path.with_suffix(".json").exists():
+            subprocess.run(
+                [_tool("equislide"), "phantom", str(path), "--cores", str(n), "--missing", "0",
+                 "--seed", str(i), "--core-diameter-um", str(core_um)],
+                check=True, capture_output=True,
+            )  # fmt: skip
         info = json.loads(path.with_suffix(".json").read_text())
         expected |= {f"{path.stem}/{c['name']}" for c in info["cores"] if not c.get("missing")}
         slides.append(path)
@@ -259,7 +263,7 @@ def _api_counts(url: str, since: float) -> dict:
             st = t.state.type.value if t.state else "NONE"
             states[st] = states.get(st, 0) + 1
             if base == "segment":
-                m = re.search(r"\((\d+)\)$", t.name)
+                m = re.search(r"\((\d+) samples?\)$", t.name)
                 covered += int(m.group(1)) if m else 1
         events = None
         with contextlib.suppress(Exception):
@@ -337,9 +341,17 @@ def run_cohort(
         if not all(p and Path(p).exists() for p in need):
             missing_out.append(sid)
     api = _api_counts(server.url, since)
+    # Each stage logs one line per sample it finished ("segmenting tma000/A1: 0.31 s"): a sample run
+    # twice (a group retried after it had finished it, a unit given twice) shows as a second line.
+    runs: dict[str, dict[str, int]] = {}
+    for verb, sid in DONE_LINE.findall(flow_log):
+        stage_runs = runs.setdefault(verb, {})
+        stage_runs[sid] = stage_runs.get(sid, 0) + 1
+    twice = {verb: sorted(s for s, k in r.items() if k > 1) for verb, r in runs.items()}
     n = len(samples) or 1
     flow_s = doc.get("timings", {}).get("total_s", wall)
     workers = sorted(sampler.workers.values(), key=lambda r: -r["tree"])
+    workers_n = int((doc.get("device") or {}).get("workers") or len(workers) or 1)
     return {
         "name": name,
         "slides": len(slides),
@@ -358,6 +370,8 @@ def run_cohort(
         "lost": sorted(expected - got),
         "extra": sorted(got - expected),
         "failed": failed,
+        "ran_twice": {verb: sids for verb, sids in twice.items() if sids},
+        "ran_once": {verb: sum(1 for k in r.values() if k == 1) for verb, r in runs.items()},
         "missing_outputs": missing_out,
         "locked_server": sum(bool(LOCKED.search(x)) for x in server_lines),
         "locked_flow": len(LOCKED.findall(flow_log)),
@@ -366,13 +380,22 @@ def run_cohort(
         "task_runs_per_sample": api.get("task_runs", 0) / n,
         "events_per_sample": (api["events"] / n) if api.get("events") is not None else None,
         "load": load,
+        # Worker-seconds a sample costs per stage: the stage's wall time times the workers, over the
+        # samples (what a tiny sample's fixed costs show up in; run.json's per-sample seconds are
+        # measured inside the stage call and miss its child's start and imports).
+        "worker_s_per_sample": {
+            k.removesuffix("_s"): v * workers_n / n
+            for k, v in doc.get("timings", {}).items()
+            if k in ("tile_s", "features_s", "segment_s")
+        },
         "api": api,
         "timings": doc.get("timings", {}),
     }
 
 
 def _ok(r: dict) -> bool:
-    clean = not (r["lost"] or r["extra"] or r["failed"] or r["missing_outputs"])
+    clean = not (r["lost"] or r["extra"] or r["failed"] or r["missing_outputs"] or r["ran_twice"])
+    clean = clean and all(r["ran_once"].get(v) == r["samples"] for v in ("features", "segmenting"))
     return clean and r["api"].get("segment_samples_covered") == r["samples"]
 
 
@@ -431,12 +454,16 @@ def _details(r: dict) -> str:
             f"    task runs by name {api.get('task_runs_by_name')}, states {api.get('task_run_states')}, "
             f"segment task runs cover {api.get('segment_samples_covered')} samples; "
             f"HTTP requests {r['http_requests']}, events {api.get('events')}",
+            f"    samples finished once per stage (flow log) {r['ran_once']}, "
+            f"twice {r['ran_twice'] or 'none'}",
             f"    lost {len(r['lost'])}, extra {len(r['extra'])}, failed {len(r['failed'])}, outputs "
             f"missing {len(r['missing_outputs'])}; 'database is locked': server {r['locked_server']}, "
             f"flow {r['locked_flow']}",
             f"    worker MB alone {[round(x) for x in r['worker_mb']]}, with children "
             f"{[round(x) for x in r['worker_tree_mb']]}; {r['stage_processes']} stage processes; stages "
             + " ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in r["timings"].items()),
+            "    worker-seconds per sample: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r.get("worker_s_per_sample", {}).items()),
         ]
     )
 
@@ -490,7 +517,7 @@ def main() -> None:
             for n in ns:
                 name = f"{label}{n}"
                 tag = name.replace(" ", "-")
-                slides, ids = make_slides(root / f"slides-{tag}", n, core_um)
+                slides, ids = make_slides(root / f"slides-{core_um:g}um", n, core_um)
                 r = run_cohort(name, slides, ids, root / f"run-{tag}", server, args.workers, given,
                                client_home, args.timeout, extra)  # fmt: skip
                 r["segment_args"] = extra + (["--weights", "(warm-up's)"] if given else [])

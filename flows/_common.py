@@ -49,7 +49,7 @@ from equislide.specs import (
     TilingSpec,
 )
 from equislide.stages.backbone import calibrated_backbone, packaged_default
-from equislide.stages.budget import BudgetSpec, run_within
+from equislide.stages.budget import BudgetSpec, run_each_within, run_within
 from equislide.stages.consistency import (
     ConsistencySpec,
     sample_consistency,
@@ -65,7 +65,7 @@ from equislide.stages.inputs import (
     reason_of,
     resolve_inputs,
 )
-from equislide.stages.tile import SampleResult, SlidePlan, plan_slide, sample_ranges, write_sample_share
+from equislide.stages.tile import SampleResult, SlidePlan, plan_slide, sample_ranges, write_share
 from equislide.storage import (
     acquire_output_lock,
     clean_partials,
@@ -196,22 +196,31 @@ def each_sample(
 ) -> list[dict[str, Any]]:
     """``fn(x)`` for each ``(sample_id, x)`` of a group task; a sample's own error is its result.
 
-    With a ``budget`` (seconds), each call runs in a child process killed when it overruns
-    (:func:`~equislide.stages.budget.run_within`; ``fn`` must then pickle: a module-level function or a
-    ``functools.partial`` of one), and that sample fails alone. A transient error (I/O, a lost worker) is
-    raised instead, so Prefect retries the group; samples already finished are skipped on the retry
-    (every stage resumes), so a retry redoes only what failed.
+    With a ``budget`` (seconds), the group's samples run in turn in one child process
+    (:func:`~equislide.stages.budget.run_each_within`; ``fn`` must then pickle: a module-level function
+    or a ``functools.partial`` of one), each against its own budget: the child's start and what it
+    caches (the network) are paid once per group, and a sample that overruns or crashes fails alone
+    while a fresh child takes the rest. A transient error (I/O, a lost worker) is raised instead, so
+    Prefect retries the group; samples already finished are skipped on the retry (every stage
+    resumes), so a retry redoes only what failed.
     """
     logger = get_run_logger()
     out = []
-    for sample_id, x in items:
-        logger.info("%s %s", verb, sample_id)
-        try:
-            out.append({"sample_id": sample_id, "result": run_within(budget, f"{verb} {sample_id}", fn, x)})
-        except Exception as err:
-            if is_transient(err):
-                raise
-            out.append({"sample_id": sample_id, "reason": reason_of(err)})
+    answers = run_each_within(budget, [(f"{verb} {sid}", x) for sid, x in items], fn)
+    t0 = time.perf_counter()
+    try:
+        for (sample_id, _), (ok, value) in zip(items, answers, strict=True):
+            seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+            if not ok and is_transient(value):
+                raise value
+            if ok:
+                out.append({"sample_id": sample_id, "result": value})
+                logger.info("%s %s: %.2f s", verb, sample_id, seconds)
+            else:
+                out.append({"sample_id": sample_id, "reason": reason_of(value)})
+                logger.info("%s %s failed after %.2f s: %s", verb, sample_id, seconds, out[-1]["reason"])
+    finally:
+        answers.close()  # stopped at a transient error: the child goes too
     return out
 
 
@@ -398,13 +407,9 @@ def tile_task(
     return each_sample(
         [(s.sample_id, (s, ranges)) for s, ranges in samples],
         "tiling",
-        functools.partial(_tile_share, out_root=tiles_root),
+        functools.partial(write_share, out_root=tiles_root),
         budget=budget_of(budget, "tile"),
     )
-
-
-def _tile_share(share: tuple[SamplePlan, list[tuple[int, int]] | None], out_root: str) -> dict[str, Any]:
-    return write_sample_share(share[0], out_root, share[1])
 
 
 @task(

@@ -8,22 +8,36 @@ forked from a ``forkserver`` (a clean, single-threaded process that imported the
 call costs a few milliseconds rather than an interpreter start, and a child may use CUDA whatever its
 parent did. A child that crashes (a segfault in a reader) fails its input alone, too.
 
+A work unit of several small samples runs them in turn in one child (:func:`run_each_within`), each
+against its own deadline: what a child pays once (its start, a network loaded and cached, a slide's
+imports warmed) is then paid once per unit, not per sample, and a sample that overruns or crashes
+still fails alone (its child is killed and a fresh one takes the rest).
+
 Budgets come from :class:`BudgetSpec` (seconds per stage call, ``0`` = no budget: run in this
 process). ``EQUISLIDE_BUDGET="plan=60,tile=600"`` overrides the defaults where no spec is passed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BUDGET_ENV", "BudgetExceeded", "BudgetSpec", "ChildFailed", "run_within", "warm"]
+__all__ = [
+    "BUDGET_ENV",
+    "BudgetExceeded",
+    "BudgetSpec",
+    "ChildFailed",
+    "run_each_within",
+    "run_within",
+    "warm",
+]
 
 BUDGET_ENV = "EQUISLIDE_BUDGET"
 STAGES = ("plan", "tile", "features", "segment", "consistency")
@@ -41,6 +55,13 @@ _PRELOAD = [
     "equislide.models.extract",
     "equislide.models.kmeans",
     "equislide.models.srenet",
+    # What a stage's first call imported lazily in every child, measured (a tiny sample's features:
+    # 8.3 of its 10 s at a load of 20): the tile stores' zarr and dask.array, and what dask's
+    # compute looks for (distributed, and xarray among the optional backends).
+    "zarr",
+    "dask.array",
+    "distributed",
+    "xarray",
 ]
 
 
@@ -126,7 +147,7 @@ def _child(conn, fn, args, kwargs, with_progress) -> None:
     try:
         conn.send(message)
     except Exception as err:  # an exception (or value) that does not pickle: send its words instead
-        conn.send(("err", ChildFailed(f"{type(message[1]).__name__}: {message[1]} ({type(err).__name__})")))
+        conn.send(("err", _unpicklable(message[1], err)))
     conn.close()
 
 
@@ -200,3 +221,122 @@ def run_within(
         if child.is_alive():
             child.kill()
         child.join(5)
+
+
+def _serve(conn, fn) -> None:
+    """A unit's child: ``fn(x)`` for each ``x`` the parent sends, answering each in turn, until None."""
+    conn.send(("ready", None))  # started, ``fn`` unpickled (its module imported): the clocks start now
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):  # the parent went away
+            return
+        if job is None:
+            break
+        try:
+            message: tuple[str, Any] = ("ok", fn(job))
+        except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent as a value
+            message = ("err", err)
+        try:
+            conn.send(message)
+        except Exception as err:  # an exception (or value) that does not pickle: send its words instead
+            conn.send(("err", _unpicklable(message[1], err)))
+    conn.close()
+
+
+def _unpicklable(value: Any, err: Exception) -> ChildFailed:
+    return ChildFailed(f"{type(value).__name__}: {value} ({type(err).__name__})")
+
+
+class _Server:
+    """One child serving a unit's samples (:func:`_serve`); killed on any overrun or crash."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        ctx = _context()
+        self.conn, theirs = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_serve, args=(theirs, fn), daemon=True)
+        with _allow_children():
+            self.proc.start()
+        theirs.close()
+        self.ready = False
+
+    def call(self, seconds: float, what: str, x: Any) -> Any:
+        if not self.ready:
+            # A child's start (importing ``fn``'s module) is not charged to its first sample, but is
+            # bounded the same way: a start hung past the budget fails the sample waiting for it.
+            self._answer(seconds, what)
+            self.ready = True
+        try:
+            self.conn.send(x)
+        except (BrokenPipeError, OSError):
+            raise self._crashed(what) from None
+        kind, value = self._answer(seconds, what)
+        if kind == "err":
+            raise value
+        return value
+
+    def _answer(self, seconds: float, what: str) -> tuple[str, Any]:
+        if not self.conn.poll(seconds):
+            raise BudgetExceeded(f"{what} stopped after its time budget of {seconds:g} s")
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError, pickle.UnpicklingError):
+            raise self._crashed(what) from None
+
+    def _crashed(self, what: str) -> ChildFailed:
+        self.proc.join(5)
+        code = self.proc.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        return ChildFailed(f"{what} crashed ({how})")
+
+    def close(self, *, kill: bool) -> None:
+        if not kill:
+            with contextlib.suppress(OSError):
+                self.conn.send(None)
+            self.proc.join(5)
+        self.conn.close()
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+
+
+def run_each_within(
+    seconds: float | None, jobs: Sequence[tuple[str, Any]], fn: Callable[[Any], Any]
+) -> Iterator[tuple[bool, Any]]:
+    """``fn(x)`` for each ``(what, x)`` of ``jobs``, in turn, in one child process; each call has its own
+    budget of ``seconds``. Yields ``(True, value)`` or ``(False, exception)`` per job, in order.
+
+    A call that overruns is answered with :class:`BudgetExceeded`, one whose child dies with
+    :class:`ChildFailed` (both name ``what``); its child is killed and a fresh one serves the jobs
+    left. ``fn`` and every ``x`` must pickle. Closing the generator early (the caller stops at a
+    transient error) kills the child. With no budget (``0``/None) every call runs in this process.
+    """
+    if not seconds:
+        for _, x in jobs:
+            try:
+                yield True, fn(x)
+            except Exception as err:
+                yield False, err
+        return
+    server: _Server | None = None
+    finished = False
+    try:
+        for what, x in jobs:
+            if server is None:
+                server = _Server(fn)
+            try:
+                value = server.call(seconds, what, x)
+            except (BudgetExceeded, ChildFailed) as err:
+                server.close(kill=True)
+                server = None
+                yield False, err
+                continue
+            except Exception as err:  # fn's own exception: the child is fine and serves the next job
+                yield False, err
+                continue
+            yield True, value
+        finished = True
+    finally:
+        if server is not None:
+            # A clean end lets the child exit; a caller that stopped early (GeneratorExit) kills it.
+            server.close(kill=not finished)

@@ -44,6 +44,7 @@ __all__ = [
     "write_sample",
     "write_sample_range",
     "write_sample_share",
+    "write_share",
     "write_samples",
 ]
 
@@ -438,3 +439,13 @@ def write_sample_share(
         res = publish_sample(sample, out_root)
     res.seconds = seconds + res.seconds
     return {**out, "published": True, "result": res}
+
+
+def write_share(share: tuple[SamplePlan, list[tuple[int, int]] | None], out_root: str) -> dict[str, Any]:
+    """:func:`write_sample_share` of one ``(sample, ranges)`` pair, as the flow's tile tasks pass it.
+
+    Here rather than in the flows because a budgeted child unpickles it: a function of the flows
+    module made every child import Prefect first (seconds a sample on a busy CPU).
+    """
+    return write_sample_share(share[0], out_root, share[1])
+

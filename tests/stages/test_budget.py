@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from equislide.specs import TilingSpec
-from equislide.stages.budget import BudgetExceeded, BudgetSpec, ChildFailed, run_within
+from equislide.stages.budget import BudgetExceeded, BudgetSpec, ChildFailed, run_each_within, run_within
 from equislide.stages.inputs import reason_of
 from equislide.stages.tile import plan_slide
 
@@ -79,3 +80,80 @@ def test_budget_spec_parse(monkeypatch):
             BudgetSpec.parse(bad)
     monkeypatch.setenv("EQUISLIDE_BUDGET", "segment=7")
     assert BudgetSpec.from_env().segment == 7
+
+
+_CALLS: list[object] = []  # per process: what a unit's child has run so far (its state between jobs)
+
+
+def _job(x: tuple) -> object:
+    """A unit's job: ``("pid",)``, ``("calls",)`` (jobs this process ran), ``("div", a, b)``, ``("open",
+    path)`` (blocks in the kernel on a FIFO), ``("abort",)``."""
+    _CALLS.append(x)
+    kind = x[0]
+    if kind == "pid":
+        return os.getpid()
+    if kind == "calls":
+        return len(_CALLS)
+    if kind == "div":
+        return x[1] / x[2]
+    if kind == "open":
+        with open(x[1], "rb"):
+            return "opened"
+    if kind == "abort":
+        os.abort()
+    raise ValueError(kind)
+
+
+def test_unit_runs_its_samples_in_one_child():
+    """One child for the unit: its state (a cached network, here a call count) carries to the next job,
+    and a job's own exception fails that job alone without a new child."""
+    jobs = [("a", ("pid",)), ("b", ("div", 1, 0)), ("c", ("pid",)), ("d", ("calls",))]
+    got = list(run_each_within(30, jobs, _job))
+    assert [ok for ok, _ in got] == [True, False, True, True]
+    assert isinstance(got[1][1], ZeroDivisionError)
+    assert got[0][1] == got[2][1] != os.getpid()
+    assert got[3][1] == 4  # the fourth job of the same process
+
+
+def test_overrun_and_crash_fail_alone_and_a_fresh_child_takes_the_rest(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    jobs = [
+        ("one", ("pid",)),
+        ("reading pipe", ("open", str(fifo))),
+        ("three", ("pid",)),
+        ("aborting", ("abort",)),
+        ("five", ("calls",)),
+    ]
+    t0 = time.monotonic()
+    got = list(run_each_within(2, jobs, _job))
+    assert time.monotonic() - t0 < 20
+    assert [ok for ok, _ in got] == [True, False, True, False, True]
+    assert isinstance(got[1][1], BudgetExceeded)
+    assert reason_of(got[1][1]) == "reading pipe stopped after its time budget of 2 s"
+    assert isinstance(got[3][1], ChildFailed) and reason_of(got[3][1]) == "aborting crashed (signal 6)"
+    assert got[2][1] != got[0][1]  # the child that hung was killed; a fresh one ran job three
+    assert got[4][1] == 1  # and another one after the crash
+
+
+def test_closing_a_unit_early_kills_its_child(tmp_path):
+    answers = run_each_within(30, [("a", ("pid",)), ("b", ("pid",))], _job)
+    ok, pid = next(answers)
+    assert ok
+    answers.close()  # each_sample stops so at a transient error
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the unit's child {pid} outlived the closed unit")
+
+
+def test_unit_without_budget_runs_in_process():
+    got = list(run_each_within(0, [("a", ("pid",)), ("b", ("div", 1, 0))], _job))
+    assert got[0] == (True, os.getpid())
+    assert not got[1][0] and isinstance(got[1][1], ZeroDivisionError)
