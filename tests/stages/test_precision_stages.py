@@ -19,16 +19,22 @@ from equislide.specs import ClusterSpec, FeatureSpec, TilingSpec
 
 pytestmark = pytest.mark.slow
 
-# A TMA-core-sized crop at 2 µm/px, stored whole (one tile), layer 3 of SRENet-18 at width 16: small
-# enough for two loaded CPU cores, and the label map has ~2300 tissue pixels to agree on.
+# A TMA-core-sized crop stored whole (one tile). The agreement runs the product's network (width 64,
+# layer 4) at 1 µm/px (2304 feature pixels); the rot90 and key checks a width-16 one at layer 3 and
+# 2 µm/px: small enough for two loaded CPU cores.
 TILING = TilingSpec(mpp=2.0, tile=192, halo=0, input_mpp=0.5, tma="no")
+FULL_TILING = TilingSpec(mpp=1.0, tile=384, halo=0, input_mpp=0.5, tma="no")
 LAYER = 3
 CLUSTER = ClusterSpec(k=3, per_sample=2000, backend="torch")
 
 
-def _spec(precision: str) -> FeatureSpec:
+def _spec(precision: str, *, layer: int = LAYER, width: int | None = 16) -> FeatureSpec:
     return FeatureSpec(
-        layer=LAYER, model_kwargs={"width": 16}, calibration_tiles=8, device="cpu", precision=precision
+        layer=layer,
+        model_kwargs={"width": width} if width else {},
+        calibration_tiles=8,
+        device="cpu",
+        precision=precision,
     )
 
 
@@ -42,10 +48,11 @@ def core(shared_data) -> np.ndarray:
     return np.asarray(Image.open(shared_data / "images" / "he-carcinoma-1000.png").convert("RGB"))[:768, :768]
 
 
-def _tile(image: np.ndarray, root: Path, name: str) -> str:
+def _tile(image: np.ndarray, root: Path, name: str, tiling: TilingSpec = TILING) -> str:
     path = root / f"{name}.png"
+    root.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(image)).save(path)
-    (res,) = stages.tile_slide(path, root / "tiles", TILING)
+    (res,) = stages.tile_slide(path, root / "tiles", tiling)
     return res.store
 
 
@@ -59,27 +66,28 @@ def test_bf16_labels_agree_with_fp32_on_tissue(core, tmp_path):
     runs = {}
     for precision in ("fp32", "bf16"):
         root = tmp_path / precision
-        store = _tile(core, root, "core")
-        net = stages.calibrated_backbone([store], root / "models", _spec(precision))
+        store = _tile(core, root, "core", FULL_TILING)
+        spec = _spec(precision, layer=4, width=None)
+        net = stages.calibrated_backbone([store], root / "models", spec)
         assert net.precision == precision
-        res = stages.extract_store_features(store, net, _spec(precision))
+        res = stages.extract_store_features(store, net, spec)
         assert res["status"] == "written"
-        assert read_features_meta(store, LAYER)["precision"] == precision
+        assert read_features_meta(store, 4)["precision"] == precision
         runs[precision] = {"store": store, "net": net, "root": root}
     assert runs["fp32"]["net"].sha256 == runs["bf16"]["net"].sha256  # one network, two precisions
     assert runs["fp32"]["net"].key() != runs["bf16"]["net"].key()
-    km32 = stages.fit_cohort_stores([runs["fp32"]["store"]], tmp_path / "km32", layer=LAYER, spec=CLUSTER)
-    kmbf = stages.fit_cohort_stores([runs["bf16"]["store"]], tmp_path / "kmbf", layer=LAYER, spec=CLUSTER)
+    km32 = stages.fit_cohort_stores([runs["fp32"]["store"]], tmp_path / "km32", layer=4, spec=CLUSTER)
+    kmbf = stages.fit_cohort_stores([runs["bf16"]["store"]], tmp_path / "kmbf", layer=4, spec=CLUSTER)
     shared, own = {}, {}
     for precision, run in runs.items():
         shared[precision] = _labels(
-            stages.segment_store(run["store"], run["root"] / "shared", layer=LAYER, spec=CLUSTER, kmeans=km32)
+            stages.segment_store(run["store"], run["root"] / "shared", layer=4, spec=CLUSTER, kmeans=km32)
         )
         own[precision] = _labels(
             stages.segment_store(
                 run["store"],
                 run["root"] / "own",
-                layer=LAYER,
+                layer=4,
                 spec=CLUSTER,
                 kmeans=km32 if precision == "fp32" else kmbf,
             )
@@ -101,8 +109,11 @@ def test_bf16_labels_agree_with_fp32_on_tissue(core, tmp_path):
 
 
 def test_bf16_label_maps_commute_with_rot90(core, tmp_path):
-    """The core and its rot90 copies in one bf16 cohort: every label map, rotated back, equals the
-    original's pixel for pixel."""
+    """The core and its rot90 copies in one bf16 cohort: every label map, rotated back, against the
+    original's. fp32 is exact (tests/stages/test_exact_symmetry.py); bf16 is not quite: autocast
+    rounds every layer's output to 8 mantissa bits, so a last-bit difference of float32 accumulation
+    order (oneDNN's kernels for a block's tail and body differ) becomes a bf16 ulp that the network
+    carries on, and a few boundary pixels change cluster. Measured: 0 / 0.04 % of pixels (k = 1 / 2)."""
     stores = [_tile(np.rot90(core, k), tmp_path, f"core-k{k}") for k in range(4)]
     net = stages.calibrated_backbone(stores, tmp_path / "models", _spec("bf16"))
     for store in stores:
@@ -117,10 +128,9 @@ def test_bf16_label_maps_commute_with_rot90(core, tmp_path):
     ]
     tissue = maps[0] > 0
     assert tissue.sum() > 1000
-    for k, m in enumerate(maps[1:], start=1):
-        differ = float((m != maps[0]).mean())
-        print(f"bf16 rot90 k={k}: {100 * differ:.4f}% of pixels differ")
-        assert differ == 0.0, f"rot90 k={k}: {100 * differ:.4f}% of pixels differ"
+    differ = {k: float((m != maps[0]).mean()) for k, m in enumerate(maps[1:], start=1)}
+    print("bf16 rot90, pixels differing: " + ", ".join(f"k={k} {100 * v:.4f}%" for k, v in differ.items()))
+    assert max(differ.values()) <= 0.002, differ  # at most 0.2 % of the map
 
 
 def test_a_bf16_run_does_not_reuse_fp32_features(core, tmp_path):
