@@ -169,6 +169,8 @@ class FeatureSpec:
         calibration_tiles: Most tiles BatchNorm is recalibrated on (random weights).
         device: Feature device: ``"auto"`` (CUDA when the worker has one), ``"cpu"``, ``"cuda:0"``...
         batch_tiles: Tiles per forward pass.
+        precision: Forward precision: ``"auto"`` (bf16 where the device computes it in hardware, else
+            fp32; resolved once by the backbone stage), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPU only).
     """
 
     backbone: str = "srenet18"
@@ -179,8 +181,11 @@ class FeatureSpec:
     calibration_tiles: int = 16
     device: str = "auto"
     batch_tiles: int = 4
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision={self.precision!r}; use 'auto', 'fp32', 'bf16' or 'fp16'")
         if self.layer not in (1, 2, 3, 4):
             raise ValueError(f"layer={self.layer!r} must be 1, 2, 3 or 4")
         if self.calibration_tiles < 1:
@@ -257,6 +262,8 @@ class BackboneRef:
             weights have ``"source": "packaged"``, their ``name``, ``sha256`` and ``why``.
         status: ``"given"`` (a file or packaged weights used as they are), ``"written"`` or
             ``"skipped"`` (reused from an earlier run).
+        precision: The resolved forward precision every feature task runs at (``"fp32"``, ``"bf16"``,
+            ``"fp16"``): one per run, so a cohort's features are all alike.
     """
 
     path: str
@@ -266,17 +273,22 @@ class BackboneRef:
     weights_random: bool
     provenance: Mapping[str, Any]
     status: str
+    precision: str = "fp32"
 
     def params(self) -> dict[str, Any]:
-        """The parameter dict keying a store's features: network, weights hash, layer, normalisation."""
+        """The parameter dict keying a store's features: network, weights hash, layer, normalisation,
+        and the precision unless fp32 (so stores of runs before precisions existed, all fp32, are
+        still recognised, and a bf16 run never reuses fp32 features nor the reverse)."""
         from equislide.models.extract import NORMALISATION
 
+        extra = {} if self.precision == "fp32" else {"precision": self.precision}
         return {
             "format": CLUSTER_FORMAT,
             "backbone": self.backbone,
             "weights_sha256": self.sha256,
             "layer": int(self.layer),
             "normalisation": dict(NORMALISATION),
+            **extra,
         }
 
     def source(self) -> str:

@@ -301,6 +301,11 @@ def plan_units(
     return [unit for _, unit in units]
 
 
+def tiles_per_s(tiles: int, seconds: float) -> float | None:
+    """Tiles per second of extraction, or None when nothing was computed (all reused)."""
+    return round(tiles / seconds, 3) if tiles and seconds > 0 else None
+
+
 def worker_address() -> str:
     """The Dask worker running this task (its address), or ``"local"`` outside a worker."""
     from distributed import get_worker
@@ -471,6 +476,8 @@ class RunState:
         cluster: The cluster's description (workers, GPUs, scheduler), for the report.
         budgets: Seconds a stage call may take per input or sample (:class:`BudgetSpec`).
         input_mpp: Per input, an mpp filling in missing metadata (a manifest's ``mpp`` column).
+        stage_figures: Per stage, figures for ``run.json``'s ``stages`` (the feature stage's tiles
+            and seconds per worker).
     """
 
     root: Path
@@ -487,6 +494,7 @@ class RunState:
     cluster: dict[str, Any] = field(default_factory=dict)
     budgets: BudgetSpec = field(default_factory=BudgetSpec.from_env)
     input_mpp: dict[str, float] = field(default_factory=dict)
+    stage_figures: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def tiles_root(self) -> Path:

@@ -82,6 +82,7 @@ from equislide.flows._common import (
     set_progress_callback,
     start_run,
     tile_stage,
+    tiles_per_s,
     timed,
     transient,
     unit_label,
@@ -306,6 +307,7 @@ def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec, pr
         pieces=_ranges_of,
     )
     shares: dict[str, list[dict[str, Any]]] = {}
+    workers = state.stage_figures.setdefault("features", {}).setdefault("workers", {})
 
     def done(sid: str, res: dict[str, Any]) -> None:
         shares.setdefault(sid, []).append(res)
@@ -315,6 +317,12 @@ def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec, pr
         # features_s: the sum of the sample's ranges' seconds, whichever tasks ran them.
         state.timings[sid]["features_s"] = round(sum(r["seconds"] for r in got), 3)
         state.samples[sid]["features_workers"] = sorted({r.get("worker") or "" for r in got} - {""})
+        state.samples[sid]["features_tiles"] = sum(int(r.get("tiles_done", 0)) for r in got)
+        if res.get("tiles_done"):  # a share that only found its ranges done ran no forward pass
+            w = workers.setdefault(res.get("worker") or "local", {"tiles": 0, "seconds": 0.0})
+            w["tiles"] += int(res["tiles_done"])
+            w["seconds"] = round(w["seconds"] + float(res["seconds"]), 3)
+            w["tiles_per_s"] = tiles_per_s(w["tiles"], w["seconds"])
 
     with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
         submitted, weights = {}, {}
@@ -408,6 +416,7 @@ def cohort_flow(
     model_kwargs: dict[str, Any] | None = None,
     calibration_tiles: int = FeatureSpec.calibration_tiles,
     device: str = FeatureSpec.device,
+    precision: str = FeatureSpec.precision,
     consistency: bool = False,
     angles: int | None = None,
     regions: int = SERVICE_SPEC.regions,
@@ -445,6 +454,9 @@ def cohort_flow(
         model_kwargs: Builder arguments for random weights (e.g. ``{"width": 16}``).
         calibration_tiles: Tiles BatchNorm is recalibrated on (random weights).
         device: Feature device on the workers (``auto``: CUDA when the worker has one).
+        precision: Forward precision of the features: ``auto`` (bf16 where the backbone stage's
+            device computes it in hardware, else fp32), ``fp32``, ``bf16`` or ``fp16`` (GPU only).
+            The resolved one is in ``run.json`` (``parameters.precision``) and keys the features.
         consistency: Also score rotation consistency (:mod:`equislide.stages.consistency`) of up to
             ``regions`` samples or regions per input: ``<sample>.consistency.json``, figures in
             ``run.json`` and the Prefect table.
@@ -474,6 +486,7 @@ def cohort_flow(
         model_kwargs=model_kwargs or {},
         calibration_tiles=calibration_tiles,
         device=device,
+        precision=precision,
     )
     cluster = ClusterSpec(
         k=clusters, fit=fit, backend=kmeans, per_sample=per_sample, seed=seed, fit_native=fit_native
@@ -575,6 +588,9 @@ def _manifest(
             "seed": features.seed,
             "model_kwargs": dict(features.model_kwargs),
             "calibration_tiles": features.calibration_tiles,
+            # As resolved by the backbone stage (what the features ran at); the asked one beside it.
+            "precision": None if state.backbone is None else state.backbone.precision,
+            "precision_requested": features.precision,
             **dataclasses.asdict(tiling),
             "backbone_checkpoint": None if state.backbone is None else state.backbone.to_dict(),
             "kmeans_model": None if state.kmeans is None else state.kmeans.to_dict(),
@@ -613,6 +629,7 @@ def _manifest(
                 records[p]["sample_id"] or path_text(Path(p).name), "failed", error=records[p]["reason"]
             )
     manifest.timings = {k: round(v, 3) for k, v in state.stage_s.items()}
+    manifest.stages = {k: v for k, v in state.stage_figures.items() if any(v.values())}
     return manifest
 
 
@@ -708,6 +725,7 @@ def sample_rows(state: RunState, report: dict[str, Any] | None = None) -> list[d
                 "seconds": round(sum(t.values()), 2),
                 "tile_s": t.get("tile_s"),
                 "features_s": t.get("features_s"),
+                "tiles_per_s": tiles_per_s(sample.get("features_tiles", 0), t.get("features_s") or 0.0),
                 "segment_s": t.get("segment_s"),
                 "consistency_s": t.get("consistency_s"),
                 "clusters": _cluster_counts(seg),

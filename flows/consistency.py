@@ -217,6 +217,7 @@ def consistency_flow(
     model_kwargs: dict[str, Any] | None = None,
     calibration_tiles: int = FeatureSpec.calibration_tiles,
     device: str = FeatureSpec.device,
+    precision: str = FeatureSpec.precision,
     annotations: str | None = None,
 ) -> dict[str, Any]:
     """The rotation study; returns ``{"summary", "angles", "failed", "path"}``.
@@ -240,6 +241,8 @@ def consistency_flow(
         model_kwargs: Builder arguments of random weights (e.g. ``{"width": 16}``), every backbone.
         calibration_tiles: Tiles BatchNorm is recalibrated on.
         device: Feature device on the workers.
+        precision: Forward precision (``auto``, ``fp32``, ``bf16``, ``fp16``), as the cohort flow's;
+            each result file records the resolved one.
         annotations: A folder of label images matched by sample or slide ID
             (:func:`~equislide.stages.consistency.find_annotation`): each sample's 0-degree clusters are
             matched to the annotation's classes (Hungarian) and scored (per-class Dice, ARI, NMI) in
@@ -280,6 +283,7 @@ def consistency_flow(
                 model_kwargs=model_kwargs or {},
                 calibration_tiles=calibration_tiles,
                 device=device,
+                precision=precision,
             )
             live = state.live()
             if not live:

@@ -22,6 +22,7 @@ from equislide.models.extract import (
     extract_features,
     feature_stride,
     prepare_backbone,
+    resolve_precision,
     to_float16,
 )
 from equislide.models.kmeans import (
@@ -48,6 +49,7 @@ __all__ = [
     "extract_features",
     "feature_stride",
     "prepare_backbone",
+    "resolve_precision",
     "to_float16",
     "D4_ELEMENTS",
     "CheckpointError",

@@ -15,6 +15,9 @@ feature store): ``x = (rgb / 255 - 0.5) / 0.25``, i.e. mean 0.5 and std 0.25 for
     (radial kernels have a large DC gain), which overflow float16 (max 65504). :func:`prepare_backbone`
     therefore recalibrates BatchNorm on a few tiles whenever the weights are random, and
     :func:`to_float16` refuses (with :class:`FeatureRangeError`) to cast anything non-finite or too large.
+
+Precision (:func:`resolve_precision`): the forward pass runs in float32 or under ``torch.autocast`` in
+bfloat16 / float16; the feature maps come back as float32 either way, and are stored as float16.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from equislide.models.calibration import recalibrate_batchnorm
 from equislide.models.checkpoint import load_checkpoint
 
 __all__ = [
+    "FEATURE_PRECISIONS",
     "FLOAT16_SAFE_MAX",
     "NORMALISATION",
     "FeatureRangeError",
@@ -41,7 +45,9 @@ __all__ = [
     "feature_stride",
     "normalise_tiles",
     "prepare_backbone",
+    "bf16_native",
     "resolve_device",
+    "resolve_precision",
     "to_float16",
 ]
 
@@ -56,6 +62,9 @@ NORMALISATION: dict[str, Any] = {
 #: Largest magnitude :func:`to_float16` accepts (float16's max is 65504; keep headroom for rounding).
 FLOAT16_SAFE_MAX = 60000.0
 _CALIBRATION_BATCH = 8
+#: ``precision`` values :func:`resolve_precision` takes; it resolves ``auto`` to one of the others.
+FEATURE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -72,6 +81,40 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             f"device={str(device)!r} but CUDA is not available; use device='cpu' or 'auto'"
         )
     return dev
+
+
+def bf16_native(device: str | torch.device = "auto") -> bool:
+    """The device computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with AVX-512
+    BF16 or AMX tiles (elsewhere oneDNN emulates bfloat16, slower than float32)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if dev.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def resolve_precision(precision: str = "auto", device: str | torch.device = "auto") -> str:
+    """The forward precision of feature extraction on ``device``: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+
+    ``auto`` is ``bf16`` where the device computes it in hardware (:func:`bf16_native`), else ``fp32``.
+
+    Raises:
+        ModelConfigError: An unknown precision, or ``fp16`` on a CPU: CPUs have no float16 matrix
+            units outside AMX-FP16 (emulated, it is slower than float32) and float16's range (65504)
+            risks overflow inside the network where bfloat16 keeps float32's range.
+    """
+    if precision not in FEATURE_PRECISIONS:
+        raise ModelConfigError(f"precision={precision!r} is not one of {', '.join(FEATURE_PRECISIONS)}")
+    dev = resolve_device(device)
+    if precision == "auto":
+        return "bf16" if bf16_native(dev) else "fp32"
+    if precision == "fp16" and dev.type == "cpu":
+        raise ModelConfigError(
+            "precision='fp16' is for GPUs: on a CPU it is emulated (slower than fp32) and its range "
+            "(65504) risks overflow inside the network; use 'bf16' or 'fp32'"
+        )
+    return precision
 
 
 def feature_stride(backbone: nn.Module, layer: int) -> int:
@@ -107,6 +150,7 @@ def extract_features(
     layer: int,
     halo: int,
     device: str | torch.device = "auto",
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Feature maps of the tile interiors.
 
@@ -117,12 +161,15 @@ def extract_features(
         halo: Halo of the tiles in input pixels; must be a multiple of the layer's stride ``s``, and so
             must ``T``, so that ``halo / s`` feature pixels are cropped exactly on each side.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``...; the backbone is moved there.
+        precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` to run the forward pass under ``torch.autocast``
+            (the weights stay float32); ``"auto"`` as :func:`resolve_precision`.
 
     Returns:
         float32 ``(B, C, tile / s, tile / s)`` on the CPU, in (row, col) = (y, x) order like the tiles.
 
     Raises:
-        ModelConfigError: ``layer`` is not 1-4, or ``halo`` / ``T`` is not a multiple of the stride.
+        ModelConfigError: ``layer`` is not 1-4, ``halo`` / ``T`` is not a multiple of the stride, or
+            ``precision`` is unknown (or fp16 on a CPU).
         ValueError: ``tiles`` is not a uint8 ``(B, T, T, 3)`` batch.
     """
     stride = feature_stride(backbone, layer)
@@ -138,11 +185,15 @@ def extract_features(
             "the halo crops to whole feature pixels; choose a halo (and tile) divisible by the stride"
         )
     dev = resolve_device(device)
+    dtype = _AUTOCAST.get(resolve_precision(precision, dev))
     backbone.to(dev).eval()
     f_halo = halo // stride
     with torch.inference_mode():
         x = normalise_tiles(arr, device=dev)
-        f = backbone.features(x, layer)  # type: ignore[operator]
+        # Autocast rather than a bf16 copy of the model: the weights stay float32 (one cached network
+        # serves every precision) and reductions keep float32 accumulators.
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            f = backbone.features(x, layer)  # type: ignore[operator]
         f_side = side // stride
         if tuple(f.shape[-2:]) != (f_side, f_side):
             raise ModelConfigError(

@@ -53,14 +53,20 @@ def calibrated_backbone(
             here. A flow resolves them where it starts, so its workers use what it saw.
 
     Returns:
-        The reference; ``status`` is ``"given"``, ``"written"`` or ``"skipped"`` (an earlier run's).
+        The reference; ``status`` is ``"given"``, ``"written"`` or ``"skipped"`` (an earlier run's);
+        ``precision`` is ``spec.precision`` resolved here, on this process's device
+        (:func:`~equislide.models.extract.resolve_precision`), once for every feature task of the run.
+
+    Raises:
+        ModelConfigError: ``spec.precision`` cannot run on the device (fp16 on a CPU).
     """
     from equislide.files import sha256_file
     from equislide.models.checkpoint import save_checkpoint
-    from equislide.models.extract import prepare_backbone
+    from equislide.models.extract import prepare_backbone, resolve_precision
     from equislide.storage import params_hash, read_sample_meta, store_identity
 
     spec = spec or FeatureSpec()
+    precision = resolve_precision(spec.precision, spec.device)
     if spec.weights is not None:
         packaged = None
     elif packaged == "resolve":
@@ -81,6 +87,7 @@ def calibrated_backbone(
                 "batchnorm": "as trained (not recalibrated)",
             },
             status="given",
+            precision=precision,
         )
     if spec.weights not in (None, RANDOM_WEIGHTS):
         path = Path(spec.weights)
@@ -93,6 +100,7 @@ def calibrated_backbone(
             weights_random=False,
             provenance={"weights": str(path)},
             status="given",
+            precision=precision,
         )
     metas = sorted(((read_sample_meta(s), Path(s)) for s in stores), key=lambda m: m[0]["sample_id"])
     if not metas:
@@ -138,6 +146,7 @@ def calibrated_backbone(
             weights_random=packaged is None,
             provenance=provenance,
             status=status,
+            precision=precision,
         )
 
     if path.with_suffix(".json").is_file() and _checkpoint_intact(path):

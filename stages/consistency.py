@@ -218,10 +218,10 @@ def _disc(side: int, margin: float = 0.0) -> np.ndarray:
     return (xx - c) ** 2 + (yy - c) ** 2 <= (side / 2 - 1 - margin) ** 2
 
 
-def _features(model: Any, image: np.ndarray, *, layer: int, device: str) -> np.ndarray:
+def _features(model: Any, image: np.ndarray, *, layer: int, device: str, precision: str) -> np.ndarray:
     from equislide.models.extract import extract_features
 
-    return extract_features(model, image[None], layer=layer, halo=0, device=device)[0]
+    return extract_features(model, image[None], layer=layer, halo=0, device=device, precision=precision)[0]
 
 
 def _tracked(valid: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -262,6 +262,7 @@ def rotation_consistency(
     mpp: float | None = None,
     device: str = "cpu",
     score_side: int | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """The protocol of the module docstring on one square image.
 
@@ -276,6 +277,7 @@ def rotation_consistency(
         device: Feature device.
         score_side: Diameter of the scored disc, centred (a whole-slide region read with context), or
             None: a bare square, scored on its inscribed disc, or whole on a canvas (``spec.canvas``).
+        precision: Forward precision (:func:`~equislide.models.extract.extract_features`).
 
     Returns:
         ``{"angles": [{"angle", "kappa", "dice", "valid_pixels"}], "icc_feature", "area_fractions"
@@ -314,7 +316,7 @@ def rotation_consistency(
 
     if spec.disc_input:
         image = np.where(disc[..., None], image, np.uint8(255))
-    feats0 = _features(model, image, layer=layer, device=device)
+    feats0 = _features(model, image, layer=layer, device=device, precision=precision)
     stride = side // feats0.shape[-1]
     f_tissue = tissue[stride // 2 :: stride, stride // 2 :: stride]  # tissue at feature-pixel centres
     if kmeans is None:
@@ -342,7 +344,7 @@ def rotation_consistency(
         rotated = rotate_image(image, angle, fill=255)
         if spec.disc_input:
             rotated = np.where(disc[..., None], rotated, np.uint8(255))
-        feats = _features(model, rotated, layer=layer, device=device)
+        feats = _features(model, rotated, layer=layer, device=device, precision=precision)
         back, inside = unrotate_labels(label(feats), angle, fill=-1)
         valid = tissue & inside & (back >= 0)
         rows.append(
@@ -638,6 +640,9 @@ def store_consistency(
         "cluster": cluster.params(),
         "spec": dataclasses.asdict(spec),
     }
+    precision = getattr(backbone, "precision", "fp32")
+    if precision != "fp32":  # fp32 keeps the key of results written before precisions existed
+        identity["precision"] = precision
     key = params_hash(identity)
     old = read_json(path)
     strip_path = base.with_name(base.name + ".rotations.png")
@@ -657,6 +662,7 @@ def store_consistency(
             mpp=mpp,
             device=info["device"],
             score_side=score_side,
+            precision=precision,
         )
         data.append({"region": region_name, "image": image, **res})
         regions.append({k: v for k, v in res.items() if k not in ("labels0", "labels_back", "valid")})
@@ -693,6 +699,7 @@ def store_consistency(
         "backbone": backbone.backbone,
         "weights_sha256": backbone.sha256,
         "layer": int(backbone.layer),
+        "precision": precision,
         "mode": "cohort" if kmeans is not None else "per-sample",
         "angles": per_angle,
         **_summary(per_angle),

@@ -85,6 +85,7 @@ def _open_writer(store: str | Path, backbone: BackboneRef, device: str):
         **{k: info[k] for k in ("backbone", "stride", "normalisation", "weights", "model_config")},
         "halo_cropped": int(meta["halo"]),
         "weights_provenance": dict(backbone.provenance or {}),
+        "precision": backbone.precision,
     }
     writer = open_feature_ranges(
         store,
@@ -198,7 +199,14 @@ def _extract_ranges(
             if skipping:
                 continue
             parts = [
-                extract_features(model, tiles[b : b + batch], layer=layer, halo=halo, device=device)
+                extract_features(
+                    model,
+                    tiles[b : b + batch],
+                    layer=layer,
+                    halo=halo,
+                    device=device,
+                    precision=backbone.precision,
+                )
                 for b in range(0, s1 - s0, batch)
             ]
             writer.write(s0, np.concatenate(parts))  # a whole shard per write: no shard is shared

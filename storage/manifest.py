@@ -14,6 +14,8 @@ Schema (``schema`` = :data:`MANIFEST_SCHEMA`, ``schema_version`` = :data:`MANIFE
       "samples": {"tma01/B3": {"status": "done", "error": null, "timings": {"features_s": 1.2},
                                "outputs": {...}}},
       "timings": {"total_s": 12.3},
+      "stages": {"features": {"workers": {"tcp://...": {"tiles": 96, "seconds": 40.1,
+                                                         "tiles_per_s": 2.39}}}},   # per-stage figures
       "error": "disk full ...", "error_detail": "Traceback ..."   # only when the run stopped on a fault
     }
 
@@ -91,6 +93,8 @@ class RunManifest:
     device: dict[str, Any] = field(default_factory=dict)
     samples: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    #: Per-stage figures beyond seconds (the feature stage's tiles/s per worker); left out when empty.
+    stages: dict[str, Any] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: str = field(default_factory=_now)
     updated: str = ""
@@ -126,7 +130,7 @@ class RunManifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (keys in schema order)."""
-        return {
+        doc = {
             "schema": MANIFEST_SCHEMA,
             "schema_version": MANIFEST_SCHEMA_VERSION,
             "run_id": self.run_id,
@@ -139,7 +143,9 @@ class RunManifest:
             "device": dict(self.device),
             "samples": {k: self.samples[k] for k in sorted(self.samples)},
             "timings": dict(self.timings),
-        } | ({"error": self.error, "error_detail": self.error_detail} if self.error else {})
+        }
+        fault = {"error": self.error, "error_detail": self.error_detail} if self.error else {}
+        return doc | ({"stages": dict(self.stages)} if self.stages else {}) | fault
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> RunManifest:
@@ -169,6 +175,7 @@ class RunManifest:
             device=dict(doc.get("device", {})),
             samples={k: dict(v) for k, v in doc.get("samples", {}).items()},
             timings=dict(doc.get("timings", {})),
+            stages=dict(doc.get("stages", {})),
             run_id=str(doc.get("run_id", "")),
             created=str(doc.get("created", "")),
             updated=str(doc.get("updated", "")),

@@ -219,6 +219,33 @@ def add_width_argument(p) -> None:
     )
 
 
+def add_precision_argument(p) -> None:
+    """``--precision`` of the commands that extract features (``segment``, ``consistency``)."""
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="forward precision of the features (torch.autocast): auto (default) = bf16 where the "
+        "device computes it in hardware (CUDA with bf16; a CPU with AVX-512 BF16 or AMX), else fp32; "
+        "fp16 only on GPUs. The resolved one is in run.json and keys the features: a rerun at another "
+        "precision recomputes them",
+    )
+
+
+def check_precision(precision: str, scheduler: str | None) -> str | None:
+    """fp16 on a local cluster without CUDA, in words (a remote cluster's workers are asked there)."""
+    if precision != "fp16" or scheduler:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return (
+        "--precision fp16 needs a GPU: on a CPU it is emulated (slower than fp32) and float16's range "
+        "risks overflow inside the network; use --precision bf16 or fp32"
+    )
+
+
 def add_mpp_arguments(p, *, cohort: bool = False) -> None:
     """``--input-mpp``, ``--force-mpp``, ``--native-pixels`` and ``--max-tiles`` (``tile``,
     ``segment``); with ``cohort``, ``--fit-native`` too. The rules: README, "Inputs and resolution"."""

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from equislide.commands._common import add_input_arguments, add_width_argument
+from equislide.commands._common import add_input_arguments, add_precision_argument, add_width_argument
 from equislide.specs import BACKBONE_ALIASES, ClusterSpec, TilingSpec
 
 _PREFIX = "equislide consistency"
@@ -74,6 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--input-mpp", type=float, default=None, metavar="X", help="µm per level-0 px, all inputs")
     p.add_argument("--tma", choices=("auto", "yes", "no"), default=_TILING.tma, help="split TMAs into cores")
     add_width_argument(p)
+    add_precision_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of weights, regions and K-means")
     p.add_argument(
         "--scheduler", default=os.environ.get(SCHEDULER_ENV), metavar="ADDR", help="existing Dask scheduler"
@@ -87,7 +88,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
     """The flow's keyword arguments, or the first problem in words."""
-    from equislide.commands._common import check_clusters, check_seed, check_weights, check_weights_option
+    from equislide.commands._common import (
+        check_clusters,
+        check_precision,
+        check_seed,
+        check_weights,
+        check_weights_option,
+    )
     from equislide.specs import RANDOM_WEIGHTS
 
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
@@ -130,6 +137,8 @@ def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
         return {}, problem
     if args.annotations is not None and not Path(args.annotations).is_dir():
         return {}, f"--annotations {args.annotations}: no such folder"
+    if problem := check_precision(args.precision, args.scheduler):
+        return {}, problem
     return {
         "backbones": [BACKBONE_ALIASES[b] for b in names],
         "weights": weights,
@@ -143,6 +152,7 @@ def _options(args: argparse.Namespace) -> tuple[dict, str | None]:
         "tma": args.tma,
         "seed": args.seed,
         "model_kwargs": {"width": args.width} if args.width else None,
+        "precision": args.precision,
         "annotations": args.annotations,
         "manifest_csv": args.manifest,
         "settle_seconds": args.settle_seconds,

@@ -18,8 +18,10 @@ from equislide.commands._common import (
     WEIGHTS_HELP,
     add_input_arguments,
     add_mpp_arguments,
+    add_precision_argument,
     add_width_argument,
     check_mpp_arguments,
+    check_precision,
 )
 from equislide.specs import BACKBONE_ALIASES, ClusterSpec, FeatureSpec, TilingSpec
 from equislide.stages.budget import BudgetSpec
@@ -93,6 +95,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_mpp_arguments(p, cohort=True)
     p.add_argument("--tma", choices=("auto", "yes", "no"), default=_TILING.tma, help="split TMAs into cores")
     add_width_argument(p)
+    add_precision_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of weights, vector draws and K-means")
     p.add_argument(
         "--scheduler",
@@ -155,6 +158,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--angles {args.angles} must be >= 2 (0 degrees and at least one other)"
     if getattr(args, "regions", 4) < 1:
         return f"--regions {args.regions} must be >= 1"
+    if problem := check_precision(getattr(args, "precision", "auto"), args.scheduler):
+        return problem
     try:
         BudgetSpec.parse(getattr(args, "budget", None))
     except ValueError as err:
@@ -204,6 +209,8 @@ def run_flow(args: argparse.Namespace, *, command: list[str], prefix: str = _PRE
         "tma": args.tma,
         "seed": args.seed,
         "model_kwargs": {"width": args.width} if args.width else None,
+        # demo has no --precision: the flow's default (auto) then.
+        "precision": getattr(args, "precision", "auto"),
         "consistency": bool(getattr(args, "consistency", False)),
         "angles": getattr(args, "angles", None),
         "regions": getattr(args, "regions", 4),

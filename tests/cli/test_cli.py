@@ -151,3 +151,21 @@ def test_tile_mpp_rules_end_to_end(tmp_path, capsys):
     code, err, records = run("native", "--native-pixels")
     assert code == 0 and source("native", "bare") is None and source("native", "cmu-like") == "metadata"
     assert f"WARNING {png}: no usable resolution: processed at native level-0 pixels" in err
+
+
+@pytest.mark.parametrize("command", ["segment", "consistency"])
+def test_precision_option(command, tmp_path, capsys, monkeypatch):
+    import torch
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--precision {auto,fp32,bf16,fp16}" in out and "keys the features" in out
+    # fp16 on a local cluster without a GPU: one line before any work, nothing written.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("EQUISLIDE_SCHEDULER", raising=False)
+    slide = _bare_png(tmp_path / "x.png")
+    assert main([command, str(slide), "--out", str(tmp_path / "o"), "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"equislide {command}: error: --precision fp16 needs a GPU") and "\n" not in err
+    assert not (tmp_path / "o").exists()

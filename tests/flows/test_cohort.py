@@ -68,6 +68,18 @@ def test_outputs_open_with_plain_tools(cohort_run, inputs):
     assert manifest["timings"]["total_s"] > 0
     assert {i["path"] for i in manifest["inputs"]} == {str(inputs["phantom"]), str(inputs["bad"])}
     assert manifest["device"]["workers"] == 2
+    # This CPU has no bf16 units, so auto resolves to fp32 here; the feature stores say the same.
+    assert manifest["parameters"]["precision_requested"] == "auto"
+    assert manifest["parameters"]["precision"] == manifest["parameters"]["backbone_checkpoint"]["precision"]
+    # tiles/s per worker: every tile of the run computed once, by one of the two workers.
+    workers = manifest["stages"]["features"]["workers"]
+    assert 1 <= len(workers) <= 2 and all(w.startswith("tcp://") for w in workers), workers
+    n_tiles = sum(
+        zarr.open_group(str(Path(s["outputs"]["tiles"])), mode="r")["tiles"].shape[0] for s in ok.values()
+    )
+    assert sum(w["tiles"] for w in workers.values()) == n_tiles
+    for w in workers.values():
+        assert w["seconds"] > 0 and w["tiles_per_s"] == pytest.approx(w["tiles"] / w["seconds"], rel=1e-2)
 
     for sid, s in ok.items():
         assert set(s["timings"]) >= {"tile_s", "features_s", "segment_s"}
@@ -91,6 +103,7 @@ def test_outputs_open_with_plain_tools(cohort_run, inputs):
             assert png.mode == "RGB" and png.width >= labels.shape[1] and png.height > labels.shape[0]
         feats = zarr.open_array(str(Path(s["outputs"]["tiles"]) / "features/layer3"))
         assert feats.dtype == np.float16 and np.isfinite(feats[:]).all()
+        assert feats.attrs["equislide_features"]["precision"] == manifest["parameters"]["precision"]
 
     # The slide's grid for QuPath: every position as a tmaCore object, the empty one isMissing.
     (tma_path,) = {s["outputs"]["tma_geojson"] for s in ok.values()}

@@ -174,6 +174,7 @@ def test_table_and_summary_are_published_after_every_stage(monitored_run):
     for r in last:
         if r["status"] == "done":
             assert r["stage"] == "segment" and r["overlay"].startswith("samples/") and r["seconds"] > 0
+            assert r["tiles_per_s"] > 0, r  # the features of this run were computed, not reused
             assert re.fullmatch(r"(\d+:\d+ ?)+", r["clusters"]), r
         else:
             assert r["stage"] == "plan" and "broken" in r["sample"] and r["error"]

@@ -651,6 +651,9 @@ def test_manifest_round_trip_atomic_and_schema_checked(tmp_path):
     }
     back = read_manifest(path)
     assert back.to_dict()["samples"] == doc["samples"] and back.run_id == man.run_id
+    assert "stages" not in doc  # no per-stage figures: the key is left out
+    man.stages = {"features": {"workers": {"tcp://a:1": {"tiles": 4, "seconds": 2.0, "tiles_per_s": 2.0}}}}
+    assert read_manifest(write_manifest(tmp_path, man)).stages == man.stages
 
     with pytest.raises(ValueError, match="status='weird'"):
         man.set_sample("x", "weird")
