@@ -26,6 +26,7 @@ calibrated exactly too, by rerunning it once per BatchNorm inside it on its cach
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import uuid
@@ -209,10 +210,8 @@ class _Walker:
             try:
                 for t in x():
                     count += 1
-                    try:
+                    with contextlib.suppress(_Stop):
                         outs.add(m(t))
-                    except _Stop:
-                        pass
             finally:
                 for h in handles:
                     h.remove()
