@@ -95,33 +95,36 @@ class _Cache:
 
     def __init__(self, folder: Path, budget: int) -> None:
         self.folder, self.budget, self.held = folder, budget, 0
-        self.items: list[tuple[Tensor | Path, bool, torch.device]] = []
+        self.items: list[tuple[Tensor | Path, bool, torch.device, torch.dtype]] = []
 
     def add(self, t: Tensor) -> None:
         nhwc = t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
         if self.held + t.numel() * t.element_size() <= self.budget:
             self.held += t.numel() * t.element_size()
-            self.items.append((t, nhwc, t.device))
+            self.items.append((t, nhwc, t.device, t.dtype))
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{uuid.uuid4().hex}.npy"
         # Saved in its own memory layout so that reading it back gives the very same tensor.
-        np.save(path, (t.permute(0, 2, 3, 1) if nhwc else t.contiguous()).cpu().numpy())
-        self.items.append((path, nhwc, t.device))
+        u = (t.permute(0, 2, 3, 1) if nhwc else t.contiguous()).cpu()
+        # numpy has no bfloat16 (autocast's dtype): its bits travel as int16.
+        np.save(path, (u.view(torch.int16) if u.dtype == torch.bfloat16 else u).numpy())
+        self.items.append((path, nhwc, t.device, t.dtype))
 
     def source(self) -> Source:
         def read() -> Iterator[Tensor]:
-            for item, nhwc, device in self.items:
+            for item, nhwc, device, dtype in self.items:
                 if isinstance(item, Tensor):
                     yield item.clone(memory_format=torch.preserve_format)  # a step may work in place
                     continue
-                t = torch.from_numpy(np.load(item)).to(device)
+                t = torch.from_numpy(np.load(item))
+                t = (t.view(dtype) if dtype == torch.bfloat16 else t).to(device)
                 yield t.permute(0, 3, 1, 2) if nhwc else t
 
         return read
 
     def drop(self) -> None:
-        for item, _, _ in self.items:
+        for item, *_ in self.items:
             if isinstance(item, Path):
                 item.unlink(missing_ok=True)
         self.items.clear()

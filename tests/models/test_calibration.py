@@ -52,10 +52,9 @@ def _images(n: int, side: int) -> torch.Tensor:
 
 def _assert_same_statistics(ref: nn.Module, got: nn.Module) -> None:
     for i, (a, b) in enumerate(zip(_bns(ref), _bns(got), strict=True)):
-        scale = a.running_var.sqrt()
-        assert torch.allclose(a.running_mean, b.running_mean, atol=0, rtol=0) or float(
-            ((a.running_mean - b.running_mean).abs() / scale).max()
-        ) < 1e-5, f"BatchNorm {i}: running_mean differs"
+        # Means compared in units of the channel's standard deviation (a mean may be ~0).
+        mean_err = float(((a.running_mean - b.running_mean).abs() / a.running_var.sqrt()).max())
+        assert mean_err < 1e-5, f"BatchNorm {i}: running_mean differs by {mean_err:.2g} sd"
         assert float(((a.running_var - b.running_var).abs() / a.running_var).max()) < 1e-5, (
             f"BatchNorm {i}: running_var differs"
         )
@@ -115,3 +114,14 @@ def test_statistics_are_invariant_to_rotating_the_images():
 def test_no_images_is_a_clear_error():
     with pytest.raises(ValueError, match="at least one batch"):
         recalibrate_batchnorm(srenet18(width=4), [], layer=1)
+
+
+def test_bfloat16_activations_spill_and_come_back_unchanged(tmp_path):
+    # Pretraining recalibrates under autocast: cached activations may be bfloat16, which numpy lacks.
+    a, b = _pair(lambda: resnet18(width=4))
+    x = _images(2, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recalibrate_batchnorm(a, [x[:1], x[1:]], layer=2)
+        recalibrate_batchnorm(b, [x[:1], x[1:]], layer=2, memory_budget=0, scratch=tmp_path)
+    for ba, bb in zip(_bns(a), _bns(b), strict=True):
+        assert torch.equal(ba.running_mean, bb.running_mean) and torch.equal(ba.running_var, bb.running_var)
