@@ -61,7 +61,8 @@ NORMALISATION: dict[str, Any] = {
 }
 #: Largest magnitude :func:`to_float16` accepts (float16's max is 65504; keep headroom for rounding).
 FLOAT16_SAFE_MAX = 60000.0
-_CALIBRATION_BATCH = 8
+# Micro-batch of the recalibration passes: it sets their memory (the statistics are over all tiles).
+_CALIBRATION_BATCH = 2
 #: ``precision`` values :func:`resolve_precision` takes; it resolves ``auto`` to one of the others.
 FEATURE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -245,6 +246,7 @@ def prepare_backbone(
     device: str | torch.device = "auto",
     recalibrate: bool | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    scratch: str | Path | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build a backbone ready for :func:`extract_features`, and describe how it was made.
 
@@ -259,6 +261,8 @@ def prepare_backbone(
         recalibrate: Recalibrate BatchNorm on ``calibration_tiles``; None (default) = only when the
             weights are random.
         model_kwargs: Extra keyword arguments for ``create_model`` (e.g. ``{"width": 8}``).
+        scratch: Folder for calibration activations that do not fit in memory
+            (:func:`~equislide.models.calibration.recalibrate_batchnorm`); default the system's temp.
 
     Returns:
         ``(model, info)``: the model in eval mode on ``device``, and a JSON-able dict with ``backbone``,
@@ -311,7 +315,7 @@ def prepare_backbone(
                 n_cal += len(inputs[-1])
         if not inputs:
             raise ModelConfigError("calibration_tiles is empty; pass at least one tile")
-        recalibrate_batchnorm(model, inputs, layer=layer)
+        recalibrate_batchnorm(model, inputs, layer=layer, scratch=scratch)
     model.to(dev).eval()
     info: dict[str, Any] = {
         "backbone": getattr(model, "config", {}).get("arch", name),

@@ -154,6 +154,8 @@ def calibrated_backbone(
     # Tiles of different sides (TMA cores of several slides) are calibrated in separate batches; only
     # the sides the picks have: a cohort's later slides may have sides no pick comes from.
     tiles = [read_tiles(s, i, i + 1) for s, i in picks]
+    # Spilled calibration activations (GBs for 16 full-width tiles) stay on the run's own disk.
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     sides = sorted({t.shape[1] for t in tiles})
     batches = [np.concatenate([t for t in tiles if t.shape[1] == side]) for side in sides]
     model, _ = prepare_backbone(
@@ -165,6 +167,7 @@ def calibrated_backbone(
         device="cpu",
         recalibrate=True,
         model_kwargs=dict(spec.model_kwargs) if packaged is None else None,
+        scratch=out_dir,
     )
     # Both files land together: written in a private folder, then renamed (sidecar first).
     tmp_dir = Path(out_dir) / f".backbone-{key}.partial-{uuid.uuid4().hex[:12]}"
