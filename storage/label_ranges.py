@@ -116,7 +116,7 @@ def stitch_label_map(
 
     The same maps as :func:`~equislide.storage.stitch_store` (same origin, shape, dtype, tissue mask
     sampling, later tile winning where tiles overlap), but only ``band_rows`` rows of the map and the
-    tiles that meet them are in memory at once; the arrays are chunked ``band_rows`` square.
+    tiles that meet them are in memory at once; the arrays' chunks are ``band_rows`` high.
 
     Returns:
         :func:`~equislide.storage.stitch_store`'s dict with ``labels`` / ``tissue`` the zarr arrays
@@ -145,8 +145,9 @@ def stitch_label_map(
     mask_origin = tuple(meta.get("tissue_mask_l_origin") or (0.0, 0.0))
     rel = (float(mask_origin[0]) - l_origin[0], float(mask_origin[1]) - l_origin[1])
     band_rows = max(1, int(band_rows))
-    # Square chunks of a band's height: a band is whole chunk rows, and readers take a band per chunk row.
-    chunks = tuple(max(1, min(band_rows, s)) for s in shape)
+    # A band is one chunk row, and readers take a band per chunk row; columns in chunks of MAP_CHUNK or
+    # more, so that thin bands do not make a file per few pixels.
+    chunks = (max(1, min(band_rows, shape[0])), max(1, min(max(band_rows, MAP_CHUNK), shape[1])))
     for name in ("labels", "tissue"):
         if name in group:
             del group[name]
