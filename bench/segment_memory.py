@@ -79,7 +79,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = rows[0]
-    print("\nstore | label map | single MB (x first) | ranges MB (x first) | single s | ranges s | same outputs")
+    print("\nstore | label map | single MB (x first) | ranges MB (x first) | single s | ranges s | same")
     for r in rows:
         print(
             f"{r['store']} | {r['shape'][0]} x {r['shape'][1]} | {r['single_rss_mb']} "
