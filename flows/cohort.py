@@ -18,7 +18,9 @@ task run costs API calls and state changes, while a group's samples still succee
    when the cluster has workers advertising a GPU.
 4. ``kmeans`` once (``fit="cohort"``): :func:`equislide.stages.cluster.fit_cohort_stores` stacks the
    draws and fits.
-5. ``segment`` per group: :func:`equislide.stages.segment.segment_store` -> ``OUT/samples/<sample>``
+5. ``segment`` per work unit, planned as the features are: :func:`equislide.stages.segment.segment_share`
+   (a whole sample: ``segment_store``; a large sample's share of tile ranges: ``segment_store_ranges``,
+   whose last share writes the outputs from the band-stitched map) -> ``OUT/samples/<sample>``
    ``.ome.zarr`` / ``.png`` / ``.geojson`` (fitting K-means per sample first when ``fit="per-sample"``);
    then ``tma`` once: :func:`equislide.stages.segment.write_tma_geojson` -> ``OUT/samples/<slide>``
    ``.tma.geojson`` per TMA slide (its grid as QuPath ``tmaCore`` objects).
@@ -106,7 +108,7 @@ from equislide.stages.features import (
     store_share_and_draw,
 )
 from equislide.stages.inputs import SETTLE_SECONDS
-from equislide.stages.segment import segment_store, tma_slides, write_tma_geojson
+from equislide.stages.segment import segment_share, tma_slides, write_tma_geojson
 from equislide.storage import RunManifest, thumbnail_data_uri
 from equislide.text import one_line, path_text
 
@@ -187,7 +189,7 @@ def kmeans_task(stores: list[str], models_dir: str, layer: int, spec: ClusterSpe
     **TASK_OPTIONS,
 )
 def segment_task(
-    items: list[tuple[str, str]],
+    items: list[tuple[str, tuple[str, list[tuple[int, int]] | None]]],
     samples_dir: str,
     layer: int,
     spec: ClusterSpec,
@@ -195,9 +197,17 @@ def segment_task(
     label: str,
     budget: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Label maps and outputs (OME-Zarr, overlay PNG, GeoJSON) of some samples (``(sample_id, store)``)."""
-    one = functools.partial(segment_store, out_dir=samples_dir, layer=layer, spec=spec, kmeans=kmeans)
-    return each_sample(items, "segmenting", one, budget=budget_of(budget, "segment"))
+    """Label maps and outputs (OME-Zarr, overlay PNG, GeoJSON) of some samples (``(sample_id, (store,
+    ranges))``; ranges None = all of it, else a share of a large sample's tile ranges, whose last share
+    to finish writes the outputs)."""
+    one = functools.partial(segment_share, out_dir=samples_dir, layer=layer, spec=spec, kmeans=kmeans)
+    worker = worker_address()
+    get_run_logger().info("segment %s on worker %s", label, worker)
+    out = each_sample(items, "segmenting", one, budget=budget_of(budget, "segment"))
+    for item in out:
+        if "result" in item:
+            item["result"]["worker"] = worker
+    return out
 
 
 @task(
@@ -369,18 +379,49 @@ def _kmeans_stage(state: RunState, layer: int, cluster: ClusterSpec) -> None:
 
 
 def _segment_stage(state: RunState, layer: int, cluster: ClusterSpec, progress: Progress) -> None:
+    """Label maps and outputs in work units, as the features stage plans them: a large sample's tile
+    ranges spread over several tasks (the share that finds every range done writes the outputs, a
+    band of the map at a time), small samples grouped, the largest units first."""
+    from equislide.storage import read_sample_meta
+
+    live = state.live()
+    sizes = {}
+    for sid, store in live:
+        try:
+            sizes[sid] = int(read_sample_meta(store)["n_tiles"])
+        except Exception:  # noqa: BLE001 - an unreadable store fails in its task, with its reason
+            sizes[sid] = 0
+    units = plan_units([((sid, store), sizes[sid]) for sid, store in live], state.workers, pieces=_ranges_of)
+    shares: dict[str, list[dict[str, Any]]] = {}
+
     def done(sid: str, res: dict[str, Any]) -> None:
-        state.samples[sid]["segment"] = res
-        state.timings[sid]["segment_s"] = res["seconds"]
+        shares.setdefault(sid, []).append(res)
+        got = shares[sid]
+        published = [r for r in got if "outputs" in r]
+        if published:
+            written = any(r["status"] == "written" for r in got)
+            keep = {k: v for k, v in published[0].items() if k not in ("ranges", "published", "tiles_done")}
+            state.samples[sid]["segment"] = {**keep, "status": "written" if written else "skipped"}
+        # segment_s: the sum of the sample's shares' seconds, whichever tasks ran them.
+        state.timings[sid]["segment_s"] = round(sum(r["seconds"] for r in got), 3)
+        state.samples[sid]["segment_workers"] = sorted({r.get("worker") or "" for r in got} - {""})
 
     samples_dir = str(state.samples_dir)
-    submitted = {
-        segment_task.submit(
-            items, samples_dir, layer, cluster, state.kmeans, label_of(items), state.budgets.segment
-        ): items
-        for items in groups(state.live(), state.workers)
-    }
-    collect("segment", submitted, done, state.fail, progress=progress)
+    submitted, weights = {}, {}
+    for unit in units:
+        items = [(sid, (store, ranges)) for (sid, store), ranges in unit]
+        fut = segment_task.submit(
+            items, samples_dir, layer, cluster, state.kmeans, unit_label(unit), state.budgets.segment
+        )
+        submitted[fut] = [(sid, store) for (sid, store), _ in unit]
+        weights[fut] = sum(
+            sizes[sid] if ranges is None else sum(b - a for a, b in ranges) for (sid, _), ranges in unit
+        )
+    collect("segment", submitted, done, state.fail, progress=progress, weights=weights)
+    for sid in shares:
+        if sid not in state.errors and "segment" not in state.samples[sid]:
+            # The share that finds the last range done writes the outputs; one always does.
+            state.fail(sid, "segment: every range ran but none of its tasks wrote the outputs")
 
 
 @flow(

@@ -28,7 +28,10 @@ __all__ = [
     "clip_to_slide",
     "outputs_present",
     "overlay_picture",
+    "segment_ranges",
+    "segment_share",
     "segment_store",
+    "segment_store_ranges",
     "tma_slides",
     "write_sample_ome_zarr",
     "write_sample_overlay",
@@ -80,6 +83,7 @@ def write_sample_ome_zarr(
     stride: int,
     names: dict[int, str],
     ngff_version: str | None = None,
+    label_values: dict[str, list[int]] | None = None,
     **options: Any,
 ) -> Path:
     """The sample's OME-Zarr: its analysis plane from the tile store as a pyramid, labels on it.
@@ -89,7 +93,9 @@ def write_sample_ome_zarr(
     :func:`~equislide.storage.stitch_store`) are sampled onto every level (nearest). A translation
     places the sample where it lies on its slide (a TMA core at its core, a slide's cut grid at its
     first pixel), and ``attrs["equislide"]`` gives the level-0 offset. ``options`` go to
-    :func:`~equislide.storage.write_ome_zarr` (``min_side``, ``chunk``).
+    :func:`~equislide.storage.write_ome_zarr` (``min_side``, ``chunk``). Label maps given as zarr
+    arrays (:func:`segment_store_ranges`) need ``label_values`` (``{"clusters": [...], "tissue":
+    [...]}``) and are read a band at a time.
     """
     from equislide.storage import NGFF_VERSION, tile_plane, write_ome_zarr
 
@@ -122,6 +128,7 @@ def write_sample_ome_zarr(
         translation_um=(lx * px, ly * px),
         attributes=attributes,
         ngff_version=ngff_version or NGFF_VERSION,
+        label_values=label_values,
         **options,
     )
 
@@ -135,11 +142,15 @@ def write_sample_overlay(
     stride: int,
     names: dict[int, str],
     title: str,
+    label_values: list[int] | None = None,
 ) -> str | None:
     """The overlay PNG over the whole slide (a TMA core: over its tile), at most :data:`OVERLAY_MAX` px.
 
     Drawn from the tiles at the finest power-of-two downsample that fits; where no tile is (the slide
     past the tile grid) the slide's own thumbnail shows, so nothing is cut or padded white.
+
+    ``label_values``: the values of a label map given as a zarr array (read only where the picture
+    samples it).
 
     Returns:
         A one-line warning when the slide could not be read for those areas (they stay white).
@@ -158,6 +169,7 @@ def write_sample_overlay(
         label_origin=((gx - l_origin[0]) / down, (gy - l_origin[1]) / down),
         label_scale=stride / down,
         pixel_size_um=float(mpp) * down if mpp else None,
+        label_values=label_values,
     )
     return warning
 
@@ -227,6 +239,132 @@ def outputs_present(outputs: dict[str, str]) -> bool:
     return True
 
 
+def _plan(
+    store: str | Path,
+    out_dir: str | Path,
+    layer: int,
+    spec: ClusterSpec,
+    kmeans: KMeansRef | None,
+) -> dict[str, Any]:
+    """The sample's names, feature grid and segment key; ``"done"``: the finished result, when its
+    marker has the key and its outputs are there."""
+    from equislide.files import read_json
+    from equislide.storage import params_hash, read_features_meta, read_sample_meta, store_identity
+    from equislide.storage.confine import confined
+
+    meta = read_sample_meta(store)
+    sample_id = meta["sample_id"]
+    out_dir = Path(out_dir)
+    base = confined(out_dir, out_dir / sample_id)  # the ID comes from the store's metadata
+    marker_path = base.with_name(base.name + SEGMENT_MARKER_SUFFIX)
+    fmeta = read_features_meta(store, layer)
+    identity = {
+        "format": CLUSTER_FORMAT,
+        "sample": store_identity(store),
+        "features": fmeta["params_sha256"],
+        "kmeans": {"mode": "cohort", "sha256": kmeans.sha256} if kmeans is not None else spec.params(),
+        "outputs": OUTPUTS_FORMAT,
+    }
+    plan = {
+        "meta": meta,
+        "sample_id": sample_id,
+        "out_dir": out_dir,
+        "base": base,
+        "marker_path": marker_path,
+        "fmeta": fmeta,
+        "stride": int(fmeta["stride"]),
+        "identity": identity,
+        "key": params_hash(identity),
+        "done": None,
+    }
+    marker = read_json(marker_path)
+    if marker is not None and marker.get("key") == plan["key"]:
+        result = dict(marker["result"])
+        result["outputs"] = {k: os.path.normpath(out_dir / v) for k, v in result["outputs"].items()}
+        if outputs_present(result["outputs"]):
+            plan["done"] = {**result, "status": "skipped", "seconds": 0.0}
+        # Else the marker vouches for outputs that are gone (deleted, or a concurrent run): write again.
+    return plan
+
+
+def _fitted_model(plan: dict[str, Any], store: str | Path, layer: int, spec: ClusterSpec) -> tuple[Any, str]:
+    """The sample's own K-means (the paper's protocol), fitted and saved beside its outputs."""
+    from equislide.stages.cluster import fit_store
+
+    base = plan["base"]
+    model = fit_store(store, layer=layer, stride=plan["stride"], spec=spec)
+    model_path = str(base.with_name(base.name + ".kmeans.safetensors"))
+    model.save(model_path, provenance=plan["identity"])
+    return model, model_path
+
+
+def _write_outputs(
+    plan: dict[str, Any],
+    store: str | Path,
+    stitched: dict[str, Any],
+    *,
+    k: int,
+    model_path: str,
+    label_counts: dict[int, int],
+    values: dict[str, list[int]] | None = None,
+) -> dict[str, Any]:
+    """OME-Zarr, overlay PNG and GeoJSON of a stitched map (numpy, or zarr arrays with ``values``),
+    then the marker (last). Returns the result without ``status`` and ``seconds``."""
+    from equislide.files import atomic_write_json, sha256_file
+    from equislide.storage import labels_to_geojson, write_geojson
+
+    meta, base, sample_id, stride = plan["meta"], plan["base"], plan["sample_id"], plan["stride"]
+    out_dir = plan["out_dir"]
+    labels = stitched["labels"]
+    names = {v + 1: f"cluster {v + 1}" for v in range(k)}
+    outputs = {
+        "ome_zarr": str(base.with_name(base.name + ".ome.zarr")),
+        "overlay_png": str(base.with_name(base.name + ".png")),
+        "geojson": str(base.with_name(base.name + ".geojson")),
+        "kmeans": model_path,
+    }
+    base.parent.mkdir(parents=True, exist_ok=True)
+    warnings = list(meta.get("warnings") or [])
+    lazy = {"label_values": values} if values is not None else {}
+    write_sample_ome_zarr(outputs["ome_zarr"], store, meta, stitched, stride=stride, names=names, **lazy)
+    warning = write_sample_overlay(
+        outputs["overlay_png"],
+        store,
+        meta,
+        stitched,
+        stride=stride,
+        names=names,
+        title=sample_id,
+        label_values=None if values is None else values["clusters"],
+    )
+    if warning:
+        warnings.append(warning)
+    geojson = labels_to_geojson(
+        labels,
+        stride=stride,
+        l0_per_l=stitched["l0_per_l"],
+        l0_offset=stitched["l0_origin"],
+        names=names,
+        sample_id=sample_id,
+    )
+    write_geojson(outputs["geojson"], clip_to_slide(geojson, meta.get("source_dimensions")))
+    result = {
+        "sample_id": sample_id,
+        "outputs": outputs,
+        "label_counts": {str(int(v)): int(c) for v, c in sorted(label_counts.items())},
+        "shape": [int(v) for v in labels.shape],
+        "stride": stride,
+        "pixel_size_um": stitched["pixel_size_um"],
+        "kmeans_sha256": sha256_file(model_path),
+        "warnings": warnings,
+    }
+    # The marker names files relative to out_dir, so two runs in different folders write the same bytes.
+    stored = {**result, "outputs": {k: os.path.relpath(v, out_dir) for k, v in outputs.items()}}
+    doc = {"format": CLUSTER_FORMAT, "key": plan["key"], "identity": plan["identity"], "result": stored}
+    atomic_write_json(plan["marker_path"], doc)
+    return result
+
+
 def segment_store(
     store: str | Path,
     out_dir: str | Path,
@@ -236,6 +374,9 @@ def segment_store(
     kmeans: KMeansRef | None = None,
 ) -> dict[str, Any]:
     """Label map and viewable outputs of one sample (skipped when already written with the same key).
+
+    The whole label map is stitched in this process; :func:`segment_store_ranges` writes the same
+    outputs from tile ranges spread over several processes, a band of the map at a time.
 
     Args:
         store: A finished tile store with features of ``layer``.
@@ -250,100 +391,223 @@ def segment_store(
         ``{"sample_id", "status", "outputs" {name: path}, "label_counts" {value: px}, "shape",
         "pixel_size_um", "seconds"}``.
     """
-    from equislide.files import atomic_write_json, read_json, sha256_file
     from equislide.models.kmeans import KMeansModel
-    from equislide.stages.cluster import fit_store
     from equislide.stages.features import feature_batches
-    from equislide.storage import (
-        labels_to_geojson,
-        params_hash,
-        read_features_meta,
-        read_sample_meta,
-        stitch_store,
-        store_identity,
-        write_geojson,
-    )
+    from equislide.storage import stitch_store
 
     spec = spec or ClusterSpec()
     t0 = time.perf_counter()
-    meta = read_sample_meta(store)
-    sample_id = meta["sample_id"]
-    from equislide.storage.confine import confined
-
-    out_dir = Path(out_dir)
-    base = confined(out_dir, out_dir / sample_id)  # the ID comes from the store's metadata
-    marker_path = base.with_name(base.name + SEGMENT_MARKER_SUFFIX)
-    fmeta = read_features_meta(store, layer)
-    stride = int(fmeta["stride"])
-    identity = {
-        "format": CLUSTER_FORMAT,
-        "sample": store_identity(store),
-        "features": fmeta["params_sha256"],
-        "kmeans": {"mode": "cohort", "sha256": kmeans.sha256} if kmeans is not None else spec.params(),
-        "outputs": OUTPUTS_FORMAT,
-    }
-    key = params_hash(identity)
-    marker = read_json(marker_path)
-    if marker is not None and marker.get("key") == key:
-        result = dict(marker["result"])
-        result["outputs"] = {k: os.path.normpath(out_dir / v) for k, v in result["outputs"].items()}
-        if outputs_present(result["outputs"]):
-            return {**result, "status": "skipped", "seconds": 0.0}
-        # The marker vouches for outputs that are gone (deleted, or a concurrent run): write them again.
-
+    plan = _plan(store, out_dir, layer, spec, kmeans)
+    if plan["done"] is not None:
+        return plan["done"]
+    meta, fmeta = plan["meta"], plan["fmeta"]
     if kmeans is not None:
-        model = KMeansModel.load(kmeans.path)
-        model_path = kmeans.path
+        model, model_path = KMeansModel.load(kmeans.path), kmeans.path
     else:
-        model = fit_store(store, layer=layer, stride=stride, spec=spec)
-        model_path = str(base.with_name(base.name + ".kmeans.safetensors"))
-        model.save(model_path, provenance=identity)
+        model, model_path = _fitted_model(plan, store, layer, spec)
     tile_labels = np.zeros((int(meta["n_tiles"]), int(fmeta["f_tile"]), int(fmeta["f_tile"])), np.uint16)
     for start, feats in feature_batches(store, layer):
         tile_labels[start : start + len(feats)] = model.predict(feats)
-    stitched = stitch_store(store, tile_labels, stride=stride, image=False)
-    labels = stitched["labels"]
-    pixel_size = stitched["pixel_size_um"]
-    names = {v + 1: f"cluster {v + 1}" for v in range(model.k)}
-    outputs = {
-        "ome_zarr": str(base.with_name(base.name + ".ome.zarr")),
-        "overlay_png": str(base.with_name(base.name + ".png")),
-        "geojson": str(base.with_name(base.name + ".geojson")),
-        "kmeans": model_path,
-    }
-    base.parent.mkdir(parents=True, exist_ok=True)
-    warnings = list(meta.get("warnings") or [])
-    write_sample_ome_zarr(outputs["ome_zarr"], store, meta, stitched, stride=stride, names=names)
-    warning = write_sample_overlay(
-        outputs["overlay_png"], store, meta, stitched, stride=stride, names=names, title=sample_id
+    stitched = stitch_store(store, tile_labels, stride=plan["stride"], image=False)
+    values, counts = np.unique(stitched["labels"], return_counts=True)
+    result = _write_outputs(
+        plan,
+        store,
+        stitched,
+        k=model.k,
+        model_path=model_path,
+        label_counts=dict(zip(values.tolist(), counts.tolist(), strict=True)),
     )
-    if warning:
-        warnings.append(warning)
-    geojson = labels_to_geojson(
-        labels,
-        stride=stride,
-        l0_per_l=stitched["l0_per_l"],
-        l0_offset=stitched["l0_origin"],
-        names=names,
-        sample_id=sample_id,
-    )
-    write_geojson(outputs["geojson"], clip_to_slide(geojson, meta.get("source_dimensions")))
-    values, counts = np.unique(labels, return_counts=True)
-    result = {
-        "sample_id": sample_id,
-        "outputs": outputs,
-        "label_counts": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
-        "shape": [int(v) for v in labels.shape],
-        "stride": stride,
-        "pixel_size_um": pixel_size,
-        "kmeans_sha256": sha256_file(model_path),
-        "warnings": warnings,
-    }
-    # The marker names files relative to out_dir, so two runs in different folders write the same bytes.
-    stored = {**result, "outputs": {k: os.path.relpath(v, out_dir) for k, v in outputs.items()}}
-    marker_doc = {"format": CLUSTER_FORMAT, "key": key, "identity": identity, "result": stored}
-    atomic_write_json(marker_path, marker_doc)
     return {**result, "status": "written", "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def segment_ranges(store: str | Path) -> list[tuple[int, int]]:
+    """The tile ranges a sample is segmented in: its feature ranges
+    (:func:`~equislide.stages.features.feature_ranges`), whole feature shards, so each range reads
+    whole feature chunks and writes whole label chunks."""
+    from equislide.stages.features import feature_ranges
+
+    return feature_ranges(store)
+
+
+def segment_store_ranges(
+    store: str | Path,
+    out_dir: str | Path,
+    *,
+    layer: int,
+    spec: ClusterSpec | None = None,
+    kmeans: KMeansRef | None = None,
+    ranges: Sequence[tuple[int, int]] | None = None,
+    band_rows: int | None = None,
+) -> dict[str, Any]:
+    """:func:`segment_store` in tile ranges: several processes may segment ranges of one sample at once.
+
+    Each range's cluster maps go into the sample's shared partial label array
+    (:func:`~equislide.storage.label_ranges.open_label_ranges`, ``<sample_id>.segment.partial``) and a
+    done file; the call that finds every range done stitches the map there a band at a time and writes
+    the outputs from it (the OME-Zarr level by level and band by band, the overlay from the rows it
+    samples, the GeoJSON from band polygons merged per label), then the marker, then removes the
+    partial. No process holds the slide's whole label map. The outputs equal :func:`segment_store`'s
+    (the GeoJSON's geometry, up to the order of the polygons in a MultiPolygon). A rerun after a kill
+    computes only the ranges without a done file; a partial of another key is discarded.
+
+    Args:
+        store, out_dir, layer, spec, kmeans: As :func:`segment_store`. With ``kmeans`` None, the first
+            range to run fits the sample's model (under the partial's lock) and the others load it.
+        ranges: Ranges of :func:`segment_ranges` (a share of the sample); default all of them.
+        band_rows: Rows of the label map per band (and its chunk side) when publishing; default
+            :data:`~equislide.storage.label_ranges.MAP_CHUNK`.
+
+    Returns:
+        ``{"sample_id", "status" ("written" | "skipped"), "n_tiles" (of the store), "tiles_done" (here),
+        "ranges" [{"start", "stop", "status", "seconds"}], "published" (this call found the sample
+        complete: its outputs and marker are written), "seconds"}``; when published also
+        :func:`segment_store`'s keys (``outputs``, ``label_counts``, ...).
+    """
+    import shutil
+
+    from equislide.storage import feature_shard_tiles, open_features
+    from equislide.storage.label_ranges import PARTIAL_SUFFIX, open_label_ranges
+    from equislide.storage.ranges import folder_lock
+
+    spec = spec or ClusterSpec()
+    t0 = time.perf_counter()
+    plan = _plan(store, out_dir, layer, spec, kmeans)
+    todo = segment_ranges(store) if ranges is None else [(int(a), int(b)) for a, b in ranges]
+    n = int(plan["meta"]["n_tiles"])
+    share = {"sample_id": plan["sample_id"], "n_tiles": n}
+
+    def report(results: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+        written = any(r["status"] == "written" for r in results) or extra.get("status") == "written"
+        return {
+            **extra,
+            **share,
+            "status": "written" if written else "skipped",
+            "tiles_done": sum(r["stop"] - r["start"] for r in results if r["status"] == "written"),
+            "ranges": results,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    if plan["done"] is not None:
+        skipped = [{"start": a, "stop": b, "status": "skipped", "seconds": 0.0} for a, b in todo]
+        return report(skipped, {**plan["done"], "published": True})
+    base, fmeta = plan["base"], plan["fmeta"]
+    partial = base.with_name(base.name + PARTIAL_SUFFIX)
+    writer = open_label_ranges(
+        partial,
+        n_tiles=n,
+        f_tile=int(fmeta["f_tile"]),
+        shard_tiles=feature_shard_tiles(n),
+        key=plan["key"],
+    )
+    model = model_path = None
+    results = []
+    for start, stop in todo:
+        if writer.is_done(start, stop):  # done before, or by another process meanwhile
+            results.append({"start": start, "stop": stop, "status": "skipped", "seconds": 0.0})
+            continue
+        r0 = time.perf_counter()
+        if model is None:
+            model, model_path = _range_model(plan, writer.path, store, layer, spec, kmeans)
+        feats = open_features(store, layer, tiles_per_chunk=writer.shard_tiles)
+        for s0 in range(start, stop, writer.shard_tiles):
+            s1 = min(stop, s0 + writer.shard_tiles)
+            block = np.asarray(feats[s0:s1].compute(scheduler="synchronous"))
+            writer.write(s0, np.asarray(model.predict(block)).astype(np.uint16))
+        writer.mark_done(start, stop)
+        results.append(
+            {"start": start, "stop": stop, "status": "written", "seconds": round(time.perf_counter() - r0, 3)}
+        )
+    if not writer.complete():
+        return report(results, {"published": False})
+    try:
+        if model is None:  # every range was done before: load the model (its own lock, so not below)
+            model, model_path = _range_model(plan, writer.path, store, layer, spec, kmeans)
+        with folder_lock(writer.path):  # one finishing call per sample; a second finds the marker
+            again = _plan(store, out_dir, layer, spec, kmeans)
+            if again["done"] is not None:
+                return report(results, {**again["done"], "published": True})
+            result = _publish_ranges(
+                plan, store, writer, k=model.k, model_path=model_path, band_rows=band_rows
+            )
+            shutil.rmtree(writer.path, ignore_errors=True)  # under the lock: a waiting call finds the marker
+    except FileNotFoundError:
+        # Another call published the sample and removed the partial before this one could lock it.
+        again = _plan(store, out_dir, layer, spec, kmeans)
+        if again["done"] is None:
+            raise
+        return report(results, {**again["done"], "published": True})
+    return report(results, {**result, "status": "written", "published": True})
+
+
+def segment_share(
+    share: tuple[str | Path, Sequence[tuple[int, int]] | None],
+    *,
+    out_dir: str | Path,
+    layer: int,
+    spec: ClusterSpec | None = None,
+    kmeans: KMeansRef | None = None,
+) -> dict[str, Any]:
+    """One work unit's share ``(store, ranges)`` as the flow's segment tasks pass it (one picklable
+    argument): ranges None, the whole sample (:func:`segment_store`); else those ranges
+    (:func:`segment_store_ranges`, publishing when they complete the sample)."""
+    store, ranges = share
+    if ranges is None:
+        return segment_store(store, out_dir, layer=layer, spec=spec, kmeans=kmeans)
+    return segment_store_ranges(store, out_dir, layer=layer, spec=spec, kmeans=kmeans, ranges=ranges)
+
+
+def _range_model(
+    plan: dict[str, Any],
+    partial: Path,
+    store: str | Path,
+    layer: int,
+    spec: ClusterSpec,
+    kmeans: KMeansRef | None,
+) -> tuple[Any, str]:
+    """The cohort model, or the sample's own: fitted once (the first range's call, under the partial's
+    lock; the fit is seeded, so which call fits does not matter) and loaded by the others."""
+    from equislide.files import atomic_write_json
+    from equislide.models.kmeans import KMeansModel
+    from equislide.storage.ranges import folder_lock
+
+    if kmeans is not None:
+        return KMeansModel.load(kmeans.path), kmeans.path
+    base = plan["base"]
+    model_path = str(base.with_name(base.name + ".kmeans.safetensors"))
+    fitted = partial / "kmeans-fitted.json"  # in the partial: a partial of another key never vouches
+    with folder_lock(partial):
+        if fitted.is_file() and Path(model_path).is_file():
+            return KMeansModel.load(model_path), model_path
+        model, model_path = _fitted_model(plan, store, layer, spec)
+        atomic_write_json(fitted, {"path": os.path.basename(model_path)})
+        return model, model_path
+
+
+def _publish_ranges(
+    plan: dict[str, Any],
+    store: str | Path,
+    writer: Any,
+    *,
+    k: int,
+    model_path: str,
+    band_rows: int | None = None,
+) -> dict[str, Any]:
+    """Stitch a complete partial's map in bands and write the outputs and the marker from it."""
+    from equislide.storage.label_ranges import MAP_CHUNK, stitch_label_map
+
+    stitched = stitch_label_map(
+        store, writer.tile_labels, writer.group, stride=plan["stride"], band_rows=band_rows or MAP_CHUNK
+    )
+    return _write_outputs(
+        plan,
+        store,
+        stitched,
+        k=k,
+        model_path=model_path,
+        label_counts=stitched["label_counts"],
+        values=stitched["values"],
+    )
 
 
 def tma_slides(stores: Sequence[str | Path]) -> dict[str, list[str]]:

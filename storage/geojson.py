@@ -70,39 +70,29 @@ def ring_area(ring: np.ndarray | list) -> float:
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
 
 
-def _label_geometries(labels: np.ndarray, *, simplify: float, min_area: float) -> dict[int, Any]:
+def _label_geometries(labels: Any, *, simplify: float, min_area: float) -> dict[int, Any]:
     """``{label value: shapely MultiPolygon}`` in ``f_`` (x, y), oriented, simplified and valid.
 
-    One polygonizer pass over the whole map serves every label value.
+    One polygonizer pass over the whole map serves every label value. A map that is not a numpy array
+    (a zarr array: a whole slide's map, stitched in bands) is traced from a file, never whole in
+    memory (:func:`_traced_from_disk`).
     """
     import shapely
-    from rasterio.features import shapes
 
-    labels = np.asarray(labels)
-    if labels.dtype not in _GDAL_DTYPES:
-        if labels.size and (labels.min() < np.iinfo(np.int32).min or labels.max() > np.iinfo(np.int32).max):
-            raise ValueError(f"label values of {labels.dtype} beyond int32 cannot be traced")
-        labels = labels.astype(np.int32)
-    mask = labels > NO_TISSUE
-    if not mask.any():
+    if not isinstance(labels, np.ndarray) and hasattr(labels, "chunks"):
+        polygons, values = _traced_from_disk(labels, min_area=min_area)
+    else:
+        polygons, values = _traced(np.asarray(labels), min_area=min_area)
+    if not polygons:
         return {}
-    polygons, values = [], []
-    for geom, value in shapes(labels, mask=mask, connectivity=4):
-        # Rings as arrays: about 3x faster than shapely.geometry.shape on the nested tuples.
-        rings = [np.asarray(ring, dtype=np.float64) for ring in geom["coordinates"]]
-        if min_area > 0 and abs(ring_area(rings[0])) < min_area:
-            continue
-        polygons.append(shapely.Polygon(rings[0], rings[1:]))
-        values.append(int(value))
     polygons = shapely.orient_polygons(np.asarray(polygons, dtype=object))  # exteriors CCW, holes CW
     values = np.asarray(values)
+    exact = {v: shapely.multipolygons(polygons[values == v]) for v in np.unique(values).tolist()}
     out = {}
-    for value in np.unique(values).tolist():
-        exact = shapely.multipolygons(polygons[values == value])
-        geometry = exact
+    for value, geometry in exact.items():
         if simplify > 0:
             # One call over the whole MultiPolygon: JTS then also keeps its parts from crossing each other.
-            simple = shapely.simplify(exact, simplify, preserve_topology=True)
+            simple = shapely.simplify(geometry, simplify, preserve_topology=True)
             if simple.geom_type == "Polygon":
                 simple = shapely.multipolygons([simple])
             # Should GEOS ever hand back something invalid, the exact rings (valid as traced) are kept.
@@ -112,6 +102,82 @@ def _label_geometries(labels: np.ndarray, *, simplify: float, min_area: float) -
             raise ValueError(f"label {value}: invalid polygon ({shapely.is_valid_reason(geometry)})")
         out[value] = geometry
     return out
+
+
+def _traced(labels: np.ndarray, *, min_area: float) -> tuple[list[Any], list[int]]:
+    """GDAL's 4-connected polygons of the map's labelled pixels and their values."""
+    import shapely
+    from rasterio.features import shapes
+
+    if labels.dtype not in _GDAL_DTYPES:
+        if labels.size and (labels.min() < np.iinfo(np.int32).min or labels.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"label values of {labels.dtype} beyond int32 cannot be traced")
+        labels = labels.astype(np.int32)
+    mask = labels > NO_TISSUE
+    if not mask.any():
+        return [], []
+    polygons, values = [], []
+    for geom, value in shapes(labels, mask=mask, connectivity=4):
+        # Rings as arrays: about 3x faster than shapely.geometry.shape on the nested tuples.
+        rings = [np.asarray(ring, dtype=np.float64) for ring in geom["coordinates"]]
+        if min_area > 0 and abs(ring_area(rings[0])) < min_area:
+            continue
+        polygons.append(shapely.Polygon(rings[0], rings[1:]))
+        values.append(int(value))
+    return polygons, values
+
+
+def _traced_from_disk(labels: Any, *, min_area: float) -> tuple[list[Any], list[int]]:
+    """:func:`_traced` of a lazy map without holding it: GDAL's polygonizer reads scanlines from a file.
+
+    The map is copied a band of chunk rows at a time into an uncompressed GeoTIFF (and its mask into a
+    second one) beside the zarr array, and :func:`rasterio.features.shapes` polygonizes the file's
+    band, reading it line by line and keeping only the polygons still open. It is the very pass the
+    in-memory path makes, so the polygons, their vertices and their order are the same, and so is
+    the simplified geometry (which depends on the order: JTS simplifies a MultiPolygon's rings one
+    after the other, each checked against the others). Tracing bands apart and merging them with
+    ``unary_union`` gives the same exact geometry but rings in another order, and then a few vertices
+    differ after simplification.
+    """
+    import tempfile
+    import warnings
+
+    import rasterio
+    import shapely
+    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.features import shapes
+    from rasterio.windows import Window
+
+    h, w = (int(v) for v in labels.shape)
+    dtype = np.dtype(labels.dtype)
+    if dtype not in _GDAL_DTYPES:
+        dtype = np.dtype(np.int32)
+    root = getattr(getattr(labels, "store", None), "root", None)
+    where = str(root) if root is not None and Path(str(root)).is_dir() else None
+    band = max(1, int(labels.chunks[0]))
+    polygons, values = [], []
+    profile = {"driver": "GTiff", "width": w, "height": h, "count": 1, "BIGTIFF": "IF_SAFER"}
+    with tempfile.TemporaryDirectory(prefix=".trace-", dir=where) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # pixel coordinates are what we want
+        lab_path, mask_path = Path(tmp) / "labels.tif", Path(tmp) / "mask.tif"
+        with (
+            rasterio.open(lab_path, "w", dtype=dtype, **profile) as lab,
+            rasterio.open(mask_path, "w", dtype="uint8", **profile) as mask,
+        ):
+            for r0 in range(0, h, band):
+                block = np.asarray(labels[r0 : r0 + band])
+                window = Window(0, r0, w, block.shape[0])
+                lab.write(block.astype(dtype, copy=False), 1, window=window)
+                mask.write((block > NO_TISSUE).astype(np.uint8), 1, window=window)
+        with rasterio.open(lab_path) as lab, rasterio.open(mask_path) as mask:
+            traced = shapes(rasterio.band(lab, 1), mask=rasterio.band(mask, 1), connectivity=4)
+            for geom, value in traced:
+                rings = [np.asarray(ring, dtype=np.float64) for ring in geom["coordinates"]]
+                if min_area > 0 and abs(ring_area(rings[0])) < min_area:
+                    continue
+                polygons.append(shapely.Polygon(rings[0], rings[1:]))
+                values.append(int(value))
+    return polygons, values
 
 
 def _rings(polygon: Any) -> list[np.ndarray]:
@@ -155,7 +221,9 @@ def labels_to_geojson(
     """A GeoJSON FeatureCollection of the label map's clusters, in slide level-0 px.
 
     Args:
-        labels: ``(rows, cols)`` label map at feature resolution (0 = no tissue, ``k + 1`` = cluster ``k``).
+        labels: ``(rows, cols)`` label map at feature resolution (0 = no tissue, ``k + 1`` = cluster ``k``);
+            a zarr array is copied a band of chunk rows at a time into a file that GDAL's
+            polygonizer reads line by line (the same output, without the map in memory).
         stride: Analysis px per label px.
         l0_per_l: Level-0 px per analysis px (analysis mpp / source mpp), or ``(x, y)`` factors.
         l0_offset: ``(l0_x, l0_y)`` of the sample's analysis origin in the slide.
@@ -172,8 +240,9 @@ def labels_to_geojson(
     factors = np.broadcast_to(np.asarray(l0_per_l, dtype=np.float64), (2,))
     if not stride > 0 or not (factors > 0).all():
         raise ValueError(f"stride={stride!r} and l0_per_l={l0_per_l!r} must be > 0")
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+    if isinstance(labels, np.ndarray) or not hasattr(labels, "chunks"):
+        labels = np.asarray(labels)
+    if len(labels.shape) != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be a 2-D integer map, got {labels.dtype} {labels.shape}")
     scale = float(stride) * factors
     offset = np.asarray(l0_offset, dtype=np.float64)

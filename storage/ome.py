@@ -344,6 +344,15 @@ def _nearest_index(
     return np.clip(idx, 0, n_in - 1), inside
 
 
+def _label_array(key: str, lab: Any, values: Mapping[str, Sequence[int]] | None) -> Any:
+    """A label map as given: a numpy array, or a zarr array kept lazy when its values are given."""
+    if isinstance(lab, np.ndarray) or not hasattr(lab, "chunks"):
+        return np.asarray(lab)
+    if values is None or key not in values:
+        raise ValueError(f"labels[{key!r}] is a lazy array: label_values[{key!r}] must list its values")
+    return lab
+
+
 def write_ome_zarr(
     path: str | Path,
     image: Any,
@@ -358,6 +367,7 @@ def write_ome_zarr(
     translation_um: tuple[float, float] | None = None,
     attributes: Mapping[str, Any] | None = None,
     ngff_version: str = NGFF_VERSION,
+    label_values: Mapping[str, Sequence[int]] | None = None,
     min_side: int = 256,
     max_levels: int = 10,
     chunk: int = 512,
@@ -384,6 +394,9 @@ def write_ome_zarr(
             centres line up. None: no translation.
         attributes: JSON-able metadata stored beside the NGFF metadata under ``"equislide"``.
         ngff_version: ``"0.5"`` (zarr v3) or ``"0.4"`` (zarr v2).
+        label_values: ``{name: values present}`` of a label map given as a zarr array (a whole
+            slide's, stitched in bands): such a map is read only a band of the rows each level's band
+            needs, never whole, and its values (for the colours and names) come from here.
         min_side: Stop adding levels once the largest side is at most this.
         max_levels: At most this many levels.
         chunk: Chunk side in pixels (and rows per band written).
@@ -412,13 +425,15 @@ def write_ome_zarr(
             f"need label_upsample >= 1 and label_offset >= 0, got {label_upsample}, {label_offset}"
         )
     h, w = shape[:2]
-    labels = {k: np.asarray(v) for k, v in (labels or {}).items()}
+    labels = {k: _label_array(k, v, label_values) for k, v in (labels or {}).items()}
     for key, lab in labels.items():
         if not key or "/" in key or key.startswith("."):
             raise ValueError(f"label name {key!r} must be a plain folder name")
         covers = lab.ndim == 2 and lab.shape[0] * up >= h + oy and lab.shape[1] * up >= w + ox
         exact = up > 1 or (ox, oy) != (0, 0) or lab.shape == (h, w)
-        if not (covers and exact) or not np.issubdtype(lab.dtype, np.integer) or (lab < 0).any():
+        lazy = not isinstance(lab, np.ndarray)
+        negative = np.issubdtype(lab.dtype, np.signedinteger) if lazy else bool((lab < 0).any())
+        if not (covers and exact) or not np.issubdtype(lab.dtype, np.integer) or negative:
             need = f"shape {(h, w)}" if up == 1 and (ox, oy) == (0, 0) else f"{up} px per label covering it"
             raise ValueError(
                 f"labels[{key!r}] must be a non-negative integer map over the {(h, w)} image ({need}), "
@@ -468,7 +483,8 @@ def write_ome_zarr(
         names = (label_names or {}).get(key)
         if names is None and key == "tissue":
             names = {0: "background", 1: "tissue"}
-        attrs = _label_attrs(ngff_version, key, np.unique(lab).tolist(), transforms, colors, names)
+        values = list(label_values[key]) if not isinstance(lab, np.ndarray) else np.unique(lab).tolist()
+        attrs = _label_attrs(ngff_version, key, values, transforms, colors, names)
         validate_label_attrs(attrs, ndim=2, n_levels=n_levels)
         all_label_attrs[key] = attrs
 
@@ -519,15 +535,25 @@ def write_ome_zarr(
             lab_root = root.require_group("labels")
             for key, lab in labels.items():
                 g = lab_root.require_group(key)
-                top = int(lab.max()) if lab.size else 0
-                data = lab.astype(np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32)
+                lazy = not isinstance(lab, np.ndarray)
+                if lazy:
+                    top = max((int(v) for v in label_values[key]), default=0)
+                else:
+                    top = int(lab.max()) if lab.size else 0
+                out_dtype = np.dtype(np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32)
+                data = lab if lazy else lab.astype(out_dtype)
                 for i, (lh, lw) in enumerate(shapes):
-                    arr = create(g, str(i), (lh, lw), data.dtype, ("y", "x"))
+                    arr = create(g, str(i), (lh, lw), out_dtype, ("y", "x"))
                     cols, col_in = _nearest_index(lw, i, up, ox, data.shape[1])
                     rows, row_in = _nearest_index(lh, i, up, oy, data.shape[0])
                     for y0 in range(0, lh, chunk):
                         y1 = min(y0 + chunk, lh)
-                        band = data[rows[y0:y1]][:, cols]
+                        if lazy:  # only the map rows under this band: a whole slide's map stays on disk
+                            lo, hi = int(rows[y0:y1].min()), int(rows[y0:y1].max()) + 1
+                            block = np.asarray(data[lo:hi]).astype(out_dtype)
+                            band = block[rows[y0:y1] - lo][:, cols]
+                        else:
+                            band = data[rows[y0:y1]][:, cols]
                         band[~(row_in[y0:y1, None] & col_in[None, :])] = NO_TISSUE
                         arr[y0:y1] = band
                 g.attrs.update(all_label_attrs[key])

@@ -62,7 +62,16 @@ def _label_grid(
     rows = np.floor((np.arange(h) + 0.5 - origin[1]) / scale).astype(np.int64)
     cols = np.floor((np.arange(w) + 0.5 - origin[0]) / scale).astype(np.int64)
     ok = ((rows >= 0) & (rows < labels.shape[0]))[:, None] & ((cols >= 0) & (cols < labels.shape[1]))[None]
-    big = labels[np.clip(rows, 0, labels.shape[0] - 1)][:, np.clip(cols, 0, labels.shape[1] - 1)]
+    rows, cols = np.clip(rows, 0, labels.shape[0] - 1), np.clip(cols, 0, labels.shape[1] - 1)
+    if isinstance(labels, np.ndarray):
+        big = labels[rows][:, cols]
+    else:  # a lazy (zarr) map: read only the rows under each band of picture rows
+        big = np.empty((h, w), labels.dtype)
+        band = max(1, int(labels.chunks[0]))
+        for y0 in range(0, h, band):
+            part = rows[y0 : y0 + band]
+            lo, hi = int(part.min()), int(part.max()) + 1
+            big[y0 : y0 + band] = np.asarray(labels[lo:hi])[part - lo][:, cols]
     return np.where(ok, big, NO_TISSUE)
 
 
@@ -77,6 +86,7 @@ def render_overlay(
     label_origin: tuple[float, float] = (0.0, 0.0),
     label_scale: float | None = None,
     pixel_size_um: float | None = None,
+    label_values: list[int] | None = None,
 ):
     """Blend the label colours over ``image``; add a legend, a title and a scale bar.
 
@@ -91,6 +101,8 @@ def render_overlay(
         label_scale: Image px per label px; None: the label map is stretched over the whole image
             (nearest).
         pixel_size_um: µm per image px; draws a scale bar of a round length (none when None).
+        label_values: The values present in ``labels``; required (for the legend) when ``labels`` is a
+            lazy zarr array (a whole slide's map), which is then read only where the picture samples it.
 
     Returns:
         A ``PIL.Image.Image`` (RGB). The legend goes right of a portrait picture and below a landscape
@@ -99,10 +111,14 @@ def render_overlay(
     from PIL import Image, ImageDraw
 
     image = np.asarray(image)
-    labels = np.asarray(labels)
+    lazy = not isinstance(labels, np.ndarray) and hasattr(labels, "chunks")
+    if lazy and label_values is None:
+        raise ValueError("labels is a lazy array: label_values must list its values")
+    if not lazy:
+        labels = np.asarray(labels)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
         raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer) or 0 in labels.shape:
+    if len(labels.shape) != 2 or not np.issubdtype(labels.dtype, np.integer) or 0 in labels.shape:
         raise ValueError(f"labels must be a non-empty 2-D integer map, got {labels.dtype} {labels.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be within [0, 1]")
@@ -110,8 +126,9 @@ def render_overlay(
         raise ValueError(f"pixel_size_um={pixel_size_um!r} must be > 0")
     h, w = image.shape[:2]
     big = _label_grid((h, w), labels, label_origin, label_scale)
-    values = [int(v) for v in np.unique(labels) if v != NO_TISSUE and v > 0]
-    lut = np.zeros((int(labels.max()) + 1, 3), np.float32)
+    present = [int(v) for v in (label_values if lazy else np.unique(labels))]
+    values = [v for v in present if v != NO_TISSUE and v > 0]
+    lut = np.zeros((max(present, default=0) + 1, 3), np.float32)
     for v in values:
         lut[v] = label_color(v)
     painted = big > 0

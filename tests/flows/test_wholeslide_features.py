@@ -1,5 +1,6 @@
-"""One large sample's features spread over every worker: several tasks of shard-aligned tile ranges on
-a real 2-worker Dask cluster with a real Prefect server, and the same bytes as a 1-worker run."""
+"""One large sample's tiles, features and label maps spread over every worker: several tasks of
+shard-aligned tile ranges on a real 2-worker Dask cluster with a real Prefect server, and the same bytes
+(stores and outputs) as a 1-worker run."""
 
 from __future__ import annotations
 
@@ -88,6 +89,14 @@ def test_large_sample_features_run_on_both_workers_with_single_worker_bytes(
     tiled = [m for m in logs if re.fullmatch(r"tile big tiles \d+-\d+ on worker tcp://\S+", m)]
     assert len(tiled) >= 2 and len({m.rsplit(" ", 1)[1] for m in tiled}) == 2, logs
     assert sample["timings"]["tile_s"] > 0
+    # So does the segment stage: range shares on both workers, the last one writing the outputs.
+    segmented = [m for m in logs if re.fullmatch(r"segment big tiles \d+-\d+ on worker tcp://\S+", m)]
+    assert len(segmented) >= 2 and len({m.rsplit(" ", 1)[1] for m in segmented}) == 2, logs
+    spans = sorted(tuple(map(int, m.split()[3].split("-"))) for m in segmented)
+    assert spans[0][0] == 0 and spans[-1][1] == ranges[-1][1]
+    assert all(b == c for (_, b), (c, _) in zip(spans, spans[1:], strict=False))
+    assert sample["timings"]["segment_s"] > 0 and Path(sample["outputs"]["geojson"]).stat().st_size > 0
+    assert not list((tmp_path / "two" / "samples").glob("*.segment.partial"))
 
     with worker_environment():
         single = LocalCluster(
