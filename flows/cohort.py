@@ -300,17 +300,10 @@ def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec, pr
     submitted first, so a cohort of mixed sizes ends close to total work / workers. The share that
     finishes a sample's last range publishes it (no barrier over the cohort). GPU-annotated only where
     workers advertise a GPU: CPU clusters never hang."""
-    from equislide.storage import read_sample_meta
-
     gpu = gpu_workers() > 0  # asked again, not from the start: GPU workers may have joined since
     draws = str(state.models_dir / DRAWS_DIR) if cluster.fit == "cohort" else None
     live = state.live()
-    sizes = {}
-    for sid, store in live:
-        try:
-            sizes[sid] = int(read_sample_meta(store)["n_tiles"])
-        except Exception:  # noqa: BLE001 - an unreadable store fails in its task, with its reason
-            sizes[sid] = 0
+    sizes = _tile_counts(live)
     units = plan_units(
         [((sid, store), sizes[sid]) for sid, store in live],
         state.workers,
@@ -352,6 +345,19 @@ def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec, pr
             state.fail(sid, "features: every range ran but none of its tasks published the sample")
 
 
+def _tile_counts(live: list[tuple[str, str]]) -> dict[str, int]:
+    """Tiles of each live sample's store, for planning work units; 0 where the store cannot be read."""
+    from equislide.storage import read_sample_meta
+
+    sizes = {}
+    for sid, store in live:
+        try:
+            sizes[sid] = int(read_sample_meta(store)["n_tiles"])
+        except Exception:  # noqa: BLE001 - an unreadable store fails in its task, with its reason
+            sizes[sid] = 0
+    return sizes
+
+
 def _ranges_of(item: tuple[str, str]) -> list[tuple[int, int]]:
     """A large sample's tile ranges; none (not split) when its store cannot say: its task fails it."""
     try:
@@ -382,15 +388,8 @@ def _segment_stage(state: RunState, layer: int, cluster: ClusterSpec, progress: 
     """Label maps and outputs in work units, as the features stage plans them: a large sample's tile
     ranges spread over several tasks (the share that finds every range done writes the outputs, a
     band of the map at a time), small samples grouped, the largest units first."""
-    from equislide.storage import read_sample_meta
-
     live = state.live()
-    sizes = {}
-    for sid, store in live:
-        try:
-            sizes[sid] = int(read_sample_meta(store)["n_tiles"])
-        except Exception:  # noqa: BLE001 - an unreadable store fails in its task, with its reason
-            sizes[sid] = 0
+    sizes = _tile_counts(live)
     units = plan_units([((sid, store), sizes[sid]) for sid, store in live], state.workers, pieces=_ranges_of)
     shares: dict[str, list[dict[str, Any]]] = {}
 

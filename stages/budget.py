@@ -139,16 +139,20 @@ def warm() -> None:
 def _child(conn, fn, args, kwargs, with_progress) -> None:
     if with_progress:
         kwargs = {**kwargs, "progress": lambda *a: conn.send(("progress", a))}
+    _answer(conn, fn, *args, **kwargs)
+    conn.close()
+
+
+def _answer(conn, fn, *args, **kwargs) -> None:
+    """Send the parent ``fn``'s value, or its exception as a value (its words, if it does not pickle)."""
     try:
-        value = fn(*args, **kwargs)
-        message: tuple[str, Any] = ("ok", value)
+        message: tuple[str, Any] = ("ok", fn(*args, **kwargs))
     except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent as a value
         message = ("err", err)
     try:
         conn.send(message)
     except Exception as err:  # an exception (or value) that does not pickle: send its words instead
         conn.send(("err", _unpicklable(message[1], err)))
-    conn.close()
 
 
 def _allow_children():
@@ -233,14 +237,7 @@ def _serve(conn, fn) -> None:
             return
         if job is None:
             break
-        try:
-            message: tuple[str, Any] = ("ok", fn(job))
-        except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent as a value
-            message = ("err", err)
-        try:
-            conn.send(message)
-        except Exception as err:  # an exception (or value) that does not pickle: send its words instead
-            conn.send(("err", _unpicklable(message[1], err)))
+        _answer(conn, fn, job)
     conn.close()
 
 

@@ -106,7 +106,6 @@ def _label_geometries(labels: Any, *, simplify: float, min_area: float) -> dict[
 
 def _traced(labels: np.ndarray, *, min_area: float) -> tuple[list[Any], list[int]]:
     """GDAL's 4-connected polygons of the map's labelled pixels and their values."""
-    import shapely
     from rasterio.features import shapes
 
     if labels.dtype not in _GDAL_DTYPES:
@@ -116,8 +115,15 @@ def _traced(labels: np.ndarray, *, min_area: float) -> tuple[list[Any], list[int
     mask = labels > NO_TISSUE
     if not mask.any():
         return [], []
+    return _polygons(shapes(labels, mask=mask, connectivity=4), min_area=min_area)
+
+
+def _polygons(traced: Any, *, min_area: float) -> tuple[list[Any], list[int]]:
+    """Shapely polygons and values of rasterio's ``shapes`` output, dropping those under ``min_area``."""
+    import shapely
+
     polygons, values = [], []
-    for geom, value in shapes(labels, mask=mask, connectivity=4):
+    for geom, value in traced:
         # Rings as arrays: about 3x faster than shapely.geometry.shape on the nested tuples.
         rings = [np.asarray(ring, dtype=np.float64) for ring in geom["coordinates"]]
         if min_area > 0 and abs(ring_area(rings[0])) < min_area:
@@ -143,7 +149,6 @@ def _traced_from_disk(labels: Any, *, min_area: float) -> tuple[list[Any], list[
     import warnings
 
     import rasterio
-    import shapely
     from rasterio.errors import NotGeoreferencedWarning
     from rasterio.features import shapes
     from rasterio.windows import Window
@@ -155,7 +160,6 @@ def _traced_from_disk(labels: Any, *, min_area: float) -> tuple[list[Any], list[
     root = getattr(getattr(labels, "store", None), "root", None)
     where = str(root) if root is not None and Path(str(root)).is_dir() else None
     band = max(1, int(labels.chunks[0]))
-    polygons, values = [], []
     profile = {"driver": "GTiff", "width": w, "height": h, "count": 1, "BIGTIFF": "IF_SAFER"}
     with tempfile.TemporaryDirectory(prefix=".trace-", dir=where) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # pixel coordinates are what we want
@@ -171,13 +175,7 @@ def _traced_from_disk(labels: Any, *, min_area: float) -> tuple[list[Any], list[
                 mask.write((block > NO_TISSUE).astype(np.uint8), 1, window=window)
         with rasterio.open(lab_path) as lab, rasterio.open(mask_path) as mask:
             traced = shapes(rasterio.band(lab, 1), mask=rasterio.band(mask, 1), connectivity=4)
-            for geom, value in traced:
-                rings = [np.asarray(ring, dtype=np.float64) for ring in geom["coordinates"]]
-                if min_area > 0 and abs(ring_area(rings[0])) < min_area:
-                    continue
-                polygons.append(shapely.Polygon(rings[0], rings[1:]))
-                values.append(int(value))
-    return polygons, values
+            return _polygons(traced, min_area=min_area)
 
 
 def _rings(polygon: Any) -> list[np.ndarray]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from equislide.storage.labels import NO_TISSUE, _sample_mask, label_dtype
+from equislide.storage.labels import NO_TISSUE, _sample_mask, label_dtype, map_placement
 from equislide.storage.ranges import covered, folder_lock, read_done_ranges
 
 __all__ = ["MAP_CHUNK", "PARTIAL_SUFFIX", "RangeLabelWriter", "open_label_ranges", "stitch_label_map"]
@@ -182,22 +182,12 @@ def stitch_label_map(
         for v, c in zip(values.tolist(), cnt.tolist(), strict=True):
             counts[v] = counts.get(v, 0) + c
         tissue_values |= set(np.unique(on).tolist())
-    l0_per_l = meta.get("l0_per_l")
-    if l0_per_l is None:
-        mpp, src = meta.get("mpp"), meta.get("source_mpp")
-        ratio = float(mpp) / float(src) if mpp and src else 1.0
-        l0_per_l = [ratio, ratio]
-    l0_per_l = (float(l0_per_l[0]), float(l0_per_l[1]))
-    mpp = meta.get("mpp")
     return {
         "labels": labels,
         "tissue": tissue,
         "image": None,
         "overlay_image": None,
-        "l_origin": l_origin,
-        "l0_origin": (l_origin[0] * l0_per_l[0], l_origin[1] * l0_per_l[1]),
-        "l0_per_l": l0_per_l,
-        "pixel_size_um": float(mpp) * stride if mpp else None,
+        **map_placement(meta, l_origin, stride),
         "label_counts": dict(sorted(counts.items())),
         "values": {"clusters": sorted(counts), "tissue": sorted(tissue_values)},
     }

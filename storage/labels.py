@@ -511,6 +511,18 @@ def stitch_store(
             overlay = stitch_image(
                 tiles, coords, halo=int(meta["halo"]), downsample=down, shape=shape, l_origin=l_origin
             )
+    return {
+        "labels": labels,
+        "tissue": tissue,
+        "image": rgb,
+        "overlay_image": overlay,
+        **map_placement(meta, l_origin, stride),
+    }
+
+
+def map_placement(meta: dict[str, Any], l_origin: tuple[int, int], stride: int) -> dict[str, Any]:
+    """Where a stitched map sits on the slide: ``l_origin``, ``l0_origin``, ``l0_per_l`` (level-0 pixels
+    per analysis pixel, from the store's metadata or its mpp ratio) and ``pixel_size_um`` of one map pixel."""
     l0_per_l = meta.get("l0_per_l")
     if l0_per_l is None:
         mpp, src = meta.get("mpp"), meta.get("source_mpp")
@@ -519,10 +531,6 @@ def stitch_store(
     l0_per_l = (float(l0_per_l[0]), float(l0_per_l[1]))
     mpp = meta.get("mpp")
     return {
-        "labels": labels,
-        "tissue": tissue,
-        "image": rgb,
-        "overlay_image": overlay,
         "l_origin": l_origin,
         "l0_origin": (l_origin[0] * l0_per_l[0], l_origin[1] * l0_per_l[1]),
         "l0_per_l": l0_per_l,
