@@ -205,6 +205,9 @@ class ClusterSpec:
         fit: ``"cohort"`` (one model for all samples) or ``"per-sample"`` (the paper's protocol).
         backend: K-means backend: ``auto``, ``cuml``, ``torch`` or ``sklearn``.
         per_sample: Most tissue vectors drawn per sample for a fit.
+        cohort_vectors: Most vectors of a cohort fit: past it, each sample gives an equal share of its
+            draw (a seeded subset; samples with fewer vectors give all of theirs), so the fit's memory
+            stops growing with the cohort (1000 samples x 2000 vectors x 512 channels would be 4 GB).
         seed: Seeds the vector draws and K-means.
         fit_native: Pool samples tiled at native pixels (no usable resolution) into a cohort fit;
             by default they are left out of it and labelled by the model of the others.
@@ -214,6 +217,7 @@ class ClusterSpec:
     fit: FitMode = "cohort"
     backend: str = "auto"
     per_sample: int = 2000
+    cohort_vectors: int = 100_000
     seed: int = 0
     fit_native: bool = False
 
@@ -224,6 +228,8 @@ class ClusterSpec:
             raise ValueError(f"k={self.k} must be >= 2")
         if self.per_sample < 1:
             raise ValueError(f"per_sample={self.per_sample} must be >= 1")
+        if self.cohort_vectors < self.k:
+            raise ValueError(f"cohort_vectors={self.cohort_vectors} must be >= k={self.k}")
 
     def kmeans_params(self):
         """The :class:`~equislide.models.KMeansParams` of every fit of this spec (L2-normalised, CPU)."""

@@ -443,6 +443,7 @@ def cohort_flow(
     fit: str = ClusterSpec.fit,
     kmeans: str = ClusterSpec.backend,
     per_sample: int = ClusterSpec.per_sample,
+    cohort_vectors: int = ClusterSpec.cohort_vectors,
     mpp: float = TilingSpec.mpp,
     tile: int = TilingSpec.tile,
     halo: int = TilingSpec.halo,
@@ -487,6 +488,7 @@ def cohort_flow(
         fit: ``"cohort"`` (one model for all samples) or ``"per-sample"`` (the paper's protocol).
         kmeans: K-means backend: ``auto``, ``cuml``, ``torch`` or ``sklearn``.
         per_sample: Tissue vectors drawn per sample for the fit.
+        cohort_vectors: Most vectors of a cohort fit (:class:`~equislide.specs.ClusterSpec`).
         mpp, tile, halo, input_mpp, force_mpp, native_pixels, max_tiles, tma: Tiling
             (:class:`~equislide.specs.TilingSpec`).
         fit_native: Pool native-pixel samples into the cohort fit (:class:`~equislide.specs.ClusterSpec`).
@@ -529,7 +531,13 @@ def cohort_flow(
         precision=precision,
     )
     cluster = ClusterSpec(
-        k=clusters, fit=fit, backend=kmeans, per_sample=per_sample, seed=seed, fit_native=fit_native
+        k=clusters,
+        fit=fit,
+        backend=kmeans,
+        per_sample=per_sample,
+        cohort_vectors=cohort_vectors,
+        seed=seed,
+        fit_native=fit_native,
     )
     rotations = dataclasses.replace(
         SERVICE_SPEC if angles is None else ConsistencySpec.steps(angles, region=SERVICE_SPEC.region),
@@ -624,6 +632,7 @@ def _manifest(
             "fit": cluster.fit,
             "kmeans": cluster.backend,
             "per_sample": cluster.per_sample,
+            "cohort_vectors": cluster.cohort_vectors,
             "fit_native": cluster.fit_native,
             "seed": features.seed,
             "model_kwargs": dict(features.model_kwargs),

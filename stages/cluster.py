@@ -41,7 +41,7 @@ def cohort_identity(stores: Sequence[str | Path], *, layer: int, spec: ClusterSp
     """What a cohort model is keyed by: the parameters and every store's identity and features."""
     from equislide.storage import features_key, store_identity
 
-    return {
+    identity = {
         "format": CLUSTER_FORMAT,
         "mode": "cohort",
         "k": int(spec.k),
@@ -50,6 +50,10 @@ def cohort_identity(stores: Sequence[str | Path], *, layer: int, spec: ClusterSp
         "backend": spec.backend,
         "features": [{**store_identity(s), "features": features_key(s, layer)} for s in stores],
     }
+    # Only a cohort the cap can bind keys by it, so smaller cohorts keep the models they had.
+    if len(stores) * spec.per_sample > spec.cohort_vectors:
+        identity["cohort_vectors"] = int(spec.cohort_vectors)
+    return identity
 
 
 def _kmeans_intact(path: Path) -> bool:
@@ -95,13 +99,27 @@ def fit_cohort_stores(
             n_vectors=doc.get("n_vectors"),
             samples=len(stores),
         )
-    parts = []
-    for store in stores:  # each sample's draw, as the feature tasks left it (or drawn now)
-        drawn = draw_store_vectors(store, Path(out_dir) / DRAWS_DIR, layer=layer, spec=spec)
-        vectors = np.load(drawn["path"]).astype(np.float32)
-        if vectors.size:
-            parts.append(vectors)
-    stacked = np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
+    # Each sample's draw, as the feature tasks left it (or drawn now); only its shape is read here.
+    draws = [
+        draw_store_vectors(store, Path(out_dir) / DRAWS_DIR, layer=layer, spec=spec)["path"]
+        for store in stores
+    ]
+    shapes = [np.load(d, mmap_mode="r").shape for d in draws]
+    sizes = [s[0] if len(s) == 2 and s[1] else 0 for s in shapes]
+    quotas = _quotas(sizes, spec.cohort_vectors)
+    width = next((s[1] for s, n in zip(shapes, sizes, strict=True) if n), 0)
+    # Filled in place: stacking a list of parts would hold the cohort's vectors twice.
+    stacked = np.empty((sum(quotas), width), np.float32)
+    row = 0
+    for i, (draw, n, q) in enumerate(zip(draws, sizes, quotas, strict=True)):
+        if not q:
+            continue
+        vectors = np.load(draw, mmap_mode="r")
+        if q < n:  # the cap binds: a seeded subset, the same whatever the order the draws were made in
+            keep = np.sort(np.random.default_rng([spec.seed, i]).choice(n, q, replace=False))
+            vectors = vectors[keep]
+        stacked[row : row + q] = vectors
+        row += q
     model = fit_kmeans(stacked, params=spec.kmeans_params())
     model.save(path, provenance=identity)
     return KMeansRef(
@@ -112,6 +130,26 @@ def fit_cohort_stores(
         n_vectors=int(model.n_vectors),
         samples=len(stores),
     )
+
+
+def _quotas(sizes: Sequence[int], cap: int) -> list[int]:
+    """Vectors taken from each sample: all of them under ``cap`` in total, else equal shares (water
+    filling: a sample with fewer than its share gives all it has and the rest is shared out again)."""
+    if sum(sizes) <= cap:
+        return list(sizes)
+    quotas = [0] * len(sizes)
+    left, open_ = cap, sorted(range(len(sizes)), key=lambda i: sizes[i])
+    while open_:
+        share = left // len(open_)
+        if sizes[open_[0]] <= share:
+            i = open_.pop(0)
+            quotas[i] = sizes[i]
+            left -= sizes[i]
+            continue
+        for j, i in enumerate(open_):  # the remainder goes to the first ones, one vector each
+            quotas[i] = share + (1 if j < left - share * len(open_) else 0)
+        break
+    return quotas
 
 
 def fit_store(store: str | Path, *, layer: int, stride: int, spec: ClusterSpec | None = None):

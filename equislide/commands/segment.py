@@ -84,6 +84,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--kmeans", choices=("auto", "cuml", "torch", "sklearn"), default=_CLUSTER.backend)
     p.add_argument(
+        "--cohort-vectors",
+        type=int,
+        default=_CLUSTER.cohort_vectors,
+        metavar="N",
+        help=f"most vectors of the cohort K-means fit, shared equally by the samples past it; keeps the "
+        f"fit's memory flat in cohort size (default {_CLUSTER.cohort_vectors})",
+    )
+    p.add_argument(
         "--mpp", type=float, default=_TILING.mpp, help=f"analysis resolution, µm/px (default {_TILING.mpp})"
     )
     p.add_argument(
@@ -197,6 +205,7 @@ def run_flow(args: argparse.Namespace, *, command: list[str], prefix: str = _PRE
         "clusters": args.clusters,
         "fit": args.fit,
         "kmeans": args.kmeans,
+        "cohort_vectors": getattr(args, "cohort_vectors", _CLUSTER.cohort_vectors),
         "mpp": args.mpp,
         "tile": args.tile,
         "halo": args.halo,

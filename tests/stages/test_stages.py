@@ -56,3 +56,45 @@ def test_parallel_draws_give_the_one_sampler_fit(featured_stores, tmp_path) -> N
     np.testing.assert_array_equal(model.centroids, reference.centroids)
     other = stages.draw_store_vectors(stores[2], draws, layer=3, spec=ClusterSpec(per_sample=300, seed=6))
     assert other["path"] != first["path"]  # another seed is another draw
+
+
+@pytest.mark.parametrize(
+    ("sizes", "cap", "expected"),
+    [
+        ([5, 7, 9], 100, [5, 7, 9]),  # under the cap: every vector
+        ([10, 10, 10], 9, [3, 3, 3]),
+        ([2, 50, 50], 42, [2, 20, 20]),  # the small sample gives all; the rest shared equally
+        ([0, 8, 8], 5, [0, 3, 2]),  # the remainder, one vector each, to the first open ones
+    ],
+)
+def test_cohort_quotas_fill_the_cap_equally(sizes, cap, expected) -> None:
+    quotas = cluster._quotas(sizes, cap)
+    assert quotas == expected
+    assert sum(quotas) == min(cap, sum(sizes))
+
+
+def test_cohort_fit_is_capped_at_cohort_vectors(featured_stores, tmp_path) -> None:
+    """Past ``cohort_vectors`` every sample gives an equal seeded share of its draw, the same on a
+    rerun; under it the fit (and its key) is what it was without the cap."""
+    stores, _ = featured_stores
+    free = ClusterSpec(k=3, per_sample=300, backend="torch", seed=5)
+    draws = tmp_path / "models" / stages.DRAWS_DIR
+    sizes = [stages.draw_store_vectors(s, draws, layer=3, spec=free)["n_vectors"] for s in stores]
+    full = cluster.fit_cohort_stores(stores, tmp_path / "models", layer=3, spec=free)
+    assert full.n_vectors == sum(sizes)
+    roomy = ClusterSpec(k=3, per_sample=300, backend="torch", seed=5, cohort_vectors=len(stores) * 300)
+    assert cluster.fit_cohort_stores(stores, tmp_path / "models", layer=3, spec=roomy).path == full.path
+
+    cap = sum(sizes) // 2
+    capped_spec = ClusterSpec(k=3, per_sample=300, backend="torch", seed=5, cohort_vectors=cap)
+    capped = cluster.fit_cohort_stores(stores, tmp_path / "capped", layer=3, spec=capped_spec)
+    assert Path(capped.path).name != Path(full.path).name  # keyed by the cap that binds
+    assert capped.n_vectors == cap
+    again = cluster.fit_cohort_stores(stores, tmp_path / "again", layer=3, spec=capped_spec)
+    from equislide.models.kmeans import KMeansModel
+
+    np.testing.assert_array_equal(
+        KMeansModel.load(again.path).centroids, KMeansModel.load(capped.path).centroids
+    )
+    with pytest.raises(ValueError, match="cohort_vectors"):
+        ClusterSpec(k=3, cohort_vectors=2)
