@@ -1,7 +1,7 @@
 """Whole-slide scale: one large slide's features over 1 and 2 workers, and the slide's work / critical path.
 
     python bench/wholeslide.py [--size 80000x60000 | --slide FILE] [--mpp 2.5] [--repeats 3]
-                               [--workers 1,2] [--out DIR]
+                               [--workers 1,2] [--weights [FILE]] [--plan-workers N] [--out DIR]
 
 The whole-slide phantom (``equislide phantom --whole-slide``, ``--size`` at 0.25 µm/px; or ``--slide``)
 is tiled once (``segment``'s defaults: 2.5 µm/px, 512 px tiles, SRENet-18 layer 4); then:
@@ -14,7 +14,11 @@ is tiled once (``segment``'s defaults: 2.5 µm/px, 512 px tiles, SRENet-18 layer
    sum of its tasks' compute durations, critical path = the longest dependency chain of the slide
    (plan -> the longest tile unit -> backbone -> the longest features unit -> kmeans -> segment ->
    report; for one slide the stages are barriers, so each stage's longest task is on it), told apart
-   by the stage's task name in the Dask key; and tiles/s of each stage from ``run.json``.
+   by the stage's task name in the Dask key; and tiles/s of each stage from ``run.json``. ``--weights``
+   gives the flow a checkpoint (bare: the one this bench calibrated), the production path without the
+   BatchNorm calibration barrier; ``--plan-workers N`` plans the flow's work units as for N workers
+   (``$EQUISLIDE_PLAN_WORKERS``) while it runs on ``--workers``: work / critical path asks how many
+   workers the slide alone could keep busy, which units planned for 2 workers cannot show.
 3. The number of features task runs a 1000-sample cohort of mixed sizes makes (planned, not run).
 """
 
@@ -128,9 +132,20 @@ def main() -> None:
     ap.add_argument("--halo", type=int, default=32)
     ap.add_argument("--layer", type=int, default=4)
     ap.add_argument("--width", type=int, default=64, help="network width (64: SRENet-18 itself)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="features-stage repeats per worker count (0: skip)"
+    )
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--no-flow", action="store_true", help="skip the work / critical path flow run")
+    ap.add_argument(
+        "--weights",
+        nargs="?",
+        const="calibrated",
+        default=None,
+        help="the flow's backbone checkpoint (bare: the one this bench calibrated; default: random "
+        "weights, BatchNorm recalibrated in the flow)",
+    )
+    ap.add_argument("--plan-workers", type=int, default=None, help="plan the flow's work units for N workers")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -157,11 +172,13 @@ def main() -> None:
     spec = FeatureSpec(
         layer=args.layer, model_kwargs={"width": args.width}, calibration_tiles=8, device="cpu"
     )
-    backbone = stages.calibrated_backbone([tiled.store], root / "models", spec)
+    # Calibrated only when something uses it: a given checkpoint and no features repeats need none.
+    need = args.repeats > 0 or args.weights == "calibrated"
+    backbone = stages.calibrated_backbone([tiled.store], root / "models", spec) if need else None
 
     counts = [int(w) for w in args.workers.split(",")]
     walls: dict[int, list[float]] = {}
-    for w in counts:
+    for w in counts if args.repeats > 0 else []:
         with cluster(w) as lc, Client(lc) as client:
             walls[w] = []
             for r in range(args.repeats):
@@ -173,12 +190,13 @@ def main() -> None:
                     f"work {sum(unit_s):.1f} s, longest unit {max(unit_s):.1f} s "
                     f"(work / longest {sum(unit_s) / max(max(unit_s), 1e-9):.1f})"
                 )
-    base = statistics.median(walls[counts[0]])
-    print(f"\n| workers | features s (median of {args.repeats}) | speedup vs {counts[0]} |")
-    print("|---|---|---|")
-    for w in counts:
-        med = statistics.median(walls[w])
-        print(f"| {w} | {med:.1f} | {base / med:.2f}x |")
+    if walls:
+        base = statistics.median(walls[counts[0]])
+        print(f"\n| workers | features s (median of {args.repeats}) | speedup vs {counts[0]} |")
+        print("|---|---|---|")
+        for w in counts:
+            med = statistics.median(walls[w])
+            print(f"| {w} | {med:.1f} | {base / med:.2f}x |")
 
     if not args.no_flow:
         w = max(counts)
@@ -190,7 +208,18 @@ def main() -> None:
             "model_kwargs": {"width": args.width},
             "clusters": 3,
         }
+        if args.weights:
+            options["weights"] = str(backbone.path) if args.weights == "calibrated" else args.weights
+        if args.plan_workers:
+            from equislide.flows._common import PLAN_WORKERS_ENV
+
+            os.environ[PLAN_WORKERS_ENV] = str(args.plan_workers)  # read where the flow plans
+        t0 = time.perf_counter()
         spans, report = flow_task_stream(image, root / "flow", w, options)
+        print(
+            f"flow run {time.perf_counter() - t0:.1f} s wall on {w} workers, planned for "
+            f"{args.plan_workers or w}; weights {options.get('weights', 'random (calibrated in the flow)')}"
+        )
         stages = ("plan", "tile", "backbone", "features", "kmeans", "segment", "tma", "report")
         by_stage: dict[str, list[float]] = {k: [] for k in stages}
         for sp in spans:
@@ -213,6 +242,13 @@ def main() -> None:
             + ", ".join(f"{k} {v:.1f}" for k, v in chain.items())
             + ")"
         )
+        for k in ("tile", "features", "segment"):
+            top = sorted(by_stage[k], reverse=True)
+            print(
+                f"  {k} tasks s, longest first: "
+                + ", ".join(f"{v:.1f}" for v in top[:6])
+                + (" ..." if len(top) > 6 else "")
+            )
         feats = by_stage["features"]
         print(
             f"work / critical path: {work / max(sum(chain.values()), 1e-9):.2f}  "

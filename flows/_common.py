@@ -80,6 +80,7 @@ from equislide.tiling import SamplePlan, SlideError
 __all__ = [
     "LOCK_HOOKS",
     "PARTIAL_STATE_NAME",
+    "PLAN_WORKERS_ENV",
     "TASK_OPTIONS",
     "RunState",
     "backbone_stage",
@@ -95,6 +96,7 @@ __all__ = [
     "groups",
     "label_of",
     "plan_units",
+    "plan_workers",
     "unit_label",
     "worker_address",
     "notify",
@@ -301,6 +303,29 @@ def plan_units(
     return [unit for _, unit in units]
 
 
+#: Plan work units for this many workers instead of those present when the run starts: a cluster
+#: that scales up after the flow started, or a measure of how many workers one cohort could keep busy.
+PLAN_WORKERS_ENV = "EQUISLIDE_PLAN_WORKERS"
+
+
+def plan_workers(present: int) -> int:
+    """Workers the stages plan their units for: ``$EQUISLIDE_PLAN_WORKERS`` when set, else ``present``.
+
+    Raises:
+        ValueError: The variable is not a positive integer (one line naming it).
+    """
+    raw = os.environ.get(PLAN_WORKERS_ENV, "").strip()
+    if not raw:
+        return max(1, int(present))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{PLAN_WORKERS_ENV}={raw!r}: must be a positive integer (workers to plan for)")
+    return value
+
+
 def tiles_per_s(tiles: int, seconds: float) -> float | None:
     """Tiles per second of extraction, or None when nothing was computed (all reused)."""
     return round(tiles / seconds, 3) if tiles and seconds > 0 else None
@@ -425,9 +450,7 @@ def tile_task(
     retry_condition_fn=transient,
     **TASK_OPTIONS,
 )
-def backbone_task(
-    stores: list[str], models_dir: str, spec: FeatureSpec, packaged: Any = None
-) -> BackboneRef:
+def backbone_task(stores: list[str], models_dir: str, spec: FeatureSpec, packaged: Any = None) -> BackboneRef:
     """The checkpoint every feature task loads (random weights: BatchNorm recalibrated on the cohort);
     ``packaged`` as :func:`~equislide.stages.backbone.packaged_default` gave it where the flow runs."""
     get_run_logger().info("preparing %s for %d samples", spec.backbone, len(stores))
@@ -679,8 +702,10 @@ def start_run(inputs: list[str] | ResolvedInputs, out: str) -> RunState:
     )
     with timed(state, "cluster"):
         state.cluster = cluster_description()
-    state.workers = max(1, int(state.cluster.get("workers") or 1))
+    state.workers = plan_workers(int(state.cluster.get("workers") or 1))
     logger = get_run_logger()
+    if state.workers != max(1, int(state.cluster.get("workers") or 1)):
+        logger.info("work units planned for %d workers (%s)", state.workers, PLAN_WORKERS_ENV)
     logger.info("%d inputs on %s -> %s", len(paths), state.cluster, path_text(root))
     for warning in worker_warnings():
         logger.warning(warning)

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import random
+import re
 
-from equislide.flows._common import MIN_SPLIT_TILES, plan_units, unit_label
+import pytest
+
+from equislide.flows._common import (
+    MIN_SPLIT_TILES,
+    PLAN_WORKERS_ENV,
+    plan_units,
+    plan_workers,
+    unit_label,
+)
+from equislide.storage import feature_shard_tiles
 
 
 def _pieces(item):
@@ -40,3 +50,25 @@ def test_mixed_cohort_is_longest_first_bounded_and_small_samples_stay_whole():
         "tma/A2 .. tma/A3 (2 samples)",
         "tma/A4 .. tma/A5 (2 samples)",
     ]
+
+
+def test_a_whole_slide_of_one_tile_shards_gives_a_large_cluster_one_unit_per_tile():
+    """~50 tiles (a whole slide at 2.5 µm/px): one-tile feature shards (feature_shard_tiles) let a
+    cluster of 32 workers run every tile at once; planned for 2 workers it stays at 16 units."""
+    n = 49
+    shard = feature_shard_tiles(n)
+    ranges = [(a, min(n, a + shard)) for a in range(0, n, shard)]
+    wide = plan_units([(("slide", n), n)], 32, pieces=lambda item: ranges)
+    assert shard == 1 and len(wide) == n and sorted(u[0][1][0] for u in wide) == ranges
+    assert len(plan_units([(("slide", n), n)], 2, pieces=lambda item: ranges)) == 16
+
+
+def test_plan_workers_overrides_the_present_workers_and_refuses_a_bad_value(monkeypatch):
+    monkeypatch.delenv(PLAN_WORKERS_ENV, raising=False)
+    assert plan_workers(3) == 3 and plan_workers(0) == 1
+    monkeypatch.setenv(PLAN_WORKERS_ENV, "32")
+    assert plan_workers(2) == 32
+    for bad in ("0", "-4", "many", "2.5"):
+        monkeypatch.setenv(PLAN_WORKERS_ENV, bad)
+        with pytest.raises(ValueError, match=rf"^{PLAN_WORKERS_ENV}='{re.escape(bad)}': must be a positive"):
+            plan_workers(2)

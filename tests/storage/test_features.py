@@ -192,30 +192,31 @@ def _fill(store: Path, feats: np.ndarray, ranges: list[tuple[int, int]]) -> None
 
 
 def test_shard_size_gives_a_large_sample_many_ranges():
-    sizes = (0, 1, 64, 65, 300, 2048, 2049, 10**6)
-    assert [feature_shard_tiles(n) for n in sizes] == [4, 4, 4, 4, 5, 32, 32, 32]
+    sizes = (0, 1, 49, 64, 65, 129, 300, 2048, 2049, 10**6)
+    # Up to 64 tiles (a whole slide at 2.5 µm/px is ~50) every tile is a shard: one range per tile.
+    assert [feature_shard_tiles(n) for n in sizes] == [1, 1, 1, 1, 2, 3, 5, 32, 32, 32]
 
 
 def test_range_writers_share_one_partial_and_publish_when_every_range_is_done(tmp_path):
-    n = 150  # shard = 4 tiles
+    n = 198  # shard = ceil(198 / 64) = 4 tiles
     store, feats = _store(tmp_path, n=n), _feats(2, n)
     first, second = _ranges(store), _ranges(store)
     assert first.partial_path == second.partial_path and first.shard_tiles == 4
     first.write(0, feats[:8])
     first.mark_done(0, 8)
-    second.write(148, feats[148:])  # the last shard may be short
-    second.mark_done(148, 150)
-    assert done_feature_ranges(store, 3, params=PARAMS) == [(0, 8), (148, 150)]
+    second.write(196, feats[196:])  # the last shard may be short
+    second.mark_done(196, 198)
+    assert done_feature_ranges(store, 3, params=PARAMS) == [(0, 8), (196, 198)]
     assert _ranges(store).is_done(4, 8) and not _ranges(store).is_done(4, 12)  # reopened, not reset
     with pytest.raises(ValueError, match="not whole shards of 4 tiles"):
         first.write(6, feats[6:10])
     with pytest.raises(IncompleteSampleError, match=r"tiles \[8, 12\) were not written here"):
         second.mark_done(8, 12)
-    with pytest.raises(IncompleteSampleError, match=r"140 of 150 tiles not done \(tiles \[8, 148\)\)"):
+    with pytest.raises(IncompleteSampleError, match=r"188 of 198 tiles not done \(tiles \[8, 196\)\)"):
         publish_feature_ranges(store, 3, params=PARAMS)
     assert not is_features_done(store, 3, params=PARAMS)
-    second.write(8, feats[8:148])
-    second.mark_done(8, 148)
+    second.write(8, feats[8:196])
+    second.mark_done(8, 196)
     assert publish_feature_ranges(store, 3, params=PARAMS) == features_path(store, 3)
     assert is_features_done(store, 3, params=PARAMS) and not first.partial_path.exists()
     np.testing.assert_array_equal(open_features(store, 3).compute(), feats.astype(np.float16))
