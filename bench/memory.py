@@ -94,7 +94,9 @@ def _segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - t0
     report = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
     samples = report.get("samples", {})
-    n_tiles = sum(int(v.get("n_tiles") or 0) for v in samples.values()) if samples else None
+    # Tiles embedded, from the features stage's per-worker figures (the sample records hold no count).
+    workers = ((report.get("stages") or {}).get("features") or {}).get("workers") or {}
+    n_tiles = sum(int(w.get("tiles") or 0) for w in workers.values()) if samples else None
     if proc.returncode != 0:
         print(f"  segment exit status {proc.returncode}; last lines:\n" + "\n".join(log.splitlines()[-15:]))
     return {
