@@ -20,3 +20,14 @@ def write_large_image(path: Path, *, side: int = 2048, seed: int = 0) -> Path:
     img = np.where(tissue[..., None], pink, 245.0)
     tifffile.imwrite(path, np.clip(img, 0, 255).astype(np.uint8), photometric="rgb")
     return path
+
+
+def tiled_large_sample(root: Path, spec) -> dict:
+    """The large image tiled into one sample (~170 tiles of 32 px at 4 µm/px) and a backbone calibrated
+    on it: ``{"root", "store", "n", "backbone"}``."""
+    from equislide import stages
+
+    image = write_large_image(root / "large.tiff")
+    [res] = stages.tile_slide(image, root / "tiles", mpp=4.0, input_mpp=1.0, tile=32, halo=8)
+    backbone = stages.calibrated_backbone([res.store], root / "models", spec)
+    return {"root": root, "store": Path(res.store), "n": res.n_tiles, "backbone": backbone}

@@ -129,14 +129,20 @@ def test_float32_agreement_on_a_large_map():
     assert float((a - b).abs().max() / a.abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("grad", [False, True])
-def test_ring_path_runs_under_bf16_autocast_like_dense(grad):
-    dense = SREConv2d(16, 24, 9, impl="dense", bias=True).eval()
-    ring = SREConv2d(16, 24, 9, impl="ring", bias=True).eval()
+def _dense_ring_pair(c_in: int, c_out: int, k: int) -> tuple[SREConv2d, SREConv2d]:
+    """A dense and a ring layer in eval mode with the same ring weights and the same nonzero bias."""
+    dense = SREConv2d(c_in, c_out, k, impl="dense", bias=True).eval()
+    ring = SREConv2d(c_in, c_out, k, impl="ring", bias=True).eval()
     ring.load_state_dict(dense.state_dict())
     with torch.no_grad():
         dense.bias.normal_()
         ring.bias.copy_(dense.bias)
+    return dense, ring
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_ring_path_runs_under_bf16_autocast_like_dense(grad):
+    dense, ring = _dense_ring_pair(16, 24, 9)
     x = torch.randn(2, 16, 40, 40)
     with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = dense(x), ring(x)
@@ -228,12 +234,8 @@ def test_inference_paths_equal_dense_in_float64(cfg, rows, fused, monkeypatch):
 @pytest.mark.parametrize("fused", [True, False], ids=["one-gemm", "gemm-per-ring"])
 def test_inference_paths_under_bf16_autocast(fused, monkeypatch):
     monkeypatch.setattr(sre_conv, "_FUSED_MAX_CHANNELS", 1 << 30 if fused else 0)
-    dense = SREConv2d(12, 20, 7, impl="dense", bias=True).eval()
-    ring = SREConv2d(12, 20, 7, impl="ring", bias=True).eval()
-    ring.load_state_dict(dense.state_dict())
+    dense, ring = _dense_ring_pair(12, 20, 7)
     with torch.no_grad():
-        dense.bias.normal_()
-        ring.bias.copy_(dense.bias)
         x = torch.randn(1, 12, 31, 26)
         ref = dense(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from equislide import stages
 from equislide.models.prefetch import PREFETCH_ENV
 from equislide.specs import FeatureSpec
 from equislide.stages import features
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _large import write_large_image  # noqa: E402
+from _large import tiled_large_sample  # noqa: E402
 
 SPEC = FeatureSpec(layer=1, model_kwargs={"width": 8}, calibration_tiles=4, device="cpu")
 
@@ -23,11 +22,7 @@ SPEC = FeatureSpec(layer=1, model_kwargs={"width": 8}, calibration_tiles=4, devi
 @pytest.fixture(scope="module")
 def large(tmp_path_factory) -> dict:
     """One generated sample of ~170 tiles (32 px at 4 µm/px), tiled, and its calibrated backbone."""
-    root = tmp_path_factory.mktemp("prefetch")
-    image = write_large_image(root / "large.tiff")
-    [res] = stages.tile_slide(image, root / "tiles", mpp=4.0, input_mpp=1.0, tile=32, halo=8)
-    backbone = stages.calibrated_backbone([res.store], root / "models", SPEC)
-    return {"root": root, "store": Path(res.store), "backbone": backbone}
+    return tiled_large_sample(tmp_path_factory.mktemp("prefetch"), SPEC)
 
 
 def _copy(large: dict, name: str) -> Path:
