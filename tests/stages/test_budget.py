@@ -16,6 +16,7 @@ from equislide.stages.inputs import reason_of
 from equislide.stages.tile import plan_slide
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _budget_jobs import job as _job  # noqa: E402
 from _malformed import huge_untiled_tiff, tissue_rgb  # noqa: E402
 
 
@@ -80,28 +81,6 @@ def test_budget_spec_parse(monkeypatch):
             BudgetSpec.parse(bad)
     monkeypatch.setenv("EQUISLIDE_BUDGET", "segment=7")
     assert BudgetSpec.from_env().segment == 7
-
-
-_CALLS: list[object] = []  # per process: what a unit's child has run so far (its state between jobs)
-
-
-def _job(x: tuple) -> object:
-    """A unit's job: ``("pid",)``, ``("calls",)`` (jobs this process ran), ``("div", a, b)``, ``("open",
-    path)`` (blocks in the kernel on a FIFO), ``("abort",)``."""
-    _CALLS.append(x)
-    kind = x[0]
-    if kind == "pid":
-        return os.getpid()
-    if kind == "calls":
-        return len(_CALLS)
-    if kind == "div":
-        return x[1] / x[2]
-    if kind == "open":
-        with open(x[1], "rb"):
-            return "opened"
-    if kind == "abort":
-        os.abort()
-    raise ValueError(kind)
 
 
 def test_unit_runs_its_samples_in_one_child():
