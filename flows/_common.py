@@ -40,7 +40,6 @@ from equislide.flows.cluster import (
     worker_warnings,
 )
 from equislide.specs import (
-    BATCH_TILES,
     RANDOM_WEIGHTS,
     BackboneRef,
     ClusterSpec,
@@ -412,7 +411,9 @@ def plan_task(
 
 def _tile_pieces(sample: SamplePlan) -> list[tuple[int, int]]:
     """A sample's tile ranges a unit may hold: one shard each (the unit rule groups them)."""
-    return sample_ranges(sample, range_tiles=BATCH_TILES)
+    from equislide.storage import tile_shard_tiles
+
+    return sample_ranges(sample, range_tiles=tile_shard_tiles(sample.grid.n_tiles))
 
 
 @task(

@@ -28,6 +28,7 @@ __all__ = [
     "clip_to_slide",
     "outputs_present",
     "overlay_picture",
+    "prepare_overlay_picture",
     "segment_ranges",
     "segment_share",
     "segment_store",
@@ -42,6 +43,8 @@ __all__ = [
 SEGMENT_MARKER_SUFFIX = ".segment.json"
 #: Longest side of an overlay PNG, px: drawn from the tiles at the finest resolution that fits.
 OVERLAY_MAX = 2048
+#: The overlay's picture, kept in a finished tile store by :func:`prepare_overlay_picture`.
+PICTURE_ARRAY = "overlay_picture"
 #: A TMA slide's cores as QuPath ``tmaCore`` objects: ``<out>/<slide sample ID>.tma.geojson``.
 TMA_GEOJSON_SUFFIX = ".tma.geojson"
 #: What the outputs look like; part of the marker's key, so a rerun over an older run rewrites them.
@@ -182,8 +185,78 @@ def overlay_picture(
     A whole slide's full rectangle (a TMA core's tile) at ``down`` analysis px per pixel, the finest
     power of two within :data:`OVERLAY_MAX`: stored tiles where there are tiles, the slide's own
     thumbnail elsewhere (``warning`` says so when the slide cannot be read: those areas stay white).
-    ``l_origin`` is the analysis pixel of the picture's corner.
+    ``l_origin`` is the analysis pixel of the picture's corner. The one :func:`prepare_overlay_picture`
+    kept in the store when its key still holds, else drawn now.
     """
+    kept = _kept_picture(store)
+    return kept if kept is not None else _draw_overlay_picture(store, meta)
+
+
+def prepare_overlay_picture(store: str | Path) -> dict[str, Any]:
+    """Draw the overlay's picture of a finished tile store and keep it there (``overlay_picture``).
+
+    The picture needs only the tiles and the slide, yet drawing it (reading every tile, and a
+    thumbnail of the slide for the margins) is most of a large sample's segment publishing, which is
+    serial and the last step of its run. The flow runs this during the features stage instead, as
+    its own task, so the publishing unit only draws the labels on it.
+
+    Returns:
+        ``{"sample_id", "status": "written" | "skipped", "seconds"}`` (skipped: already kept, same key).
+    """
+    import zarr
+
+    from equislide.storage import read_sample_meta
+
+    t0 = time.perf_counter()
+    meta = read_sample_meta(store)
+    record = {"sample_id": meta["sample_id"]}
+    if _kept_picture(store) is not None:
+        return {**record, "status": "skipped", "seconds": round(time.perf_counter() - t0, 3)}
+    rgb, l_origin, down, warning = _draw_overlay_picture(store, meta)
+    group = zarr.open_group(zarr.storage.LocalStore(store), mode="r+")
+    arr = group.create_array(
+        PICTURE_ARRAY, shape=rgb.shape, dtype=np.uint8, chunks=(512, 512, 3), overwrite=True
+    )
+    arr[...] = rgb
+    # The key last: a picture killed half-written has none, so it is drawn again.
+    info = {"l_origin": [int(v) for v in l_origin], "down": int(down), "warning": warning}
+    arr.update_attributes({"equislide": {**info, "key": _picture_key(store)}})
+    return {**record, "status": "written", "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _picture_key(store: str | Path) -> str:
+    """What a kept picture was drawn from: the store's identity and the overlay's size."""
+    import hashlib
+    import json
+
+    from equislide.storage import store_identity
+
+    doc = {"store": store_identity(store), "overlay_max": OVERLAY_MAX, "format": 1}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _kept_picture(store: str | Path) -> tuple[np.ndarray, tuple[int, int], int, str | None] | None:
+    """The picture kept in ``store`` when its key still holds; None otherwise (or unreadable)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(zarr.storage.LocalStore(store, read_only=True), mode="r")
+        if PICTURE_ARRAY not in group:
+            return None
+        arr = group[PICTURE_ARRAY]
+        info = dict(arr.attrs).get("equislide") or {}
+        if info.get("key") != _picture_key(store):
+            return None
+        x, y = info["l_origin"]
+        return np.asarray(arr[...]), (int(x), int(y)), int(info["down"]), info.get("warning")
+    except Exception:  # noqa: BLE001 - a picture that cannot be read is drawn again
+        return None
+
+
+def _draw_overlay_picture(
+    store: str | Path, meta: dict[str, Any]
+) -> tuple[np.ndarray, tuple[int, int], int, str | None]:
+    """:func:`overlay_picture`, drawn from the tiles and the slide."""
     from equislide.storage import downsample_plane, tile_plane
 
     plane = tile_plane(store, extent="slide" if meta.get("kind", "slide") == "slide" else "tiles")
@@ -215,7 +288,7 @@ def _slide_background(
     l0_per_l = meta.get("l0_per_l") or (1.0, 1.0)
     step = (down * float(l0_per_l[0]), down * float(l0_per_l[1]))  # level-0 px per overlay px
     with open_slide(source) as slide:
-        thumb, ds = slide.thumbnail(max_size=max(shape) * 2)
+        thumb, ds = slide.thumbnail(max_size=max(shape))
     # Overlay px (c, r) spans level-0 [(l_x + c * down) * l0_per_l_x, ...): crop that box from the thumbnail.
     box = (
         l_origin[0] * float(l0_per_l[0]) / ds,

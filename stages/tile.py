@@ -33,7 +33,7 @@ from equislide.tiling import SamplePlan
 
 __all__ = [
     "BATCH_TILES",
-    "RANGE_TILES",
+    "RANGE_SHARDS",
     "TILING_FORMAT",
     "SampleResult",
     "SlidePlan",
@@ -48,8 +48,8 @@ __all__ = [
     "write_samples",
 ]
 
-#: Default tiles per range of :func:`sample_ranges`: 8 shards (256 tiles, ~250 MB of 576 px RGB read).
-RANGE_TILES = 8 * BATCH_TILES
+#: Default shards per range of :func:`sample_ranges` (at most 256 tiles, ~250 MB of 576 px RGB read).
+RANGE_SHARDS = 8
 
 #: ``progress(sample_id, tiles_done, tiles_total)``, called after each batch written.
 ProgressCallback = Callable[[str, int, int], None]
@@ -210,7 +210,7 @@ def write_samples(
         SlideError: The input cannot be opened or read.
         ValueError: The samples come from more than one input.
     """
-    from equislide.storage import is_sample_done, open_sample_for_write
+    from equislide.storage import is_sample_done, open_sample_for_write, tile_shard_tiles
     from equislide.tiling import open_slide, read_tile_batches
 
     if not samples:
@@ -227,6 +227,7 @@ def write_samples(
                 continue
             t0 = time.perf_counter()
             grid = sample.grid
+            shard = tile_shard_tiles(grid.n_tiles)
             with open_sample_for_write(
                 out_root,
                 sample.sample_id,
@@ -236,9 +237,9 @@ def write_samples(
                 attrs=sample.attrs,
                 params=params,
                 input_sha256=sha,
-                shard_tiles=BATCH_TILES,
+                shard_tiles=shard,
             ) as writer:
-                for start, batch in read_tile_batches(slide, sample, BATCH_TILES):
+                for start, batch in read_tile_batches(slide, sample, shard):
                     stop = start + len(batch)
                     writer.write_tiles(start, batch, grid.l_xy[start:stop])
                     if progress is not None:
@@ -287,21 +288,25 @@ def sample_ranges(sample: SamplePlan, *, range_tiles: int | None = None) -> list
 
     Args:
         sample: A plan of :func:`plan_slide`.
-        range_tiles: Tiles per range, a positive multiple of :data:`BATCH_TILES` (default
-            :data:`RANGE_TILES`); the last range holds the rest.
+        range_tiles: Tiles per range, a positive multiple of the sample's shard
+            (:func:`~equislide.storage.tile_shard_tiles`; default :data:`RANGE_SHARDS` shards); the last
+            range holds the rest.
 
     Raises:
-        ValueError: ``range_tiles`` is not a positive multiple of :data:`BATCH_TILES`.
+        ValueError: ``range_tiles`` is not a positive multiple of the sample's shard.
     """
-    step = RANGE_TILES if range_tiles is None else range_tiles
-    if not isinstance(step, int) or step <= 0 or step % BATCH_TILES:
-        raise ValueError(f"range_tiles={range_tiles!r} must be a positive multiple of {BATCH_TILES}")
+    from equislide.storage import tile_shard_tiles
+
     n = sample.grid.n_tiles
+    shard = tile_shard_tiles(n)
+    step = RANGE_SHARDS * shard if range_tiles is None else range_tiles
+    if not isinstance(step, int) or step <= 0 or step % shard:
+        raise ValueError(f"range_tiles={range_tiles!r} must be a positive multiple of {shard} (the shard)")
     return [(start, min(n, start + step)) for start in range(0, n, step)]
 
 
 def _ranged_store(sample: SamplePlan, out_root):
-    from equislide.storage import open_sample_ranges
+    from equislide.storage import open_sample_ranges, tile_shard_tiles
 
     grid = sample.grid
     return open_sample_ranges(
@@ -314,7 +319,7 @@ def _ranged_store(sample: SamplePlan, out_root):
         attrs=sample.attrs,
         params=sample.params,
         input_sha256=sample.input_sha256,
-        shard_tiles=BATCH_TILES,
+        shard_tiles=tile_shard_tiles(grid.n_tiles),
     )
 
 
@@ -334,8 +339,8 @@ def write_sample_range(
     Args:
         sample: A plan of :func:`plan_slide`.
         out_root: Folder of the run's stores.
-        start: First tile, a multiple of :data:`BATCH_TILES`.
-        stop: One past the last tile, a multiple of :data:`BATCH_TILES` or the sample's tile count.
+        start: First tile, a multiple of the sample's shard (:func:`~equislide.storage.tile_shard_tiles`).
+        stop: One past the last tile, a multiple of the shard or the sample's tile count.
         progress: Called as ``progress(sample_id, tiles_done, tiles_total)`` after each shard.
 
     Returns:
@@ -357,7 +362,8 @@ def write_sample_range(
     if store.is_range_done(start, stop):
         return {**record, "status": "skipped", "seconds": 0.0}
     with open_slide(sample.path, input_mpp=sample.input_mpp, force_mpp=sample.force_mpp) as slide:
-        for first, batch in read_tile_batches(slide, sample, BATCH_TILES, start=start, stop=stop):
+        shard = store.shard_tiles
+        for first, batch in read_tile_batches(slide, sample, shard, start=start, stop=stop):
             store.write_tiles(first, batch)
             if progress is not None:
                 progress(sample.sample_id, first + len(batch) - start, stop - start)

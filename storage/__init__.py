@@ -81,6 +81,7 @@ from equislide.storage.tile_store import ranged_partial_path as ranged_partial_p
 from equislide.storage.tile_store import read_sample_meta as read_sample_meta
 from equislide.storage.tile_store import store_identity as store_identity
 from equislide.storage.tile_store import store_problem as store_problem
+from equislide.storage.tile_store import tile_shard_tiles as tile_shard_tiles
 
 __all__ = [
     "FEATURES_DONE_MARKER",
@@ -158,4 +159,5 @@ __all__ = [
     "release_output_lock",
     "features_problem",
     "store_problem",
+    "tile_shard_tiles",
 ]

@@ -415,12 +415,41 @@ def downsample_plane(
                 covered[o0:o1] = cov
             continue
         pad = ((0, (o1 - o0) * factor - band.shape[0]), (0, ow * factor - w))
-        full = np.pad(band, (*pad, (0, 0)), mode="edge").astype(np.float32)
-        rgb[o0:o1] = np.rint(full.reshape(o1 - o0, factor, ow, factor, 3).mean(axis=(1, 3)))
+        full = np.pad(band, (*pad, (0, 0)), mode="edge")
+        if factor & (factor - 1) == 0:
+            rgb[o0:o1] = _round_half_even(_pow2_block_sums(full, factor), factor * factor)
+        else:
+            blocks = full.astype(np.float32).reshape(o1 - o0, factor, ow, factor, 3)
+            rgb[o0:o1] = np.rint(blocks.mean(axis=(1, 3)))
         if cov is not None:
-            share = np.pad(cov, pad).reshape(o1 - o0, factor, ow, factor).mean(axis=(1, 3))
-            covered[o0:o1] = share >= 0.5
+            # share >= 1/2, in integers: exactly the float test, without a float pass over the band
+            flags = np.pad(cov, pad)
+            if factor & (factor - 1) == 0:
+                count = _pow2_block_sums(flags.view(np.uint8), factor)
+            else:
+                count = flags.reshape(o1 - o0, factor, ow, factor).sum(axis=(1, 3), dtype=np.int64)
+            covered[o0:o1] = 2 * count.astype(np.int64) >= factor * factor
     return rgb, covered
+
+
+def _pow2_block_sums(a: np.ndarray, factor: int) -> np.ndarray:
+    """Sums of ``factor x factor`` blocks of an (H, W, ...) uint8 array, ``factor`` a power of two, by
+    adding neighbour pairs log2(factor) times per axis: whole-array adds, about 10x numpy's reduction
+    over a 5-D reshape (what one overlay's picture of a whole slide spent most of its 1.6 s in)."""
+    out = a.astype(np.uint32) if factor > 16 else a.astype(np.uint16)  # 255 * 16 * 16 fits 16 bits
+    step = 1
+    while step < factor:
+        out = out[0::2] + out[1::2]
+        out = out[:, 0::2] + out[:, 1::2]
+        step *= 2
+    return out
+
+
+def _round_half_even(sums: np.ndarray, count: int) -> np.ndarray:
+    """``np.rint(sums / count)`` as uint8 for a power-of-two ``count`` (so the float mean is exact)."""
+    q, r = np.divmod(sums.astype(np.int64), count)
+    half = count // 2
+    return (q + ((r > half) | ((r == half) & (q % 2 == 1)))).astype(np.uint8)
 
 
 def _slide_rect(meta: dict[str, Any]) -> tuple[int, int, int, int] | None:

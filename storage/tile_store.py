@@ -68,6 +68,7 @@ __all__ = [
     "clean_partials",
     "is_sample_done",
     "store_problem",
+    "tile_shard_tiles",
     "open_sample_for_write",
     "open_sample_ranges",
     "ranged_partial_path",
@@ -83,6 +84,21 @@ PARTIAL_TAG = ".partial-"
 REPLACED_TAG = ".replaced-"
 _SHARD_TILES = 32
 _ZSTD_LEVEL = 3
+#: A sample is cut into about this many tile-store shards (the finest ranges the tile stage can hand out).
+_TARGET_SHARDS = 64
+_MIN_SHARD_TILES = 4
+
+
+def tile_shard_tiles(n_tiles: int) -> int:
+    """Tiles per tile-store shard of a sample of ``n_tiles``: ``clip(ceil(n_tiles / 64), 4, 32)``.
+
+    Two writers must never share a shard file, so the shard bounds how finely the tile stage can spread
+    one sample: a whole slide at 2.5 µm/px is only ~50 tiles, and 32-tile shards gave it two tile units,
+    the longer one on the run's critical path. Not down to 1 tile like the feature shards: a TMA cohort
+    of small cores would hold a file per tile of 1 MB of RGB, and a 4-tile unit reads in well under a
+    second.
+    """
+    return int(min(_SHARD_TILES, max(_MIN_SHARD_TILES, -(-int(n_tiles) // _TARGET_SHARDS))))
 
 
 def _version() -> str:

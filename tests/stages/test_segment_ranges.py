@@ -220,3 +220,33 @@ def test_stitched_bands_equal_stitch_store(large, tmp_path):
         assert got["label_counts"] == dict(zip(values.tolist(), counts.tolist(), strict=True))
         assert got["values"]["tissue"] == np.unique(want["tissue"]).tolist()
         assert (got["l_origin"], got["l0_origin"]) == (want["l_origin"], want["l0_origin"])
+
+
+def test_kept_overlay_picture_is_used_and_gives_the_same_outputs(large, tmp_path):
+    """The picture the features stage keeps in the store (``prepare_overlay_picture``) is what the
+    overlay draws on (a doctored copy shows through), the outputs equal segment_store's drawn from
+    scratch, and a picture whose key no longer holds (the store tiled again) is drawn anew."""
+    import shutil
+
+    from equislide.storage import read_sample_meta
+
+    store = tmp_path / "tiles" / large["store"].name
+    shutil.copytree(large["store"], store)
+    meta = read_sample_meta(store)
+    assert segment.prepare_overlay_picture(store)["status"] == "written"
+    assert segment.prepare_overlay_picture(store)["status"] == "skipped"
+    kept = zarr.open_array(store / segment.PICTURE_ARRAY, mode="r+")
+    drawn = segment._draw_overlay_picture(store, meta)
+    assert np.array_equal(kept[...], drawn[0]) and kept.attrs["equislide"]["down"] == drawn[2]
+    got = segment.segment_store_ranges(
+        store, tmp_path / "out", layer=SPEC.layer, spec=CLUSTER, band_rows=BAND
+    )
+    _same_outputs(got, large["reference"])
+
+    original = kept[...]
+    kept[...] = 7
+    assert (segment.overlay_picture(store, meta)[0] == 7).all()  # the kept picture, not a new drawing
+    kept.update_attributes({"equislide": {**kept.attrs["equislide"], "key": "another store"}})
+    assert np.array_equal(segment.overlay_picture(store, meta)[0], original)
+    assert segment.prepare_overlay_picture(store)["status"] == "written"
+    assert np.array_equal(zarr.open_array(store / segment.PICTURE_ARRAY, mode="r")[...], original)

@@ -18,13 +18,20 @@ import pytest
 
 from equislide.specs import BATCH_TILES, TilingSpec
 from equislide.stages.tile import (
+    RANGE_SHARDS,
     plan_slide,
     publish_sample,
     sample_ranges,
     write_sample_range,
     write_samples,
 )
-from equislide.storage import RANGES_DIR, IncompleteSampleError, open_sample_ranges, ranged_partial_path
+from equislide.storage import (
+    RANGES_DIR,
+    IncompleteSampleError,
+    open_sample_ranges,
+    ranged_partial_path,
+    tile_shard_tiles,
+)
 from equislide.tiling import write_phantom
 
 SPEC = TilingSpec(tile=64, halo=8, tma="no")
@@ -62,8 +69,10 @@ def test_sample_ranges_are_whole_shards(reference) -> None:
     assert ranges[0][0] == 0 and ranges[-1][1] == n
     assert all(a % BATCH_TILES == 0 and b - a <= BATCH_TILES for a, b in ranges)
     assert all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:], strict=False))
-    assert sample_ranges(sample) == [(0, n)]  # default 256 tiles per range
-    for bad in (0, 33, -32, 1.5):
+    shard = tile_shard_tiles(n)
+    step = RANGE_SHARDS * shard  # the default
+    assert sample_ranges(sample) == [(a, min(n, a + step)) for a in range(0, n, step)]
+    for bad in (0, 33, -32, 1.5, shard + 1):
         with pytest.raises(ValueError, match="range_tiles"):
             sample_ranges(sample, range_tiles=bad)
 
@@ -89,7 +98,7 @@ def test_ranges_in_reverse_order_are_byte_identical(reference, tmp_path: Path) -
 def test_bad_range_names_the_range(reference, tmp_path: Path) -> None:
     sample, _ = reference
     n = sample.grid.n_tiles
-    for start, stop in ((5, 40), (0, 40), (32, n + 32), (64, 32)):
+    for start, stop in ((5, 40), (0, 41), (32, n + 32), (64, 32)):
         with pytest.raises(ValueError, match=rf"\[{start}, {stop}\) is not a range of whole"):
             write_sample_range(sample, tmp_path, start, stop)
 

@@ -814,3 +814,26 @@ def test_overlay_with_a_long_title_keeps_its_size() -> None:
     short = render_overlay(img, lab, title="core A1", pixel_size_um=2.0)
     long = render_overlay(img, lab, title="x" * 180, pixel_size_um=2.0)
     assert long.size == short.size
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 4, 8, 16, 32, 64])
+def test_downsample_plane_rounds_as_the_float_mean(factor):
+    """The integer block means (pairwise sums for powers of two) equal ``rint`` of the float32 mean,
+    ties to even included, and the coverage test equals ``mean >= 0.5`` of the covered flags."""
+    from equislide.storage.labels import _pow2_block_sums, downsample_plane
+
+    rng = np.random.default_rng(factor)
+    for shape in ((37, 53, 3), (200, 130, 3)):
+        a = rng.integers(0, 256, shape, dtype=np.uint8)
+        a[::3], a[:, ::5] = 128, 127  # flat runs: block means on exact halves
+        h, w = shape[:2]
+        oh, ow = -(-h // factor), -(-w // factor)
+        pad = ((0, oh * factor - h), (0, ow * factor - w))
+        full = np.pad(a, (*pad, (0, 0)), mode="edge").astype(np.float32)
+        want = np.rint(full.reshape(oh, factor, ow, factor, 3).mean(axis=(1, 3))).astype(np.uint8)
+        assert np.array_equal(downsample_plane(a, factor)[0], want)
+        if factor & (factor - 1) == 0:
+            flags = np.pad(rng.random((h, w)) < 0.5, pad)
+            share = flags.reshape(oh, factor, ow, factor).mean(axis=(1, 3))
+            count = _pow2_block_sums(flags.view(np.uint8), factor).astype(np.int64)
+            assert np.array_equal(2 * count >= factor * factor, share >= 0.5)

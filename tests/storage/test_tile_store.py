@@ -214,3 +214,12 @@ def test_unsafe_sample_ids_are_refused_before_touching_disk(tmp_path):
         with pytest.raises(SampleIdError, match="safe_sample_id"):
             open_sample_for_write(tmp_path / "root", bad, n_tiles=1, tile=4)
     assert not list(tmp_path.iterdir())
+
+
+def test_tile_shard_tiles_spreads_a_small_whole_slide():
+    """A whole slide at 2.5 µm/px (~50 tiles) gets 4-tile shards, so its tile stage has 13 units to hand
+    out; large samples keep 32-tile shards; never a shard of 1 tile (a file per tile of a TMA core)."""
+    from equislide.storage import tile_shard_tiles
+
+    sizes = [0, 1, 49, 256, 257, 1000, 2048, 2049, 10**6]
+    assert [tile_shard_tiles(n) for n in sizes] == [4, 4, 4, 4, 5, 16, 32, 32, 32]
