@@ -12,7 +12,7 @@ is tiled once (``segment``'s defaults: 2.5 µm/px, 512 px tiles, SRENet-18 layer
    measured in the same run.
 2. One whole cohort flow of the slide on the largest cluster, its Dask task stream recorded: work = the
    sum of its tasks' compute durations, critical path = the longest dependency chain of the slide
-   (plan -> the longest tile unit -> backbone -> the longest features unit or the overlay picture beside
+   (plan -> the longest tile unit -> backbone -> the longest features unit or the pictures task beside
    them -> kmeans -> segment -> report; for one slide the stages are barriers, so each stage's longest
    task is on it), told apart
    by the stage's task name in the Dask key; and tiles/s of each stage from ``run.json``. ``--weights``
@@ -221,7 +221,7 @@ def main() -> None:
             f"flow run {time.perf_counter() - t0:.1f} s wall on {w} workers, planned for "
             f"{args.plan_workers or w}; weights {options.get('weights', 'random (calibrated in the flow)')}"
         )
-        stages = ("plan", "tile", "backbone", "picture", "features", "kmeans", "segment", "tma", "report")
+        stages = ("plan", "tile", "backbone", "pictures", "features", "kmeans", "segment", "tma", "report")
         by_stage: dict[str, list[float]] = {k: [] for k in stages}
         for sp in spans:
             name = next((k for k in stages if f"{k}_task" in sp["key"]), None)
@@ -230,8 +230,8 @@ def main() -> None:
         # The stages are barriers for one slide (plan -> its tile units -> backbone -> features units
         # -> kmeans -> segment -> report): the critical path holds each stage's longest task.
         chain = {k: max(v) for k, v in by_stage.items() if v}
-        # The overlay picture runs beside the features units (both after backbone, before kmeans).
-        side = max(chain.pop("picture", 0.0), chain.get("features", 0.0))
+        # The pictures task runs beside the features units (both after backbone, before kmeans).
+        side = max(chain.pop("pictures", 0.0), chain.get("features", 0.0))
         if "features" in chain:
             chain["features"] = side
         work = sum(sum(v) for v in by_stage.values())

@@ -108,7 +108,7 @@ from equislide.stages.features import (
     store_share_and_draw,
 )
 from equislide.stages.inputs import SETTLE_SECONDS
-from equislide.stages.segment import prepare_overlay_picture, segment_share, tma_slides, write_tma_geojson
+from equislide.stages.segment import prepare_pictures, segment_share, tma_slides, write_tma_geojson
 from equislide.storage import RunManifest, thumbnail_data_uri
 from equislide.text import one_line, path_text
 
@@ -161,11 +161,12 @@ def features_task(
     retry_delay_seconds=5,
     **TASK_OPTIONS,
 )
-def picture_task(sample_id: str, store: str, budget: float | None = None) -> dict[str, Any]:
-    """The overlay's picture of a large sample, kept in its tile store while its features run, so the
-    segment stage's publishing unit (serial, the run's last step) only draws the labels on it."""
+def pictures_task(sample_id: str, store: str, budget: float | None = None) -> dict[str, Any]:
+    """The overlay's picture and the OME-Zarr image levels of a large sample, kept in its tile store
+    while its features run, so the segment stage's publishing unit (serial, the run's last step) only
+    copies the levels and draws the labels."""
     seconds = budget_of(budget, "segment")
-    return run_within(seconds, f"overlay picture of {sample_id}", prepare_overlay_picture, store)
+    return run_within(seconds, f"pictures of {sample_id}", prepare_pictures, store)
 
 
 def kmeans_run_name(parameters: dict[str, Any]) -> str:
@@ -341,10 +342,10 @@ def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec, pr
             w["seconds"] = round(w["seconds"] + float(res["seconds"]), 3)
             w["tiles_per_s"] = tiles_per_s(w["tiles"], w["seconds"])
 
-    # Samples spread over several units: their overlay pictures are drawn beside their features (CPU work,
+    # Samples spread over several units: their pictures are drawn beside their features (CPU work,
     # so not GPU-annotated), submitted first so a wide cluster runs them while the units run.
     split = sorted({(sid, store) for unit in units for (sid, store), ranges in unit if ranges is not None})
-    pictures = {sid: picture_task.submit(sid, store, state.budgets.segment) for sid, store in split}
+    pictures = {sid: pictures_task.submit(sid, store, state.budgets.segment) for sid, store in split}
     with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
         submitted, weights = {}, {}
         for unit in units:
@@ -364,7 +365,9 @@ def _features_stage(state: RunState, spec: FeatureSpec, cluster: ClusterSpec, pr
     for sid, fut in pictures.items():
         reason = failure(fut)
         if reason is not None:  # the publishing unit draws it then
-            get_run_logger().warning("overlay picture of %s not kept ahead: %s", sid, reason)
+            get_run_logger().warning(
+                "pictures of %s not kept ahead (the segment stage draws them): %s", sid, reason
+            )
 
 
 def _tile_counts(live: list[tuple[str, str]]) -> dict[str, int]:

@@ -28,7 +28,7 @@ __all__ = [
     "clip_to_slide",
     "outputs_present",
     "overlay_picture",
-    "prepare_overlay_picture",
+    "prepare_pictures",
     "segment_ranges",
     "segment_share",
     "segment_store",
@@ -43,8 +43,10 @@ __all__ = [
 SEGMENT_MARKER_SUFFIX = ".segment.json"
 #: Longest side of an overlay PNG, px: drawn from the tiles at the finest resolution that fits.
 OVERLAY_MAX = 2048
-#: The overlay's picture, kept in a finished tile store by :func:`prepare_overlay_picture`.
+#: The overlay's picture and the OME-Zarr image levels, kept in a finished tile store by
+#: :func:`prepare_pictures`.
 PICTURE_ARRAY = "overlay_picture"
+IMAGE_LEVELS = "ome_image_levels"
 #: A TMA slide's cores as QuPath ``tmaCore`` objects: ``<out>/<slide sample ID>.tma.geojson``.
 TMA_GEOJSON_SUFFIX = ".tma.geojson"
 #: What the outputs look like; part of the marker's key, so a rerun over an older run rewrites them.
@@ -103,6 +105,8 @@ def write_sample_ome_zarr(
     from equislide.storage import NGFF_VERSION, tile_plane, write_ome_zarr
 
     plane = tile_plane(store)
+    if not options and ngff_version in (None, NGFF_VERSION):  # the levels prepare_pictures keeps
+        options = {"image_levels": _kept_image_levels(store)}
     mpp = meta.get("mpp")
     px = float(mpp) if mpp else 1.0  # no resolution: analysis px are level-0 px, scaled 1 "µm"
     l0_per_l = stitched["l0_per_l"]
@@ -185,33 +189,36 @@ def overlay_picture(
     A whole slide's full rectangle (a TMA core's tile) at ``down`` analysis px per pixel, the finest
     power of two within :data:`OVERLAY_MAX`: stored tiles where there are tiles, the slide's own
     thumbnail elsewhere (``warning`` says so when the slide cannot be read: those areas stay white).
-    ``l_origin`` is the analysis pixel of the picture's corner. The one :func:`prepare_overlay_picture`
-    kept in the store when its key still holds, else drawn now.
+    ``l_origin`` is the analysis pixel of the picture's corner. The one :func:`prepare_pictures`
+    kept in the store (:func:`prepare_pictures`) when its key still holds, else drawn now.
     """
     kept = _kept_picture(store)
     return kept if kept is not None else _draw_overlay_picture(store, meta)
 
 
-def prepare_overlay_picture(store: str | Path) -> dict[str, Any]:
-    """Draw the overlay's picture of a finished tile store and keep it there (``overlay_picture``).
+def prepare_pictures(store: str | Path) -> dict[str, Any]:
+    """Draw the pictures of a finished tile store's outputs and keep them in it: the overlay's
+    (``overlay_picture``) and the OME-Zarr image levels (``ome_image_levels``).
 
-    The picture needs only the tiles and the slide, yet drawing it (reading every tile, and a
-    thumbnail of the slide for the margins) is most of a large sample's segment publishing, which is
-    serial and the last step of its run. The flow runs this during the features stage instead, as
-    its own task, so the publishing unit only draws the labels on it.
+    Both need only the tiles and the slide, yet drawing them (reading every tile twice, averaging the
+    pyramid, a thumbnail of the slide for the overlay's margins) was most of a large sample's segment
+    publishing, which is serial and the last step of its run. The flow runs this during the features
+    stage instead, as its own task, so the publishing unit only copies the levels and draws the labels.
 
     Returns:
-        ``{"sample_id", "status": "written" | "skipped", "seconds"}`` (skipped: already kept, same key).
+        ``{"sample_id", "status": "written" | "skipped", "seconds"}`` (skipped: both kept, same key).
     """
     import zarr
 
-    from equislide.storage import read_sample_meta
+    from equislide.storage import read_sample_meta, tile_plane, write_image_levels
 
     t0 = time.perf_counter()
     meta = read_sample_meta(store)
     record = {"sample_id": meta["sample_id"]}
-    if _kept_picture(store) is not None:
+    if _kept_picture(store) is not None and _kept_image_levels(store) is not None:
         return {**record, "status": "skipped", "seconds": round(time.perf_counter() - t0, 3)}
+    key = _picture_key(store)
+    write_image_levels(Path(store) / IMAGE_LEVELS, tile_plane(store), attributes={"equislide": {"key": key}})
     rgb, l_origin, down, warning = _draw_overlay_picture(store, meta)
     group = zarr.open_group(zarr.storage.LocalStore(store), mode="r+")
     arr = group.create_array(
@@ -220,18 +227,31 @@ def prepare_overlay_picture(store: str | Path) -> dict[str, Any]:
     arr[...] = rgb
     # The key last: a picture killed half-written has none, so it is drawn again.
     info = {"l_origin": [int(v) for v in l_origin], "down": int(down), "warning": warning}
-    arr.update_attributes({"equislide": {**info, "key": _picture_key(store)}})
+    arr.update_attributes({"equislide": {**info, "key": key}})
     return {**record, "status": "written", "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def _kept_image_levels(store: str | Path) -> Path | None:
+    """The OME-Zarr image levels kept in ``store`` when their key still holds; None otherwise."""
+    import zarr
+
+    path = Path(store) / IMAGE_LEVELS
+    try:
+        info = dict(zarr.open_group(path, mode="r").attrs).get("equislide") or {}
+    except Exception:  # noqa: BLE001 - absent or unreadable: the writer averages the image itself
+        return None
+    return path if info.get("key") == _picture_key(store) else None
+
+
 def _picture_key(store: str | Path) -> str:
-    """What a kept picture was drawn from: the store's identity and the overlay's size."""
+    """What the kept pictures were drawn from: the store's identity, the overlay's size, the outputs'
+    format (the NGFF version and the pyramid's layout are in it)."""
     import hashlib
     import json
 
     from equislide.storage import store_identity
 
-    doc = {"store": store_identity(store), "overlay_max": OVERLAY_MAX, "format": 1}
+    doc = {"store": store_identity(store), "overlay_max": OVERLAY_MAX, "outputs": OUTPUTS_FORMAT, "format": 1}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 

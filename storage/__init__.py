@@ -63,6 +63,7 @@ from equislide.storage.ome import NGFF_VERSION as NGFF_VERSION
 from equislide.storage.ome import ngff_attrs as ngff_attrs
 from equislide.storage.ome import validate_image_attrs as validate_image_attrs
 from equislide.storage.ome import validate_label_attrs as validate_label_attrs
+from equislide.storage.ome import write_image_levels as write_image_levels
 from equislide.storage.ome import write_ome_zarr as write_ome_zarr
 from equislide.storage.overlay import render_overlay as render_overlay
 from equislide.storage.overlay import thumbnail_data_uri as thumbnail_data_uri
@@ -125,6 +126,7 @@ __all__ = [
     "write_manifest",
     "validate_image_attrs",
     "validate_label_attrs",
+    "write_image_levels",
     "write_ome_zarr",
     "render_overlay",
     "thumbnail_data_uri",

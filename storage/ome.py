@@ -353,6 +353,110 @@ def _label_array(key: str, lab: Any, values: Mapping[str, Sequence[int]] | None)
     return lab
 
 
+def _creator(ngff_version: str, chunk: int):
+    """``create(group, key, shape, dtype, dims)``: one level array as the writer makes it."""
+    zarr_format = 3 if ngff_version == "0.5" else 2
+    if zarr_format == 3:
+        from equislide.storage.tile_store import tile_compressors
+
+        array_kwargs: dict[str, Any] = {"compressors": tile_compressors()}
+    else:
+        import numcodecs
+
+        array_kwargs = {
+            "compressors": numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+            "chunk_key_encoding": {"name": "v2", "separator": "/"},
+        }
+
+    def create(group: Any, key: str, shape: tuple[int, ...], dtype: Any, dims: tuple[str, ...]) -> Any:
+        extra = {"dimension_names": dims} if zarr_format == 3 else {}
+        return group.create_array(
+            key,
+            shape=shape,
+            chunks=tuple(min(c, s) for c, s in zip((3, chunk, chunk)[-len(shape) :], shape, strict=True)),
+            dtype=dtype,
+            fill_value=0,
+            **array_kwargs,
+            **extra,
+        )
+
+    return create
+
+
+def _write_levels(root: Any, image: Any, shapes: list[tuple[int, int]], create: Any, chunk: int) -> None:
+    """The RGB pyramid's arrays ``0``, ``1``, ... in ``root``: level 0 read a band of ``chunk`` rows at a
+    time, each coarser level averaged from the one before."""
+    previous = None
+    for i, (lh, lw) in enumerate(shapes):
+        arr = create(root, str(i), (3, lh, lw), np.uint8, ("c", "y", "x"))
+        for y0 in range(0, lh, chunk):
+            y1 = min(y0 + chunk, lh)
+            if previous is None:
+                band = np.asarray(image[y0:y1], dtype=np.uint8).transpose(2, 0, 1)
+            else:
+                band = _halve_image(previous[:, 2 * y0 : min(2 * y1, previous.shape[1])])
+            arr[:, y0:y1] = band
+        previous = arr
+
+
+def _copy_levels(source: str | Path | None, partial: Path, shapes: list[tuple[int, int]], chunk: int) -> bool:
+    """Copy the level arrays of ``source`` (:func:`write_image_levels`) into ``partial`` when they are
+    the pyramid the writer would make (shapes, chunks, dtype); False (nothing copied) otherwise."""
+    import zarr
+
+    if source is None:
+        return False
+    try:
+        group = zarr.open_group(source, mode="r")
+        for i, (lh, lw) in enumerate(shapes):
+            arr = group[str(i)]
+            want = tuple(min(c, s) for c, s in zip((3, chunk, chunk), (3, lh, lw), strict=True))
+            if arr.shape != (3, lh, lw) or arr.chunks != want or arr.dtype != np.uint8:
+                return False
+        if str(len(shapes)) in group:
+            return False
+    except Exception:  # noqa: BLE001 - levels that cannot be read are written anew
+        return False
+    for i in range(len(shapes)):
+        shutil.copytree(Path(source) / str(i), partial / str(i))
+    return True
+
+
+def write_image_levels(
+    path: str | Path,
+    image: Any,
+    *,
+    ngff_version: str = NGFF_VERSION,
+    min_side: int = 256,
+    max_levels: int = 10,
+    chunk: int = 512,
+    attributes: Mapping[str, Any] | None = None,
+) -> Path:
+    """The RGB pyramid of :func:`write_ome_zarr` alone, as a plain zarr group at ``path`` (replaced
+    atomically), for a later ``write_ome_zarr(..., image_levels=path)`` to copy: the image of a large
+    sample can be averaged while its features run, and the outputs written after them need only the
+    labels. ``attributes`` go to the group's attributes (what the levels were made from)."""
+    import zarr
+
+    if ngff_version not in NGFF_VERSIONS:
+        raise ValueError(f"ngff_version={ngff_version!r} must be one of {NGFF_VERSIONS}")
+    shape = tuple(int(v) for v in getattr(image, "shape", ()))
+    if len(shape) != 3 or shape[2] != 3 or 0 in shape:
+        raise ValueError(f"image must be uint8 (Y, X, 3) RGB, got shape {shape}")
+    shapes = _level_shapes(shape[:2], _n_levels(shape[:2], min_side=min_side, max_levels=max_levels))
+    final = Path(path)
+    partial = final.with_name(final.name + ".partial-" + uuid.uuid4().hex[:12])
+    try:
+        root = zarr.open_group(partial, mode="w", zarr_format=3 if ngff_version == "0.5" else 2)
+        _write_levels(root, image, shapes, _creator(ngff_version, chunk), chunk)
+        root.attrs.update(dict(attributes or {}))
+        publish_dir(partial, final, fsync=False)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final
+
+
 def write_ome_zarr(
     path: str | Path,
     image: Any,
@@ -371,6 +475,7 @@ def write_ome_zarr(
     min_side: int = 256,
     max_levels: int = 10,
     chunk: int = 512,
+    image_levels: str | Path | None = None,
 ) -> Path:
     """Write one sample as OME-Zarr: an RGB pyramid and label pyramids on the same pixel grid.
 
@@ -400,6 +505,10 @@ def write_ome_zarr(
         min_side: Stop adding levels once the largest side is at most this.
         max_levels: At most this many levels.
         chunk: Chunk side in pixels (and rows per band written).
+        image_levels: A group :func:`write_image_levels` wrote of this ``image`` with the same
+            ``ngff_version``, ``min_side``, ``max_levels`` and ``chunk``: its level arrays are copied
+            (the same bytes) instead of reading and averaging the image again. Ignored when its levels'
+            shapes, chunks or dtype differ.
 
     Returns:
         ``path``.
@@ -490,44 +599,11 @@ def write_ome_zarr(
 
     final = Path(path)
     partial = final.with_name(final.name + ".partial-" + uuid.uuid4().hex[:12])
-    zarr_format = 3 if ngff_version == "0.5" else 2
-    if zarr_format == 3:
-        from equislide.storage.tile_store import tile_compressors
-
-        array_kwargs: dict[str, Any] = {"compressors": tile_compressors()}
-    else:
-        import numcodecs
-
-        array_kwargs = {
-            "compressors": numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
-            "chunk_key_encoding": {"name": "v2", "separator": "/"},
-        }
-
-    def create(group: Any, key: str, shape: tuple[int, ...], dtype: Any, dims: tuple[str, ...]) -> Any:
-        extra = {"dimension_names": dims} if zarr_format == 3 else {}
-        return group.create_array(
-            key,
-            shape=shape,
-            chunks=tuple(min(c, s) for c, s in zip((3, chunk, chunk)[-len(shape) :], shape, strict=True)),
-            dtype=dtype,
-            fill_value=0,
-            **array_kwargs,
-            **extra,
-        )
-
+    create = _creator(ngff_version, chunk)
     try:
-        root = zarr.open_group(partial, mode="w", zarr_format=zarr_format)
-        previous = None
-        for i, (lh, lw) in enumerate(shapes):
-            arr = create(root, str(i), (3, lh, lw), np.uint8, ("c", "y", "x"))
-            for y0 in range(0, lh, chunk):
-                y1 = min(y0 + chunk, lh)
-                if previous is None:
-                    band = np.asarray(image[y0:y1], dtype=np.uint8).transpose(2, 0, 1)
-                else:
-                    band = _halve_image(previous[:, 2 * y0 : min(2 * y1, previous.shape[1])])
-                arr[:, y0:y1] = band
-            previous = arr
+        root = zarr.open_group(partial, mode="w", zarr_format=3 if ngff_version == "0.5" else 2)
+        if not _copy_levels(image_levels, partial, shapes, chunk):
+            _write_levels(root, image, shapes, create, chunk)
         root.attrs.update(image_attrs)
         if attributes:
             root.attrs["equislide"] = dict(attributes)

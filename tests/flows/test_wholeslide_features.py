@@ -97,11 +97,12 @@ def test_large_sample_features_run_on_both_workers_with_single_worker_bytes(
     assert all(b == c for (_, b), (c, _) in zip(spans, spans[1:], strict=False))
     assert sample["timings"]["segment_s"] > 0 and Path(sample["outputs"]["geojson"]).stat().st_size > 0
     assert not list((tmp_path / "two" / "samples").glob("*.segment.partial"))
-    # Its overlay picture was drawn during the features stage (a task of its own) and kept in the store,
-    # so the publishing segment unit only drew the labels on it.
-    from equislide.stages.segment import _kept_picture
+    # Its pictures were drawn during the features stage (a task of its own) and kept in the store, so
+    # the publishing segment unit only copied the image levels and drew the labels.
+    from equislide.stages.segment import _kept_image_levels, _kept_picture
 
-    assert _kept_picture(tmp_path / "two" / "tiles" / "big.zarr") is not None
+    kept = tmp_path / "two" / "tiles" / "big.zarr"
+    assert _kept_picture(kept) is not None and _kept_image_levels(kept) is not None
 
     with worker_environment():
         single = LocalCluster(
@@ -112,5 +113,8 @@ def test_large_sample_features_run_on_both_workers_with_single_worker_bytes(
     assert one["samples"]["big"]["status"] == "done"
     a, b = _digests(tmp_path / "two"), _digests(tmp_path / "one")
     assert any(k.startswith("tiles/big.zarr/features/layer1/c/") for k in a)
-    assert "tiles/big.zarr/overlay_picture/zarr.json" in a
+    assert {
+        "tiles/big.zarr/overlay_picture/zarr.json",
+        "tiles/big.zarr/ome_image_levels/0/zarr.json",
+    } <= a.keys()
     assert a == b, sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))[:10]

@@ -222,10 +222,11 @@ def test_stitched_bands_equal_stitch_store(large, tmp_path):
         assert (got["l_origin"], got["l0_origin"]) == (want["l_origin"], want["l0_origin"])
 
 
-def test_kept_overlay_picture_is_used_and_gives_the_same_outputs(large, tmp_path):
-    """The picture the features stage keeps in the store (``prepare_overlay_picture``) is what the
-    overlay draws on (a doctored copy shows through), the outputs equal segment_store's drawn from
-    scratch, and a picture whose key no longer holds (the store tiled again) is drawn anew."""
+def test_kept_pictures_are_used_and_give_the_same_outputs(large, tmp_path):
+    """The pictures the features stage keeps in the store (``prepare_pictures``: the overlay's and the
+    OME-Zarr image levels) are what the outputs are made from (doctored copies show through), the
+    outputs equal segment_store's drawn from scratch, and pictures whose key no longer holds (the
+    store tiled again) are drawn anew."""
     import shutil
 
     from equislide.storage import read_sample_meta
@@ -233,11 +234,12 @@ def test_kept_overlay_picture_is_used_and_gives_the_same_outputs(large, tmp_path
     store = tmp_path / "tiles" / large["store"].name
     shutil.copytree(large["store"], store)
     meta = read_sample_meta(store)
-    assert segment.prepare_overlay_picture(store)["status"] == "written"
-    assert segment.prepare_overlay_picture(store)["status"] == "skipped"
+    assert segment.prepare_pictures(store)["status"] == "written"
+    assert segment.prepare_pictures(store)["status"] == "skipped"
     kept = zarr.open_array(store / segment.PICTURE_ARRAY, mode="r+")
     drawn = segment._draw_overlay_picture(store, meta)
     assert np.array_equal(kept[...], drawn[0]) and kept.attrs["equislide"]["down"] == drawn[2]
+    assert segment._kept_image_levels(store) == store / segment.IMAGE_LEVELS
     got = segment.segment_store_ranges(
         store, tmp_path / "out", layer=SPEC.layer, spec=CLUSTER, band_rows=BAND
     )
@@ -246,7 +248,17 @@ def test_kept_overlay_picture_is_used_and_gives_the_same_outputs(large, tmp_path
     original = kept[...]
     kept[...] = 7
     assert (segment.overlay_picture(store, meta)[0] == 7).all()  # the kept picture, not a new drawing
+    level0 = zarr.open_array(store / segment.IMAGE_LEVELS / "0", mode="r+")
+    level0[...] = 9
+    redone = segment.segment_store(store, tmp_path / "doctored", layer=SPEC.layer, spec=CLUSTER)
+    assert (zarr.open_array(Path(redone["outputs"]["ome_zarr"]) / "0", mode="r")[...] == 9).all()
+
     kept.update_attributes({"equislide": {**kept.attrs["equislide"], "key": "another store"}})
     assert np.array_equal(segment.overlay_picture(store, meta)[0], original)
-    assert segment.prepare_overlay_picture(store)["status"] == "written"
+    levels = zarr.open_group(store / segment.IMAGE_LEVELS, mode="r+")
+    levels.update_attributes({"equislide": {"key": "another store"}})
+    assert segment._kept_image_levels(store) is None
+    assert segment.prepare_pictures(store)["status"] == "written"
     assert np.array_equal(zarr.open_array(store / segment.PICTURE_ARRAY, mode="r")[...], original)
+    again = segment.segment_store(store, tmp_path / "again", layer=SPEC.layer, spec=CLUSTER)
+    _same_outputs(again, large["reference"])

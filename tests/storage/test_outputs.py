@@ -837,3 +837,30 @@ def test_downsample_plane_rounds_as_the_float_mean(factor):
             share = flags.reshape(oh, factor, ow, factor).mean(axis=(1, 3))
             count = _pow2_block_sums(flags.view(np.uint8), factor).astype(np.int64)
             assert np.array_equal(2 * count >= factor * factor, share >= 0.5)
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_prepared_image_levels_are_copied_byte_for_byte(tmp_path, version):
+    """write_ome_zarr(image_levels=...) copies a pyramid write_image_levels made before: the same
+    bytes as averaging the image itself; levels of another layout (chunk) are ignored, not copied."""
+    from equislide.storage import write_image_levels
+
+    image, clusters, tissue = _sample()
+    kw = {"pixel_size_um": 8.0, "labels": {"clusters": clusters, "tissue": tissue}, "name": "B3"}
+    kw |= {"min_side": 16, "ngff_version": version}
+    plain = write_ome_zarr(tmp_path / "plain.ome.zarr", image, **kw)
+    levels = write_image_levels(tmp_path / "levels", image, ngff_version=version, min_side=16)
+    zarr.open_array(levels / "0", mode="r+")[0, 0, 0] = 1 + int(image[0, 0, 0]) % 200  # a mark shows a copy
+    copied = write_ome_zarr(tmp_path / "copied.ome.zarr", image, image_levels=levels, **kw)
+
+    def tree(p):
+        return {str(f.relative_to(p)): f.read_bytes() for f in sorted(p.rglob("*")) if f.is_file()}
+
+    a, b = tree(plain), tree(copied)
+    assert a.keys() == b.keys()
+    differ = sorted(k for k in a if a[k] != b[k])
+    assert differ == ["0/c/0/0/0" if version == "0.5" else "0/0/0/0"], differ  # only the marked chunk
+    zarr.open_array(levels / "0", mode="r+")[0, 0, 0] = image[0, 0, 0]
+    assert tree(write_ome_zarr(tmp_path / "again.ome.zarr", image, image_levels=levels, **kw)) == a
+    other = write_image_levels(tmp_path / "other", image, ngff_version=version, min_side=16, chunk=16)
+    assert tree(write_ome_zarr(tmp_path / "ignored.ome.zarr", image, image_levels=other, **kw)) == a
