@@ -189,8 +189,8 @@ def overlay_picture(
     A whole slide's full rectangle (a TMA core's tile) at ``down`` analysis px per pixel, the finest
     power of two within :data:`OVERLAY_MAX`: stored tiles where there are tiles, the slide's own
     thumbnail elsewhere (``warning`` says so when the slide cannot be read: those areas stay white).
-    ``l_origin`` is the analysis pixel of the picture's corner. The one :func:`prepare_pictures`
-    kept in the store (:func:`prepare_pictures`) when its key still holds, else drawn now.
+    ``l_origin`` is the analysis pixel of the picture's corner. The picture :func:`prepare_pictures`
+    kept in the store when its key still holds, else drawn now.
     """
     kept = _kept_picture(store)
     return kept if kept is not None else _draw_overlay_picture(store, meta)
