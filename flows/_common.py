@@ -689,7 +689,8 @@ def start_run(inputs: list[str] | ResolvedInputs, out: str) -> RunState:
     and mpp per input; its bad manifest rows become failed inputs of the run).
     """
     resolved = inputs if isinstance(inputs, ResolvedInputs) else ResolvedInputs(paths=list(inputs))
-    root = Path(unpack_path(str(out)))
+    # Absolute: every worker (and its budget children) must name the same files, whatever its cwd.
+    root = Path(os.path.abspath(unpack_path(str(out))))
     # Before anything below OUT is written or cleaned (a deployed run skips the CLI's check).
     check_output_tree(root)
     (root / "tiles").mkdir(parents=True, exist_ok=True)

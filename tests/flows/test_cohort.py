@@ -257,3 +257,18 @@ def test_native_pixel_sample_is_labelled_but_left_out_of_the_cohort_fit(
     report = _run([tmp_path / "native.png"], tmp_path / "alone", dask_cluster, native_pixels=True, **options)
     (sample,) = report["samples"].values()
     assert sample["status"] == "failed" and "no sample with a resolution to fit on" in sample["error"], sample
+
+
+def test_relative_out_folder_names_the_same_files_everywhere(
+    inputs, prefect_harness, dask_cluster, tmp_path, monkeypatch
+):
+    """``--out`` given relative (the demo's default, ./equislide-demo): every sample is done and every
+    file lies under that folder once. The run used to fail every sample ("every range ran but none of
+    its tasks published the sample"), its stores written under OUT/tiles/OUT/tiles."""
+    monkeypatch.chdir(tmp_path)
+    report = _run([inputs["phantom"]], Path("rel") / "run", dask_cluster, **OPTIONS)
+    assert report["samples"] and all(s["status"] == "done" for s in report["samples"].values()), report
+    root = tmp_path / "rel" / "run"
+    assert (root / "tiles").is_dir() and not (root / "tiles" / "rel").exists()
+    assert not (root / "models" / "rel").exists()
+    assert sorted(p.name for p in (root / "samples").rglob("*.geojson"))
