@@ -155,8 +155,8 @@ def features_task(
 
 
 @task(
-    name="picture",
-    task_run_name="overlay picture {sample_id}",
+    name="pictures",
+    task_run_name="pictures {sample_id}",
     retries=1,
     retry_delay_seconds=5,
     **TASK_OPTIONS,

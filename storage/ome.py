@@ -353,6 +353,11 @@ def _label_array(key: str, lab: Any, values: Mapping[str, Sequence[int]] | None)
     return lab
 
 
+def _chunks(shape: tuple[int, ...], chunk: int) -> tuple[int, ...]:
+    """A level array's chunks: all 3 channels, ``chunk`` x ``chunk`` pixels, cut to its shape."""
+    return tuple(min(c, s) for c, s in zip((3, chunk, chunk)[-len(shape) :], shape, strict=True))
+
+
 def _creator(ngff_version: str, chunk: int):
     """``create(group, key, shape, dtype, dims)``: one level array as the writer makes it."""
     zarr_format = 3 if ngff_version == "0.5" else 2
@@ -373,7 +378,7 @@ def _creator(ngff_version: str, chunk: int):
         return group.create_array(
             key,
             shape=shape,
-            chunks=tuple(min(c, s) for c, s in zip((3, chunk, chunk)[-len(shape) :], shape, strict=True)),
+            chunks=_chunks(shape, chunk),
             dtype=dtype,
             fill_value=0,
             **array_kwargs,
@@ -410,8 +415,7 @@ def _copy_levels(source: str | Path | None, partial: Path, shapes: list[tuple[in
         group = zarr.open_group(source, mode="r")
         for i, (lh, lw) in enumerate(shapes):
             arr = group[str(i)]
-            want = tuple(min(c, s) for c, s in zip((3, chunk, chunk), (3, lh, lw), strict=True))
-            if arr.shape != (3, lh, lw) or arr.chunks != want or arr.dtype != np.uint8:
+            if arr.shape != (3, lh, lw) or arr.chunks != _chunks((3, lh, lw), chunk) or arr.dtype != np.uint8:
                 return False
         if str(len(shapes)) in group:
             return False
