@@ -164,12 +164,13 @@ class _Walker:
             return self.bn(m, source)
         if not any(isinstance(b, _BatchNorm) for b in m.modules()):
             return _map(source, m)
-        if type(m) is nn.Sequential:
+        from equislide.models.resnet import BasicBlock
+        from equislide.models.srenet import SREBasicBlock, SREStem
+
+        if type(m) in (nn.Sequential, SREStem):  # SREStem computes exactly its children in turn
             for child in m:
                 source = self.module(child, source)
             return source
-        from equislide.models.resnet import BasicBlock
-        from equislide.models.srenet import SREBasicBlock
 
         if type(m) in (BasicBlock, SREBasicBlock):
             return self._block(m, source)

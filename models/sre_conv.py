@@ -119,7 +119,11 @@ def _support_halfwidth(plane: np.ndarray) -> int:
 # or more input channels, and since its rings are mixed in one GEMM (narrow layers) also for the
 # 3-channel stem (1 thread, CPU time, medians of 5: 6.2 vs 8.6 ms at 224 px, 56 vs 99 ms at 512 px).
 # With autograd dense wins for the stem (fwd+bwd 223 vs 255 ms at 512 px), so narrow layers use
-# ring only where the inference strip path runs.
+# ring only where the inference strip path runs. Under bf16 autocast too, although oneDNN's dense
+# stem on AMX tiles is faster (4.2 against 11.3 ms, 1 thread, 256 px): the ring path's features are
+# bit-identical under rot90 (a ring's bf16 taps summed in float32 come out the same in any order,
+# and every pixel is mixed alike), the dense kernel's differ by up to 1e-2 relative (it sums the
+# rotated taps in another order), and exact 90-degree equivariance is what SRENet is for.
 _AUTO_MIN_RING_CHANNELS = 16
 
 # Inference path: rows per strip hold about this many bytes of float32 ring sums (all rings);
@@ -216,6 +220,7 @@ class SREConv2d(nn.Module):
         self._dense_cache: tuple[tuple, Tensor] | None = None
         self._dw_cache: dict[tuple, Tensor] = {}
         self._mix_cache: tuple[tuple, Tensor] | None = None
+        self._fold_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
         self._ring_plan = self._plan_ring_sums(basis)
         self.reset_parameters()
 
@@ -269,10 +274,7 @@ class SREConv2d(nn.Module):
             return self.impl
         if self.in_channels // self.groups >= _AUTO_MIN_RING_CHANNELS:
             return "ring"
-        strip_path = (
-            not torch.is_grad_enabled() and self.groups == 1 and self.padding >= self._ring_plan[0][1]
-        )
-        return "ring" if strip_path else "dense"
+        return "ring" if self._strip_path() else "dense"
 
     def dense_kernel(self) -> Tensor:
         """The expanded ``(C_out, C_in / groups, k, k)`` kernel.
@@ -311,21 +313,112 @@ class SREConv2d(nn.Module):
         # channels_last lets the depthwise ring sums and the 1 x 1 mixing run as vectorised NHWC
         # kernels (about 2x over NCHW); a no-op when the network already runs NHWC.
         x = x.contiguous(memory_format=torch.channels_last)
+        h_out, w_out = self._out_size(x)
         p = self.padding
-        n, _, h, w = x.shape
-        span = self.dilation * (self.kernel_size - 1)
-        h_out = (h + 2 * p - span - 1) // self.stride + 1
-        w_out = (w + 2 * p - span - 1) // self.stride + 1
-        if h_out < 1 or w_out < 1:
-            raise ValueError(
-                f"input of size {tuple(x.shape[-2:])} is smaller than the kernel's reach {span + 1}"
-            )
-        if torch.is_grad_enabled() or self.groups != 1 or p < self._ring_plan[0][1]:
+        if not self._strip_path():
             xp = F.pad(x, (p, p, p, p)) if p else x
             out = self._ring_rows(xp, 0, h_out, w_out)
             if self.bias is not None:
                 out = out + self.bias[None, :, None, None].to(out.dtype)
             return out
+        weight = self._mix_weight(_compute_dtype(x))
+        bias = None if self.bias is None else self.bias.detach().to(weight.dtype)
+        return self._forward_strips(x, weight, bias, h_out, w_out)
+
+    def _strip_path(self) -> bool:
+        """Whether inference runs the row-strip path (no autograd, no groups, padding covering
+        the widest ring's offset)."""
+        return not torch.is_grad_enabled() and self.groups == 1 and self.padding >= self._ring_plan[0][1]
+
+    def forward_bn(
+        self, x: Tensor, bn: nn.BatchNorm2d, *, residual: Tensor | None = None, relu: bool = False
+    ) -> Tensor:
+        """``relu(bn(self(x)) + residual)``, the residual and the ReLU optional.
+
+        Where the inference strip path runs and ``bn`` uses its running statistics, the BatchNorm
+        is folded into the mixing GEMM (its scale into the weight's columns, its shift into the
+        GEMM's bias) and the residual and ReLU are applied to each output strip while it is in
+        cache: three passes over the whole feature map saved per layer. Anywhere else (training,
+        autograd, hooks on either module, the dense path) it calls the modules one by one.
+        """
+        if self._can_fold(bn):
+            h_out, w_out = self._out_size(x)
+            x = x.contiguous(memory_format=torch.channels_last)
+            weight, shift = self._folded(bn, _compute_dtype(x))
+            if residual is not None:
+                residual = residual.to(weight.dtype).contiguous(memory_format=torch.channels_last)
+            return self._forward_strips(x, weight, shift, h_out, w_out, residual=residual, relu=relu)
+        out = bn(self(x))
+        if residual is not None:
+            out = out + residual
+        return F.relu(out, inplace=True) if relu else out
+
+    def _can_fold(self, bn: nn.BatchNorm2d) -> bool:
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            return False
+        if not (self.resolved_impl == "ring" and self._strip_path()):
+            return False
+        # Hooks (bench counters, BatchNorm calibration) must see every module they watch called.
+        from torch.nn.modules import module as _module
+
+        hooked = (
+            self._forward_hooks
+            or self._forward_pre_hooks
+            or bn._forward_hooks
+            or bn._forward_pre_hooks
+            or _module._global_forward_hooks
+            or _module._global_forward_pre_hooks
+        )
+        return not hooked
+
+    def _folded(self, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The mixing weight with ``bn``'s scale folded into its columns, and ``bn``'s shift, in ``dtype``."""
+        parts = [self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        key = (
+            tuple(None if t is None else (t._version, t.data_ptr()) for t in parts),
+            bn.eps,
+            self.weight.device,
+            dtype,
+        )
+        cached = self._fold_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        hi = torch.promote_types(dtype, torch.float32)  # folded in float32 at least
+        with torch.no_grad(), torch.autocast(self.weight.device.type, enabled=False):
+            scale = torch.rsqrt(bn.running_var.to(hi) + bn.eps)  # type: ignore[union-attr]
+            if bn.weight is not None:
+                scale = scale * bn.weight.to(hi)
+            shift = -bn.running_mean.to(hi) * scale  # type: ignore[union-attr]
+            if bn.bias is not None:
+                shift = shift + bn.bias.to(hi)
+            if self.bias is not None:
+                shift = shift + self.bias.to(hi) * scale
+            mix = self.weight.detach().to(hi).permute(2, 1, 0).reshape(-1, self.out_channels)
+            folded = ((mix * scale).to(dtype).contiguous(), shift.to(dtype).contiguous())
+        self._fold_cache = (key, folded)
+        return folded
+
+    def _out_size(self, x: Tensor) -> tuple[int, int]:
+        p, span = self.padding, self.dilation * (self.kernel_size - 1)
+        h_out = (x.shape[-2] + 2 * p - span - 1) // self.stride + 1
+        w_out = (x.shape[-1] + 2 * p - span - 1) // self.stride + 1
+        if h_out < 1 or w_out < 1:
+            raise ValueError(
+                f"input of size {tuple(x.shape[-2:])} is smaller than the kernel's reach {span + 1}"
+            )
+        return h_out, w_out
+
+    def _forward_strips(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        h_out: int,
+        w_out: int,
+        *,
+        residual: Tensor | None = None,
+        relu: bool = False,
+    ) -> Tensor:
         # Without autograd the output is built in row strips whose ring sums stay in cache, mixed
         # by GEMMs that write straight into the output rows (bias fused into the first). Layers
         # with few input channels put the strip's ring sums side by side in one (pixels, R * C_in)
@@ -333,36 +426,41 @@ class SREConv2d(nn.Module):
         # (the RGB stem) run far below the GEMM rate. Wider layers accumulate one GEMM per ring
         # instead: copying the sums into the shared buffer cost more than it saved there
         # (bench/sre_conv.py; README, SRE-Conv speed).
-        dtype = _compute_dtype(x)
+        n, dtype = x.shape[0], weight.dtype
         out = torch.empty(
             (n, self.out_channels, h_out, w_out),
             dtype=dtype,
             device=x.device,
             memory_format=torch.channels_last,
         )
-        weight = self._mix_weight(dtype)
-        bias = None if self.bias is None else self.bias.detach().to(dtype)
         rows = max(1, min(h_out, self._strip_rows(w_out)))
         fused = self.in_channels <= _FUSED_MAX_CHANNELS
         c, ring_count = self.in_channels, self.num_rings
         buf = torch.empty((rows * w_out, ring_count * c), dtype=dtype, device=x.device) if fused else None
         for i in range(n):
             out_hwc = out[i].permute(1, 2, 0)  # a view: out is channels_last
+            res_hwc = None if residual is None else residual[i].permute(1, 2, 0)
             for y0 in range(0, h_out, rows):
                 y1 = min(h_out, y0 + rows)
                 strip = out_hwc[y0:y1].view(-1, self.out_channels)
+                # With a residual the first GEMM accumulates onto it, and the bias follows.
+                first = bias if res_hwc is None else res_hwc[y0:y1].reshape(-1, self.out_channels)
                 if buf is None:
-                    self._ring_rows_into(x[i : i + 1], y0, y1, strip, weight, bias)
-                    continue
-                sums = buf[: (y1 - y0) * w_out]
-                by_ring = sums.view(y1 - y0, w_out, ring_count, c)
-                for r, ring in self._ring_strips(x[i : i + 1], y0, y1):
-                    # copy_ also casts: under autocast the depthwise sums may be in another dtype.
-                    by_ring[:, :, r].copy_(ring[0].permute(1, 2, 0))
-                if bias is None:
-                    torch.mm(sums, weight, out=strip)
+                    self._ring_rows_into(x[i : i + 1], y0, y1, strip, weight, first)
                 else:
-                    torch.addmm(bias, sums, weight, out=strip)
+                    sums = buf[: (y1 - y0) * w_out]
+                    by_ring = sums.view(y1 - y0, w_out, ring_count, c)
+                    for r, ring in self._ring_strips(x[i : i + 1], y0, y1):
+                        # copy_ also casts: under autocast the depthwise sums may be in another dtype.
+                        by_ring[:, :, r].copy_(ring[0].permute(1, 2, 0))
+                    if first is None:
+                        torch.mm(sums, weight, out=strip)
+                    else:
+                        torch.addmm(first, sums, weight, out=strip)
+                if res_hwc is not None and bias is not None:
+                    strip.add_(bias)
+                if relu:
+                    strip.clamp_min_(0)
         return out
 
     def _strip_rows(self, w_out: int) -> int:
@@ -416,19 +514,20 @@ class SREConv2d(nn.Module):
             yield r, ring
 
     def _ring_rows_into(
-        self, x: Tensor, y0: int, y1: int, out2d: Tensor, weight: Tensor, bias: Tensor | None
+        self, x: Tensor, y0: int, y1: int, out2d: Tensor, weight: Tensor, first: Tensor | None
     ) -> None:
-        """Output rows ``[y0, y1)`` of one image into ``out2d`` (pixels x C_out), one GEMM per ring."""
+        """Output rows ``[y0, y1)`` of one image into ``out2d`` (pixels x C_out), one GEMM per ring;
+        ``first`` (a bias row or a residual strip) is added by the first."""
         c = self.in_channels
         for r, ring in self._ring_strips(x, y0, y1):
             ring2d = ring.permute(0, 2, 3, 1).reshape(-1, c).to(out2d.dtype)
             w = weight[r * c : (r + 1) * c]  # contiguous rows of the ring-major weight
             if r > 0:
                 out2d.addmm_(ring2d, w)
-            elif bias is None:
+            elif first is None:
                 torch.mm(ring2d, w, out=out2d)
             else:
-                torch.addmm(bias, ring2d, w, out=out2d)
+                torch.addmm(first, ring2d, w, out=out2d)
 
     def _mix_weight(self, dtype: torch.dtype) -> Tensor:
         """The ``(R * C_in, C_out)`` ring-major mixing weight in ``dtype``.
@@ -461,4 +560,5 @@ class SREConv2d(nn.Module):
         self._dense_cache = None
         self._dw_cache = {}
         self._mix_cache = None
+        self._fold_cache = None
         return result

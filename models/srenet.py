@@ -29,7 +29,7 @@ from equislide.models._errors import ModelConfigError
 from equislide.models._registry import register_model
 from equislide.models.sre_conv import Impl, Rings, SREConv2d
 
-__all__ = ["BlurPool2d", "SREBasicBlock", "SRENet", "srenet18"]
+__all__ = ["BlurPool2d", "SREBasicBlock", "SRENet", "SREStem", "srenet18"]
 
 _BINOMIAL = {3: (1.0, 2.0, 1.0), 5: (1.0, 4.0, 6.0, 4.0, 1.0)}
 
@@ -112,9 +112,18 @@ class SREBasicBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(self.pool(x))))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        # relu(bn2(conv2(relu(bn1(conv1(pool(x)))))) + shortcut(x)); forward_bn folds each
+        # BatchNorm, the ReLUs and the residual into the SRE-Convs' GEMMs at inference.
+        out = self.conv1.forward_bn(self.pool(x), self.bn1, relu=True)
+        return self.conv2.forward_bn(out, self.bn2, residual=self.shortcut(x), relu=True)
+
+
+class SREStem(nn.Sequential):
+    """``Sequential(SREConv2d, BatchNorm2d, ReLU)``, run as one :meth:`SREConv2d.forward_bn`."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        conv, bn, _relu = self
+        return conv.forward_bn(x, bn, relu=True)
 
 
 class SRENet(Backbone):
@@ -165,7 +174,7 @@ class SRENet(Backbone):
         widths = (width, 2 * width, 4 * width, 8 * width)
         self.feature_channels = widths
         self.feature_strides = (1, 2, 4, 8)
-        self.stem = nn.Sequential(
+        self.stem = SREStem(
             SREConv2d(in_chans, width, stem_kernel, rings=rings, impl=impl),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
