@@ -18,6 +18,7 @@ from equislide.models import (
     sre_conv,
     srenet18,
 )
+from equislide.models.extract import bf16_native
 
 # (in, out, kernel, stride, padding, dilation, groups, bias)
 CONFIGS = [
@@ -178,10 +179,7 @@ def test_auto_picks_ring_for_wide_layers_and_for_the_rgb_stem_only_at_inference(
         assert SREConv2d(64, 64, 9, impl="dense").resolved_impl == "dense"
 
 
-_BF16_UNITS = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-@pytest.mark.skipif(not _BF16_UNITS, reason="needs a CPU with bf16 units (AVX-512 BF16 or AMX)")
+@pytest.mark.skipif(not bf16_native("cpu"), reason="needs a CPU with bf16 units (AVX-512 BF16 or AMX)")
 @pytest.mark.parametrize("width", [8, 64])
 def test_auto_features_under_bf16_autocast_are_bit_identical_under_rot90(width):
     # The property `auto` keeps ring for under bf16 (models/sre_conv.py): oneDNN's dense stem on AMX
@@ -284,8 +282,6 @@ def test_mixing_weight_cache_follows_weight_updates(cin):
 
 
 def test_srenet18_ring_features_match_dense_to_float32_rounding():
-    from equislide.models import srenet18
-
     dense = srenet18(impl="dense").eval()
     ring = srenet18(impl="ring").eval()
     ring.load_state_dict(dense.state_dict())
@@ -379,8 +375,6 @@ def test_forward_bn_calls_the_modules_in_training_with_autograd_or_hooks():
 
 def test_srenet18_folded_features_equal_the_module_by_module_pass():
     from torch.nn.modules import module as torch_module
-
-    from equislide.models import srenet18
 
     model = srenet18(impl="ring").eval().double()
     for bn in model.modules():
