@@ -101,9 +101,10 @@ def _check_kernel_size(kernel_size: int) -> None:
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a convolution of ``x`` computes in: autocast's, where it is on for ``x``'s device."""
+    """The dtype a convolution of ``x`` computes in: autocast's, where it is on for ``x``'s device
+    (autocast leaves float64 as it is)."""
     kind = x.device.type
-    if torch.is_autocast_enabled(kind) and x.dtype.is_floating_point:
+    if torch.is_autocast_enabled(kind) and x.dtype.is_floating_point and x.dtype != torch.float64:
         return torch.get_autocast_dtype(kind)
     return x.dtype
 
@@ -132,6 +133,9 @@ _AUTO_MIN_RING_CHANNELS = 16
 _STRIP_BYTES = 8 << 20
 # Layers with at most this many input channels mix all rings in one GEMM (see _forward_ring).
 _FUSED_MAX_CHANNELS = 32
+# ... and with at most this many take all their ring sums in one grouped convolution over the full
+# kernel, written straight into the GEMM's input (see _forward_strips).
+_GROUPED_MAX_CHANNELS = 4
 
 
 class SREConv2d(nn.Module):
@@ -222,6 +226,7 @@ class SREConv2d(nn.Module):
         self._mix_cache: tuple[tuple, Tensor] | None = None
         self._fold_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
         self._ring_plan = self._plan_ring_sums(basis)
+        self._grouped_sums = groups == 1 and in_channels <= _GROUPED_MAX_CHANNELS
         self.reset_parameters()
 
     def _plan_ring_sums(self, basis: Tensor) -> list[tuple[Tensor, int, bool]]:
@@ -235,6 +240,23 @@ class SREConv2d(nn.Module):
             identity = h == 0 and float(plane) == 1.0  # the hard centre ring: no sum to take
             plan.append((plane, (m - h) * self.dilation, identity))
         return plan
+
+    def on_exact_sum_grid(self, x: Tensor) -> Tensor:
+        """``x`` rounded, image by image, to the power-of-two grid on which float32 sums its rings exactly.
+
+        With hard rings (0/1 taps) every partial sum of a ring is a multiple of the grid's step
+        smaller than 2^23 steps, so it is exact in any order: the ring sums, and the float32 ring
+        path above them, give the same bits for an image and its rotations. Each value moves by
+        at most ``taps * 2^-23`` of the image's largest (1.9e-6 for the 16 taps of a 7 x 7
+        kernel's outer ring). Soft rings (fractional taps) get ``x`` back.
+        """
+        if self.rings != "hard":
+            return x
+        taps = max(int(torch.count_nonzero(plane)) for plane, _, _ in self._ring_plan)
+        bound = x.detach().abs().amax(dim=tuple(range(1, x.dim())), keepdim=True) * taps
+        exponent = torch.frexp(torch.nan_to_num(bound, nan=0.0, posinf=0.0)).exponent  # bound < 2^e
+        step = torch.ldexp(torch.ones_like(bound), exponent - 23)
+        return torch.round(x / step) * step
 
     def reset_parameters(self) -> None:
         """He (Kaiming) normal initialisation over the effective fan-in of the expanded kernel.
@@ -331,15 +353,23 @@ class SREConv2d(nn.Module):
         return not torch.is_grad_enabled() and self.groups == 1 and self.padding >= self._ring_plan[0][1]
 
     def forward_bn(
-        self, x: Tensor, bn: nn.BatchNorm2d, *, residual: Tensor | None = None, relu: bool = False
+        self,
+        x: Tensor,
+        bn: nn.BatchNorm2d,
+        *,
+        residual: Tensor | None = None,
+        relu: bool = False,
+        out_dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """``relu(bn(self(x)) + residual)``, the residual and the ReLU optional.
+        """``relu(bn(self(x)) + residual)``, the residual and the ReLU optional, returned in
+        ``out_dtype`` (default: the dtype it computes in).
 
         Where the inference strip path runs and ``bn`` uses its running statistics, the BatchNorm
         is folded into the mixing GEMM (its scale into the weight's columns, its shift into the
-        GEMM's bias) and the residual and ReLU are applied to each output strip while it is in
-        cache: three passes over the whole feature map saved per layer. Anywhere else (training,
-        autograd, hooks on either module, the dense path) it calls the modules one by one.
+        GEMM's bias) and the residual, the ReLU and the cast to ``out_dtype`` are applied to each
+        output strip while it is in cache: three passes over the whole feature map saved per
+        layer. Anywhere else (training, autograd, hooks on either module, the dense path) it calls
+        the modules one by one.
         """
         if self._can_fold(bn):
             h_out, w_out = self._out_size(x)
@@ -347,11 +377,14 @@ class SREConv2d(nn.Module):
             weight, shift = self._folded(bn, _compute_dtype(x))
             if residual is not None:
                 residual = residual.to(weight.dtype).contiguous(memory_format=torch.channels_last)
-            return self._forward_strips(x, weight, shift, h_out, w_out, residual=residual, relu=relu)
+            return self._forward_strips(
+                x, weight, shift, h_out, w_out, residual=residual, relu=relu, out_dtype=out_dtype
+            )
         out = bn(self(x))
         if residual is not None:
             out = out + residual
-        return F.relu(out, inplace=True) if relu else out
+        out = F.relu(out, inplace=True) if relu else out
+        return out if out_dtype is None else out.to(out_dtype)
 
     def _can_fold(self, bn: nn.BatchNorm2d) -> bool:
         if bn.training or bn.running_mean is None or bn.running_var is None:
@@ -393,7 +426,7 @@ class SREConv2d(nn.Module):
                 shift = shift + bn.bias.to(hi)
             if self.bias is not None:
                 shift = shift + self.bias.to(hi) * scale
-            mix = self.weight.detach().to(hi).permute(2, 1, 0).reshape(-1, self.out_channels)
+            mix = self._mix_layout(self.weight.detach().to(hi))
             folded = ((mix * scale).to(dtype).contiguous(), shift.to(dtype).contiguous())
         self._fold_cache = (key, folded)
         return folded
@@ -418,6 +451,7 @@ class SREConv2d(nn.Module):
         *,
         residual: Tensor | None = None,
         relu: bool = False,
+        out_dtype: torch.dtype | None = None,
     ) -> Tensor:
         # Without autograd the output is built in row strips whose ring sums stay in cache, mixed
         # by GEMMs that write straight into the output rows (bias fused into the first). Layers
@@ -427,25 +461,40 @@ class SREConv2d(nn.Module):
         # instead: copying the sums into the shared buffer cost more than it saved there
         # (bench/sre_conv.py; README, SRE-Conv speed).
         n, dtype = x.shape[0], weight.dtype
+        out_dtype = dtype if out_dtype is None else out_dtype
         out = torch.empty(
             (n, self.out_channels, h_out, w_out),
-            dtype=dtype,
+            dtype=out_dtype,
             device=x.device,
             memory_format=torch.channels_last,
         )
         rows = max(1, min(h_out, self._strip_rows(w_out)))
         fused = self.in_channels <= _FUSED_MAX_CHANNELS
         c, ring_count = self.in_channels, self.num_rings
-        buf = torch.empty((rows * w_out, ring_count * c), dtype=dtype, device=x.device) if fused else None
+        grouped = self._grouped_sums
+        buf = None
+        if fused and not grouped:
+            buf = torch.empty((rows * w_out, ring_count * c), dtype=dtype, device=x.device)
+        # Output in another dtype: each strip is computed in `scratch` and cast into place in cache.
+        scratch = None
+        if out_dtype != dtype:
+            scratch = torch.empty((rows * w_out, self.out_channels), dtype=dtype, device=x.device)
         for i in range(n):
             out_hwc = out[i].permute(1, 2, 0)  # a view: out is channels_last
             res_hwc = None if residual is None else residual[i].permute(1, 2, 0)
             for y0 in range(0, h_out, rows):
                 y1 = min(h_out, y0 + rows)
-                strip = out_hwc[y0:y1].view(-1, self.out_channels)
+                target = out_hwc[y0:y1].view(-1, self.out_channels)
+                strip = target if scratch is None else scratch[: target.shape[0]]
                 # With a residual the first GEMM accumulates onto it, and the bias follows.
                 first = bias if res_hwc is None else res_hwc[y0:y1].reshape(-1, self.out_channels)
-                if buf is None:
+                if grouped:
+                    sums = self._grouped_ring_sums(x[i : i + 1], y0, y1, dtype)
+                    if first is None:
+                        torch.mm(sums, weight, out=strip)
+                    else:
+                        torch.addmm(first, sums, weight, out=strip)
+                elif buf is None:
                     self._ring_rows_into(x[i : i + 1], y0, y1, strip, weight, first)
                 else:
                     sums = buf[: (y1 - y0) * w_out]
@@ -461,12 +510,34 @@ class SREConv2d(nn.Module):
                     strip.add_(bias)
                 if relu:
                     strip.clamp_min_(0)
+                if scratch is not None:
+                    target.copy_(strip)
         return out
 
     def _strip_rows(self, w_out: int) -> int:
-        # The strip's (pixels, R * C_in) float32 ring-sum buffer is held near _STRIP_BYTES.
-        per_row = max(1, w_out * self.num_rings * self.in_channels * 4)
+        # The strip's (pixels, R * C_in) float32 ring sums, or its output rows where those are
+        # wider (the RGB stem: 12 sums, 64 outputs a pixel), are held near _STRIP_BYTES.
+        per_row = max(1, w_out * max(self.num_rings * self.in_channels, self.out_channels) * 4)
         return max(1, _STRIP_BYTES // per_row)
+
+    def _grouped_ring_sums(self, x: Tensor, y0: int, y1: int, dtype: torch.dtype) -> Tensor:
+        """Every ring's sums for output rows ``[y0, y1)`` of one unpadded image as a ``(pixels,
+        C_in * R)`` view, channel-major: one grouped convolution with the R ring planes as the
+        filters of each channel. Zero padding as in :meth:`_ring_strips`."""
+        s, d, p, k = self.stride, self.dilation, self.padding, self.kernel_size
+        h = x.shape[-2]
+        a, b = y0 * s - p, (y1 - 1) * s + d * (k - 1) + 1 - p  # input rows needed
+        xs = x[:, :, max(a, 0) : min(b, h)]
+        if a < 0 or b > h:
+            xs = F.pad(xs, (0, 0, max(0, -a), max(0, b - h)))
+        xs = xs.to(dtype).contiguous(memory_format=torch.channels_last)
+        key = ("grouped", xs.device, dtype)
+        planes = self._dw_cache.get(key)
+        if planes is None:
+            planes = self.basis.to(xs.device, dtype).repeat(self.in_channels, 1, 1)[:, None].contiguous()
+            self._dw_cache[key] = planes
+        sums = F.conv2d(xs, planes, None, s, (0, p), d, self.in_channels)
+        return sums.permute(0, 2, 3, 1).reshape(-1, self.in_channels * self.num_rings)
 
     def _ring_sum(self, xp: Tensor, r: int, y0: int, y1: int, w_out: int) -> Tensor:
         """Sums over ring ``r`` of the padded input ``xp`` for output rows ``[y0, y1)``."""
@@ -529,8 +600,15 @@ class SREConv2d(nn.Module):
             else:
                 torch.addmm(first, ring2d, w, out=out2d)
 
+    def _mix_layout(self, weight: Tensor) -> Tensor:
+        """The ``(C_out, C_in, R)`` parameter as the strip GEMM's ``(R * C_in, C_out)`` operand: rows
+        ring-major (ring, then channel), or channel-major where one grouped convolution takes the
+        ring sums (its output channels go channel by channel, ring by ring)."""
+        order = (1, 2, 0) if self._grouped_sums else (2, 1, 0)
+        return weight.permute(*order).reshape(-1, self.out_channels)
+
     def _mix_weight(self, dtype: torch.dtype) -> Tensor:
-        """The ``(R * C_in, C_out)`` ring-major mixing weight in ``dtype``.
+        """The ``(R * C_in, C_out)`` mixing weight in ``dtype`` (layout: :meth:`_mix_layout`).
 
         Cached until the weights change: per-ring slices of the ``(C_out, C_in, R)`` parameter are
         strided, and every GEMM re-packed them (5 MB per call at 512 channels).
@@ -539,8 +617,7 @@ class SREConv2d(nn.Module):
         cached = self._mix_cache
         if cached is not None and cached[0] == key:
             return cached[1]
-        weight = self.weight.detach().permute(2, 1, 0).reshape(-1, self.out_channels).to(dtype)
-        weight = weight.contiguous()
+        weight = self._mix_layout(self.weight.detach()).to(dtype).contiguous()
         self._mix_cache = (key, weight)
         return weight
 

@@ -232,16 +232,27 @@ INFERENCE_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["one-gemm", "gemm-per-ring"])
+# The strip path's three ways to take and mix the ring sums: one grouped convolution for every ring
+# into one GEMM (layers of at most _GROUPED_MAX_CHANNELS inputs), per-ring sums copied side by side
+# into one GEMM (at most _FUSED_MAX_CHANNELS), one accumulating GEMM per ring (wider layers).
+PATHS = ["grouped", "one-gemm", "gemm-per-ring"]
+
+
+def _force_path(conv: SREConv2d, path: str, monkeypatch) -> None:
+    monkeypatch.setattr(sre_conv, "_FUSED_MAX_CHANNELS", 0 if path == "gemm-per-ring" else 1 << 30)
+    conv._grouped_sums = path == "grouped"
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rows", [1, 3, 1000])
 @pytest.mark.parametrize("cfg", INFERENCE_CONFIGS, ids=lambda c: "x".join(map(str, c[:7])))
-def test_inference_paths_equal_dense_in_float64(cfg, rows, fused, monkeypatch):
+def test_inference_paths_equal_dense_in_float64(cfg, rows, path, monkeypatch):
     cin, cout, k, stride, padding, dilation, bias, (h, w) = cfg
-    monkeypatch.setattr(sre_conv, "_FUSED_MAX_CHANNELS", 1 << 30 if fused else 0)
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, bias=bias)
     dense = SREConv2d(cin, cout, k, impl="dense", **kwargs).eval().double()
     ring = SREConv2d(cin, cout, k, impl="ring", **kwargs).eval().double()
     ring.load_state_dict(dense.state_dict())
+    _force_path(ring, path, monkeypatch)
     if bias:
         with torch.no_grad():
             dense.bias.normal_()
@@ -252,10 +263,10 @@ def test_inference_paths_equal_dense_in_float64(cfg, rows, fused, monkeypatch):
         torch.testing.assert_close(ring(x), dense(x), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["one-gemm", "gemm-per-ring"])
-def test_inference_paths_under_bf16_autocast(fused, monkeypatch):
-    monkeypatch.setattr(sre_conv, "_FUSED_MAX_CHANNELS", 1 << 30 if fused else 0)
+@pytest.mark.parametrize("path", PATHS)
+def test_inference_paths_under_bf16_autocast(path, monkeypatch):
     dense, ring = _dense_ring_pair(12, 20, 7)
+    _force_path(ring, path, monkeypatch)
     with torch.no_grad():
         x = torch.randn(1, 12, 31, 26)
         ref = dense(x)
@@ -309,7 +320,7 @@ def _composed(conv, bn, x, residual, relu):
     return torch.relu(out) if relu else out
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["one-gemm", "gemm-per-ring"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rows", [1, 4, 1000])
 @pytest.mark.parametrize(
     ("bias", "affine", "residual", "relu"),
@@ -321,10 +332,10 @@ def _composed(conv, bn, x, residual, relu):
     ],
 )
 def test_forward_bn_folds_batchnorm_residual_and_relu_exactly(
-    fused, rows, bias, affine, residual, relu, monkeypatch
+    path, rows, bias, affine, residual, relu, monkeypatch
 ):
-    monkeypatch.setattr(sre_conv, "_FUSED_MAX_CHANNELS", 1 << 30 if fused else 0)
     conv = SREConv2d(6, 10, 7, bias=bias, impl="ring").eval().double()
+    _force_path(conv, path, monkeypatch)
     bn = _random_bn(10, affine).double()
     if bias:
         with torch.no_grad():
@@ -390,3 +401,62 @@ def test_srenet18_folded_features_equal_the_module_by_module_pass():
         finally:
             handle.remove()
     torch.testing.assert_close(folded, plain, rtol=1e-9, atol=1e-9 * float(plain.abs().max()))
+
+
+@pytest.mark.parametrize("rings", ["hard", "soft"])
+def test_grouped_ring_sums_equal_dense_in_float64(rings):
+    dense = SREConv2d(3, 16, 7, rings=rings, impl="dense", bias=True).eval().double()
+    ring = SREConv2d(3, 16, 7, rings=rings, impl="ring", bias=True).eval().double()
+    with torch.no_grad():
+        dense.bias.normal_()
+    ring.load_state_dict(dense.state_dict())
+    assert ring._grouped_sums  # the RGB stem's shape takes its ring sums in one grouped convolution
+    ring._strip_rows = lambda w_out: 5  # type: ignore[method-assign]
+    x = torch.randn(2, 3, 21, 17, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ring(x), dense(x), rtol=1e-10, atol=1e-10)
+
+
+def test_ring_sums_on_the_exact_sum_grid_are_exact_in_float32():
+    conv = SREConv2d(3, 4, 7)
+    torch.manual_seed(0)
+    # Values over 30 binary orders of magnitude, one image 1e6 times the other's scale.
+    x = torch.randn(2, 3, 40, 40) * torch.exp2(torch.randint(-20, 10, (2, 3, 40, 40)).float())
+    x[1] *= 1e6
+    snapped = conv.on_exact_sum_grid(x)
+    scale = x.abs().amax(dim=(1, 2, 3), keepdim=True)
+    assert float(((snapped - x).abs() / scale).max()) <= 16 * 2**-23  # the outer ring's 16 taps
+    for plane, _, identity in conv._ring_plan:
+        if identity:
+            continue
+        w = plane.expand(3, 1, -1, -1).contiguous()
+        p = plane.shape[-1] // 2
+        ref = torch.nn.functional.conv2d(snapped.double(), w.double(), padding=p, groups=3)
+        got = torch.nn.functional.conv2d(snapped, w, padding=p, groups=3)
+        assert torch.equal(got.double(), ref)  # exact, whatever order the taps are summed in
+        # Off the grid the same sums round along the way: not the exact sum, rounded once.
+        raw = torch.nn.functional.conv2d(x, w, padding=p, groups=3)
+        exact = torch.nn.functional.conv2d(x.double(), w.double(), padding=p, groups=3)
+        assert not torch.equal(raw, exact.float())
+    assert SREConv2d(3, 4, 7, rings="soft").on_exact_sum_grid(x) is x
+
+
+def test_srenet_stem_computes_in_float32_under_autocast():
+    torch.manual_seed(0)
+    model = srenet18(width=8).eval()
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.load_state_dict(_random_bn(bn.num_features).state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.stem(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.stem(x)
+            inner = model.stem[0](x)  # the conv alone computes in bf16
+    assert out.dtype == torch.bfloat16 and ref.dtype == torch.float32 and inner.dtype == torch.bfloat16
+    # Float32 results rounded once to bf16 (8 mantissa bits): within half a bf16 ulp of float32.
+    assert float(((out.float() - ref).abs() / ref.abs().clamp_min(1e-3)).max()) <= 2**-8
+    with torch.no_grad():
+        model.double()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.stem(x.double()).dtype == torch.float64  # autocast leaves float64 alone
