@@ -251,14 +251,19 @@ class SREConv2d(nn.Module):
         smaller than 2^23 steps, so it is exact in any order: the ring sums, and the float32 ring
         path above them, give the same bits for an image and its rotations. Each value moves by
         at most ``taps * 2^-23`` of the image's largest (1.9e-6 for the 16 taps of a 7 x 7
-        kernel's outer ring). Soft rings (fractional taps) get ``x`` back.
+        kernel's outer ring). Soft rings (fractional taps) get ``x`` back. Under autograd the
+        gradient passes straight through (rounding's own is zero), and the forward value may be
+        an ulp off the grid.
         """
         if self.rings != "hard":
             return x
         bound = x.detach().abs().amax(dim=tuple(range(1, x.dim())), keepdim=True) * self._max_ring_taps
         exponent = torch.frexp(torch.nan_to_num(bound, nan=0.0, posinf=0.0)).exponent  # bound < 2^e
         step = torch.ldexp(torch.ones_like(bound), exponent - 23)
-        return torch.round(x / step) * step
+        snapped = torch.round(x.detach() / step) * step
+        if x.requires_grad and torch.is_grad_enabled():
+            return x + (snapped - x.detach())
+        return snapped
 
     def reset_parameters(self) -> None:
         """He (Kaiming) normal initialisation over the effective fan-in of the expanded kernel.

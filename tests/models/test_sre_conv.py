@@ -439,6 +439,9 @@ def test_ring_sums_on_the_exact_sum_grid_are_exact_in_float32():
         exact = torch.nn.functional.conv2d(x.double(), w.double(), padding=p, groups=3)
         assert not torch.equal(raw, exact.float())
     assert SREConv2d(3, 4, 7, rings="soft").on_exact_sum_grid(x) is x
+    leaf = x.clone().requires_grad_()
+    conv.on_exact_sum_grid(leaf).sum().backward()
+    assert torch.equal(leaf.grad, torch.ones_like(x))  # straight through, not rounding's zero
 
 
 def test_srenet_stem_computes_in_float32_under_autocast():
