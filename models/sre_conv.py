@@ -100,13 +100,27 @@ def _check_kernel_size(kernel_size: int) -> None:
         )
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a convolution of ``x`` computes in: autocast's, where it is on for ``x``'s device
-    (autocast leaves float64 as it is)."""
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast casts ``x`` to, where it is on for ``x``'s device; None where it is off or
+    leaves ``x`` alone (float64, integers)."""
     kind = x.device.type
     if torch.is_autocast_enabled(kind) and x.dtype.is_floating_point and x.dtype != torch.float64:
         return torch.get_autocast_dtype(kind)
-    return x.dtype
+    return None
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` computes in: autocast's, or ``x``'s own."""
+    return autocast_dtype(x) or x.dtype
+
+
+def _input_rows(x: Tensor, a: int, b: int) -> Tensor:
+    """Rows ``[a, b)`` of ``x`` (N, C, H, W), zero rows standing in for those outside ``[0, H)``."""
+    h = x.shape[-2]
+    xs = x[:, :, max(a, 0) : min(b, h)]
+    if a < 0 or b > h:
+        xs = F.pad(xs, (0, 0, max(0, -a), max(0, b - h)))
+    return xs
 
 
 def _support_halfwidth(plane: np.ndarray) -> int:
@@ -533,11 +547,7 @@ class SREConv2d(nn.Module):
         C_in * R)`` view, channel-major: one grouped convolution with the R ring planes as the
         filters of each channel. Zero padding as in :meth:`_ring_strips`."""
         s, d, p, k = self.stride, self.dilation, self.padding, self.kernel_size
-        h = x.shape[-2]
-        a, b = y0 * s - p, (y1 - 1) * s + d * (k - 1) + 1 - p  # input rows needed
-        xs = x[:, :, max(a, 0) : min(b, h)]
-        if a < 0 or b > h:
-            xs = F.pad(xs, (0, 0, max(0, -a), max(0, b - h)))
+        xs = _input_rows(x, y0 * s - p, (y1 - 1) * s + d * (k - 1) + 1 - p)
         xs = xs.to(dtype).contiguous(memory_format=torch.channels_last)
         key = ("grouped", xs.device, dtype)
         planes = self._dw_cache.get(key)
@@ -576,14 +586,10 @@ class SREConv2d(nn.Module):
         contiguous, so no padded copy of the whole map is made.
         """
         s, d, p, c = self.stride, self.dilation, self.padding, self.in_channels
-        h = x.shape[-2]
         for r, (plane, offset, identity) in enumerate(self._ring_plan):
             reach = d * (plane.shape[-1] - 1) + 1
-            a, b = y0 * s + offset - p, (y1 - 1) * s + offset + reach - p  # input rows needed
-            xs = x[:, :, max(a, 0) : min(b, h)]
+            xs = _input_rows(x, y0 * s + offset - p, (y1 - 1) * s + offset + reach - p)
             pw = p - offset
-            if a < 0 or b > h:
-                xs = F.pad(xs, (0, 0, max(0, -a), max(0, b - h)))
             if identity:
                 ring = xs[:, :, ::s, ::s] if s > 1 else xs
                 if pw:

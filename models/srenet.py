@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from equislide.models._backbone import Backbone
 from equislide.models._errors import ModelConfigError
 from equislide.models._registry import register_model
-from equislide.models.sre_conv import Impl, Rings, SREConv2d
+from equislide.models.sre_conv import Impl, Rings, SREConv2d, autocast_dtype
 
 __all__ = ["BlurPool2d", "SREBasicBlock", "SRENet", "SREStem", "srenet18"]
 
@@ -128,16 +128,15 @@ class SREStem(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         conv, bn, _relu = self
-        kind = x.device.type
-        if not (torch.is_autocast_enabled(kind) and x.dtype.is_floating_point and x.dtype != torch.float64):
+        dtype = autocast_dtype(x)
+        if dtype is None:
             return conv.forward_bn(x, bn, relu=True)
         # Rounding the stem to bf16 (the input pixels, and the ring sums of up to 16 of them) was
         # most of the bf16 error at layer 4 (rms 1.1e-1 relative to fp32 with it, 4.3e-2 without)
         # and moved 0.74 % of the tissue labels (0.22 % without). The grid keeps the 90-degree
         # property bit-exact: float32 sums of arbitrary floats depend on the order of the taps,
         # which a rotation changes. Three input channels make the stem a small share of the work.
-        dtype = torch.get_autocast_dtype(kind)
-        with torch.autocast(kind, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             x = conv.on_exact_sum_grid(x.float())
             return conv.forward_bn(x, bn, relu=True, out_dtype=dtype)
 
