@@ -20,6 +20,7 @@ more than 5%.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from contextlib import nullcontext
@@ -27,7 +28,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from equislide.models import SREConv2d, srenet18
+from equislide.models import SREConv2d, _ring_kernel, srenet18
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -85,8 +86,12 @@ def macs(conv: SREConv2d, h_out: int, w_out: int) -> tuple[int, int]:
     """(dense, ring) multiply-adds of one layer for one image."""
     cin_g = conv.in_channels // conv.groups
     dense = conv.out_channels * cin_g * conv.kernel_size**2 * h_out * w_out
+    # The C kernel adds only a ring's own taps; torch's depthwise sums run over its cropped support.
+    kernel = conv._use_kernel and _ring_kernel.load() is not None
     ring_sums = sum(
-        conv.in_channels * plane.numel() for plane, _, identity in conv._ring_plan if not identity
+        conv.in_channels * (int(torch.count_nonzero(plane)) if kernel else plane.numel())
+        for plane, _, identity in conv._ring_plan
+        if not identity
     )
     ring = (ring_sums + conv.out_channels * cin_g * conv.num_rings) * h_out * w_out
     return dense, ring
@@ -156,6 +161,24 @@ HEADER = (
 )
 
 
+def with_torch_sums(convs: dict) -> None:
+    """Add ``"torch sums"``: the ring path with the C kernel switched off, the kernel's baseline."""
+    if _ring_kernel.load() is None:
+        return
+    model = copy.deepcopy(convs["ring"])
+    for conv in [model, *model.modules()]:
+        if isinstance(conv, SREConv2d):
+            conv._use_kernel = False
+    convs["torch sums"] = model
+
+
+def kernel_note(times: dict[str, float]) -> str:
+    if "torch sums" not in times:
+        return ""
+    torch_ms = times["torch sums"] * 1e3
+    return f"  C kernel {times['torch sums'] / times['ring']:.2f}x torch sums ({torch_ms:.1f} ms)"
+
+
 def bench_layers(size: int, batch: int, precision: str, repeats: int, clock, peak: float) -> None:
     print(f"\nper layer, batch {batch}, {size} px, {precision}  (peak = fraction of the fp32 conv peak)")
     print(HEADER)
@@ -163,6 +186,7 @@ def bench_layers(size: int, batch: int, precision: str, repeats: int, clock, pea
         convs = {impl: SREConv2d(cin, cout, k, impl=impl).eval() for impl in ("dense", "ring", "auto")}
         for conv in convs.values():
             conv.load_state_dict(convs["dense"].state_dict())
+        with_torch_sums(convs)
         x = torch.randn(batch, cin, side, side).contiguous(memory_format=torch.channels_last)
         with autocast(precision):
             times = timed_together({i: lambda c=c, x=x: c(x) for i, c in convs.items()}, repeats, clock)
@@ -172,7 +196,8 @@ def bench_layers(size: int, batch: int, precision: str, repeats: int, clock, pea
         work = {"dense": batch * dense, "ring": batch * ring}
         work["auto"] = work[auto_is]
         diff = float((a - b).abs().max() / a.abs().max())
-        print(row(f"{name} {cin}->{cout} k{k} @{side}", times, work, peak, auto_is) + f"  diff {diff:.0e}")
+        label = f"{name} {cin}->{cout} k{k} @{side}"
+        print(row(label, times, work, peak, auto_is) + f"  diff {diff:.0e}" + kernel_note(times))
 
 
 def bench_network(size: int, batch: int, precision: str, repeats: int, layer: int, clock, peak: float):
@@ -180,18 +205,20 @@ def bench_network(size: int, batch: int, precision: str, repeats: int, layer: in
     models = {impl: srenet18(impl=impl).eval() for impl in ("dense", "ring", "auto")}
     for m in models.values():
         m.load_state_dict(models["dense"].state_dict())
+    with_torch_sums(models)
     with autocast(precision):
         work, chosen = network_macs(models["auto"], x, layer)
         times = timed_together(
             {i: lambda model=model: model.features(x, layer) for i, model in models.items()}, repeats, clock
         )
-        outs = {impl: model.features(x, layer).float() for impl, model in models.items()}
+        outs = {impl: models[impl].features(x, layer).float() for impl in ("dense", "ring", "auto")}
     auto_is = next(iter(chosen)) if len(chosen) == 1 else None
     ref = outs["dense"]
     diff = max(float((outs[i] - ref).abs().max() / ref.abs().max()) for i in ("ring", "auto"))
     print(
         row(f"features(x, {layer}) b{batch} {size}px {precision}", times, work, peak, auto_is)
         + f"  diff {diff:.0e}"
+        + kernel_note(times)
     )
     return times
 
@@ -220,6 +247,7 @@ def main() -> None:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, clock {args.clock}")
+    print(f"ring sums: {'C kernel' if _ring_kernel.load() else 'torch depthwise convolutions'}")
     summary = []
     with torch.no_grad():
         for threads in args.threads:

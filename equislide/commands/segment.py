@@ -59,7 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog=(
             "Feature workers: EQUISLIDE_PREFETCH=0 reads each tile shard in line instead of on a "
             "background thread while the previous one runs forward (default on); EQUISLIDE_COMPILE=1 runs "
-            "the backbone through torch.compile (falls back to eager with one warning; default off). On "
+            "the backbone through torch.compile (falls back to eager with one warning; default off); "
+            "EQUISLIDE_RING_KERNEL=0 takes SRE-Conv ring sums with torch instead of the C kernel that "
+            "is built with cc on first use (default on; torch is used where it cannot build). On "
             "CUDA the forward batch is sized from free GPU memory (at most one feature shard) and the "
             "model runs channels_last."
         ),

@@ -10,6 +10,7 @@ from equislide.models import (
     D4_ELEMENTS,
     ModelConfigError,
     SREConv2d,
+    _ring_kernel,
     check_equivariance,
     num_rings,
     recalibrate_batchnorm,
@@ -232,15 +233,114 @@ INFERENCE_CONFIGS = [
 ]
 
 
-# The strip path's three ways to take and mix the ring sums: one grouped convolution for every ring
-# into one GEMM (layers of at most _GROUPED_MAX_CHANNELS inputs), per-ring sums copied side by side
-# into one GEMM (at most _FUSED_MAX_CHANNELS), one accumulating GEMM per ring (wider layers).
+# The strip path's ways to take and mix the ring sums: the C kernel's sums into one GEMM (float32
+# and bf16 on CPU, where it builds); one grouped convolution for every ring into one GEMM (layers
+# of at most _GROUPED_MAX_CHANNELS inputs), per-ring sums copied side by side into one GEMM (at
+# most _FUSED_MAX_CHANNELS), one accumulating GEMM per ring (wider layers). Float64 runs the torch
+# paths only.
 PATHS = ["grouped", "one-gemm", "gemm-per-ring"]
+KERNEL = _ring_kernel.load() is not None
+needs_kernel = pytest.mark.skipif(not KERNEL, reason="the C ring-sum kernel did not build here (no cc?)")
 
 
 def _force_path(conv: SREConv2d, path: str, monkeypatch) -> None:
     monkeypatch.setattr(sre_conv, "_FUSED_MAX_CHANNELS", 0 if path == "gemm-per-ring" else 1 << 30)
     conv._grouped_sums = path == "grouped"
+    conv._use_kernel = path == "kernel"
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 1000])
+@pytest.mark.parametrize("cfg", INFERENCE_CONFIGS, ids=lambda c: "x".join(map(str, c[:7])))
+def test_kernel_path_equals_dense_in_float32(cfg, rows, monkeypatch):
+    cin, cout, k, stride, padding, dilation, bias, (h, w) = cfg
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, bias=bias)
+    dense = SREConv2d(cin, cout, k, impl="dense", **kwargs).eval().double()
+    ring = SREConv2d(cin, cout, k, impl="ring", **kwargs).eval()
+    if bias:
+        with torch.no_grad():
+            dense.bias.normal_()
+    ring.load_state_dict(dense.float().state_dict())
+    dense.double()
+    _force_path(ring, "kernel", monkeypatch)
+    ring._strip_rows = lambda w_out: rows  # type: ignore[method-assign]
+    calls = []
+    real = _ring_kernel.ring_sums
+    monkeypatch.setattr(_ring_kernel, "ring_sums", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, cin, h, w)
+    with torch.no_grad():
+        ref = dense(x.double())
+        out = ring(x)
+        strips = ring._strip_path()  # not where the padding is narrower than the widest ring
+    assert bool(calls) == strips
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rings", ["hard", "soft"])
+def test_kernel_bf16_sums_are_the_depthwise_sums_bit_for_bit(rings, monkeypatch):
+    # bf16 taps summed in float32 and rounded once, as oneDNN's depthwise kernels do: the same bits,
+    # so the kernel keeps the torch path's exact rot90 behaviour.
+    conv = SREConv2d(24, 16, 9, rings=rings, impl="ring").eval()
+    x = torch.randn(1, 24, 21, 19)
+    outs = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for path in ("kernel", "one-gemm"):
+            _force_path(conv, path, monkeypatch)
+            outs.append(conv(x))
+    assert outs[0].dtype == torch.bfloat16
+    if rings == "hard":
+        assert torch.equal(outs[0], outs[1])
+    else:
+        torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_kernel_switched_off_falls_back_to_torch(monkeypatch):
+    monkeypatch.setenv("EQUISLIDE_RING_KERNEL", "0")
+    _ring_kernel.load.cache_clear()
+    try:
+        assert _ring_kernel.load() is None
+        dense, ring = _dense_ring_pair(40, 8, 5)
+        x = torch.randn(1, 40, 12, 12)
+        with torch.no_grad():
+            torch.testing.assert_close(ring(x), dense(x), rtol=1e-4, atol=1e-4)
+    finally:
+        monkeypatch.delenv("EQUISLIDE_RING_KERNEL")
+        _ring_kernel.load.cache_clear()
+
+
+@needs_kernel
+def test_kernel_threads_are_torchs_openmp_runtime():
+    # A second OpenMP runtime would fight torch's spinning workers for the cores. The kernel's
+    # runtime sees torch.set_num_threads only if it is torch's own (another starts at the CPU count).
+    lib = _ring_kernel.load()
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 3, 2):
+            torch.set_num_threads(n)
+            assert lib.omp_get_max_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_kernel_that_cannot_build_warns_once_and_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    _ring_kernel.load.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=_ring_kernel.__name__):
+            assert _ring_kernel.load() is None
+            assert _ring_kernel.load() is None
+        assert [r.getMessage() for r in caplog.records] == [
+            "SRE-Conv ring-sum kernel unavailable (false exited with 1); using torch's depthwise convolutions"
+        ]
+        assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
+        dense, ring = _dense_ring_pair(40, 8, 5)
+        x = torch.randn(1, 40, 12, 12)
+        with torch.no_grad():
+            torch.testing.assert_close(ring(x), dense(x), rtol=1e-4, atol=1e-4)
+    finally:
+        _ring_kernel.load.cache_clear()
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -263,7 +363,7 @@ def test_inference_paths_equal_dense_in_float64(cfg, rows, path, monkeypatch):
         torch.testing.assert_close(ring(x), dense(x), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [*PATHS, pytest.param("kernel", marks=needs_kernel)])
 def test_inference_paths_under_bf16_autocast(path, monkeypatch):
     dense, ring = _dense_ring_pair(12, 20, 7)
     _force_path(ring, path, monkeypatch)
