@@ -92,7 +92,8 @@ static void run(const job_t *j) {
     }
 }
 
-/* Returns 0, or -1 where the arguments are out of range (the caller falls back to torch).
+/* Returns 0, or -1 where the arguments are out of range (_ring_kernel.ring_sums raises then;
+ * supports() keeps SREConv2d within MAX_C).
  * The pixels are split over an OpenMP team: loaded into a torch process this binds to torch's own
  * libgomp (same soname), so the team is torch's thread pool. Threads of a second runtime (pthreads,
  * tried first) ran no faster on 2 threads than on 1, because torch's workers spin after each GEMM

@@ -523,30 +523,24 @@ class SREConv2d(nn.Module):
                 strip = target if scratch is None else scratch[: target.shape[0]]
                 # With a residual the first GEMM accumulates onto it, and the bias follows.
                 first = bias if res_hwc is None else res_hwc[y0:y1].reshape(-1, self.out_channels)
-                if kernel:
-                    sums = buf[: (y1 - y0) * w_out]  # type: ignore[index]
-                    _ring_kernel.ring_sums(
-                        x[i].permute(1, 2, 0), sums, y0, y1, w_out, self.stride, self.padding,
-                        self._kernel_taps,  # type: ignore[arg-type]
-                    )  # fmt: skip
-                    if first is None:
-                        torch.mm(sums, weight, out=strip)
-                    else:
-                        torch.addmm(first, sums, weight, out=strip)
-                elif grouped:
-                    sums = self._grouped_ring_sums(x[i : i + 1], y0, y1, dtype)
-                    if first is None:
-                        torch.mm(sums, weight, out=strip)
-                    else:
-                        torch.addmm(first, sums, weight, out=strip)
-                elif buf is None:
+                if buf is None and not grouped:
                     self._ring_rows_into(x[i : i + 1], y0, y1, strip, weight, first)
                 else:
-                    sums = buf[: (y1 - y0) * w_out]
-                    by_ring = sums.view(y1 - y0, w_out, ring_count, c)
-                    for r, ring in self._ring_strips(x[i : i + 1], y0, y1):
-                        # copy_ also casts: under autocast the depthwise sums may be in another dtype.
-                        by_ring[:, :, r].copy_(ring[0].permute(1, 2, 0))
+                    if kernel:
+                        sums = buf[: (y1 - y0) * w_out]  # type: ignore[index]
+                        _ring_kernel.ring_sums(
+                            x[i].permute(1, 2, 0), sums, y0, y1, w_out, self.stride, self.padding,
+                            self._kernel_taps,  # type: ignore[arg-type]
+                        )  # fmt: skip
+                    elif grouped:
+                        sums = self._grouped_ring_sums(x[i : i + 1], y0, y1, dtype)
+                    else:
+                        sums = buf[: (y1 - y0) * w_out]  # type: ignore[index]
+                        by_ring = sums.view(y1 - y0, w_out, ring_count, c)
+                        for r, ring in self._ring_strips(x[i : i + 1], y0, y1):
+                            # copy_ also casts: under autocast the depthwise sums may be in another dtype.
+                            by_ring[:, :, r].copy_(ring[0].permute(1, 2, 0))
+                    # Every ring mixed in one GEMM of inner size R x C_in.
                     if first is None:
                         torch.mm(sums, weight, out=strip)
                     else:
