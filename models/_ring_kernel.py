@@ -46,7 +46,7 @@ def _cache_dir() -> Path:
     return Path(root) / "equislide" / "kernels"
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, flags: list[str] = _FLAGS) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise OSError("no C compiler (cc) on PATH")
@@ -57,7 +57,7 @@ def _build(target: Path) -> None:
     os.close(fd)
     try:
         subprocess.run(
-            [cc, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120
+            [cc, *flags, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120
         )
         os.replace(tmp, target)
     except subprocess.CalledProcessError as err:
@@ -85,6 +85,10 @@ def load() -> ctypes.CDLL | None:
     except OSError as err:
         log.warning("SRE-Conv ring-sum kernel unavailable (%s); using torch's depthwise convolutions", err)
         return None
+    return _bind(lib)
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.equislide_ring_sums
     fn.restype = ctypes.c_int
     fn.argtypes = [_P, _I, _I, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, ctypes.c_int, _I]

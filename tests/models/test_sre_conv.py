@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -249,9 +252,18 @@ def _force_path(conv: SREConv2d, path: str, monkeypatch) -> None:
     conv._use_kernel = path == "kernel"
 
 
+# The kernel sums channels in blocks of 64 with masked tails: wider layers take several blocks.
+KERNEL_CONFIGS = [
+    *INFERENCE_CONFIGS,
+    (64, 8, 9, 1, None, 1, True, (12, 13)),
+    (80, 24, 9, 1, None, 1, True, (13, 11)),
+    (130, 8, 5, 2, None, 1, False, (9, 10)),
+]
+
+
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 1000])
-@pytest.mark.parametrize("cfg", INFERENCE_CONFIGS, ids=lambda c: "x".join(map(str, c[:7])))
+@pytest.mark.parametrize("cfg", KERNEL_CONFIGS, ids=lambda c: "x".join(map(str, c[:7])))
 def test_kernel_path_equals_dense_in_float32(cfg, rows, monkeypatch):
     cin, cout, k, stride, padding, dilation, bias, (h, w) = cfg
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, bias=bias)
@@ -277,12 +289,13 @@ def test_kernel_path_equals_dense_in_float32(cfg, rows, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("channels", [24, 80])
 @pytest.mark.parametrize("rings", ["hard", "soft"])
-def test_kernel_bf16_sums_are_the_depthwise_sums_bit_for_bit(rings, monkeypatch):
+def test_kernel_bf16_sums_are_the_depthwise_sums_bit_for_bit(rings, channels, monkeypatch):
     # bf16 taps summed in float32 and rounded once, as oneDNN's depthwise kernels do: the same bits,
     # so the kernel keeps the torch path's exact rot90 behaviour.
-    conv = SREConv2d(24, 16, 9, rings=rings, impl="ring").eval()
-    x = torch.randn(1, 24, 21, 19)
+    conv = SREConv2d(channels, 16, 9, rings=rings, impl="ring").eval()
+    x = torch.randn(1, channels, 21, 19)
     outs = []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for path in ("kernel", "one-gemm"):
@@ -293,6 +306,31 @@ def test_kernel_bf16_sums_are_the_depthwise_sums_bit_for_bit(rings, monkeypatch)
         assert torch.equal(outs[0], outs[1])
     else:
         torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_kernel
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX-512 is an x86 path")
+def test_kernel_without_avx512_gives_the_same_sums(tmp_path, monkeypatch):
+    # Where the compiler targets no AVX-512 the kernel takes its plain C loops: the same sums
+    # (bf16 hard-ring sums bit for bit: exact in float32 whatever the order of the taps).
+    portable = tmp_path / "ring_sums-portable.so"
+    _ring_kernel._build(portable, [*_ring_kernel._FLAGS, "-mno-avx512f"])
+    libs = {"native": _ring_kernel.load(), "portable": _ring_kernel._bind(ctypes.CDLL(str(portable)))}
+    image = torch.randn(17, 15, 80)
+    for rings, dtype in (("soft", torch.float32), ("hard", torch.bfloat16)):
+        conv = SREConv2d(80, 8, 9, rings=rings, padding=3).eval()
+        table = _ring_kernel.taps(conv.basis, conv.dilation)
+        sums = {}
+        for name, lib in libs.items():
+            monkeypatch.setattr(_ring_kernel, "load", lambda lib=lib: lib)
+            out = torch.full((5 * 13, conv.num_rings * 80), float("nan"), dtype=dtype)
+            _ring_kernel.ring_sums(image.to(dtype), out, 2, 7, 13, 1, 3, table)
+            sums[name] = out
+        assert not sums["native"].isnan().any()
+        if dtype == torch.bfloat16:
+            assert torch.equal(sums["portable"], sums["native"])
+        else:
+            torch.testing.assert_close(sums["portable"], sums["native"], rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_switched_off_falls_back_to_torch(monkeypatch):
