@@ -27,7 +27,7 @@ typedef struct {
     int64_t y0, w_out, stride, pad;
     const int32_t *dy, *dx, *start;
     const float *wt;
-    int64_t rings, taps;
+    int64_t rings;
     int bf16;
     /* Offsets (in elements, from the pixel's top-left tap) of every tap, for pixels whose whole
      * kernel lies inside the image; border pixels compact their in-bounds taps per pixel. */
@@ -78,32 +78,32 @@ static inline __m256i round_bf16(__m512 v) {
     return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, q));
 }
 
-#define SUM_BLOCK(T, LOAD)                                                                   \
+#define SUM_BLOCK(T, LOAD)                                                                  \
     const __mmask16 m0 = lanes(n, 0), m1 = lanes(n, 1), m2 = lanes(n, 2), m3 = lanes(n, 3); \
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                              \
-    __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;                                               \
-    int64_t t = 0;                                                                           \
-    for (; t + 1 < taps; t += 2) {                                                           \
-        const T *p = x + (base + off[t]), *q = x + (base + off[t + 1]);                                    \
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
+    __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;                                              \
+    int64_t t = 0;                                                                          \
+    for (; t + 1 < taps; t += 2) {                                                          \
+        const T *p = x + (base + off[t]), *q = x + (base + off[t + 1]);                     \
         const __m512 u = _mm512_set1_ps(wt[t]), v = _mm512_set1_ps(wt[t + 1]);              \
-        a0 = _mm512_fmadd_ps(u, LOAD(p, m0), a0);                                            \
-        a1 = _mm512_fmadd_ps(u, LOAD(p + 16, m1), a1);                                       \
-        a2 = _mm512_fmadd_ps(u, LOAD(p + 32, m2), a2);                                       \
-        a3 = _mm512_fmadd_ps(u, LOAD(p + 48, m3), a3);                                       \
-        b0 = _mm512_fmadd_ps(v, LOAD(q, m0), b0);                                            \
-        b1 = _mm512_fmadd_ps(v, LOAD(q + 16, m1), b1);                                       \
-        b2 = _mm512_fmadd_ps(v, LOAD(q + 32, m2), b2);                                       \
-        b3 = _mm512_fmadd_ps(v, LOAD(q + 48, m3), b3);                                       \
-    }                                                                                        \
-    if (t < taps) {                                                                          \
-        const T *p = x + (base + off[t]);                                                           \
-        const __m512 u = _mm512_set1_ps(wt[t]);                                              \
-        a0 = _mm512_fmadd_ps(u, LOAD(p, m0), a0);                                            \
-        a1 = _mm512_fmadd_ps(u, LOAD(p + 16, m1), a1);                                       \
-        a2 = _mm512_fmadd_ps(u, LOAD(p + 32, m2), a2);                                       \
-        a3 = _mm512_fmadd_ps(u, LOAD(p + 48, m3), a3);                                       \
-    }                                                                                        \
-    a0 = _mm512_add_ps(a0, b0), a1 = _mm512_add_ps(a1, b1);                                  \
+        a0 = _mm512_fmadd_ps(u, LOAD(p, m0), a0);                                           \
+        a1 = _mm512_fmadd_ps(u, LOAD(p + 16, m1), a1);                                      \
+        a2 = _mm512_fmadd_ps(u, LOAD(p + 32, m2), a2);                                      \
+        a3 = _mm512_fmadd_ps(u, LOAD(p + 48, m3), a3);                                      \
+        b0 = _mm512_fmadd_ps(v, LOAD(q, m0), b0);                                           \
+        b1 = _mm512_fmadd_ps(v, LOAD(q + 16, m1), b1);                                      \
+        b2 = _mm512_fmadd_ps(v, LOAD(q + 32, m2), b2);                                      \
+        b3 = _mm512_fmadd_ps(v, LOAD(q + 48, m3), b3);                                      \
+    }                                                                                       \
+    if (t < taps) {                                                                         \
+        const T *p = x + (base + off[t]);                                                   \
+        const __m512 u = _mm512_set1_ps(wt[t]);                                             \
+        a0 = _mm512_fmadd_ps(u, LOAD(p, m0), a0);                                           \
+        a1 = _mm512_fmadd_ps(u, LOAD(p + 16, m1), a1);                                      \
+        a2 = _mm512_fmadd_ps(u, LOAD(p + 32, m2), a2);                                      \
+        a3 = _mm512_fmadd_ps(u, LOAD(p + 48, m3), a3);                                      \
+    }                                                                                       \
+    a0 = _mm512_add_ps(a0, b0), a1 = _mm512_add_ps(a1, b1);                                 \
     a2 = _mm512_add_ps(a2, b2), a3 = _mm512_add_ps(a3, b3);
 
 static void block_f32(const float *x, int64_t base, const int64_t *off, const float *wt, int64_t taps,
@@ -203,7 +203,7 @@ int equislide_ring_sums(const void *x, int64_t h, int64_t w, int64_t c, void *ou
         if (dy[t] + 1 > reach_y) reach_y = dy[t] + 1;
         if (dx[t] + 1 > reach_x) reach_x = dx[t] + 1;
     }
-    const job_t j = {x, h, w, c, out, y0, w_out, stride, pad, dy, dx, start, wt, rings, taps,
+    const job_t j = {x, h, w, c, out, y0, w_out, stride, pad, dy, dx, start, wt, rings,
                      bf16, off, reach_y, reach_x};
     int failed = 0;
 #pragma omp parallel num_threads((int)threads) reduction(| : failed)
