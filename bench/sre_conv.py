@@ -3,14 +3,17 @@
 Baseline: ``impl="dense"`` (the reference formulation, k x k kernel through conv2d), measured in
 the same run. The machine's float32 and bf16 peak are measured in the same run too, as reached by a
 large dense ``conv2d`` (oneDNN, 256 -> 256 channels, 3 x 3, 128 px, channels_last) and by a large
-GEMM (``torch.mm``, n^3). Every path prints its time (median of the repeats; dense, ring and auto
-are timed in turn within each repeat, so load on a shared machine falls on all three), its speed-up over
-dense, and its achieved FLOP/s as a fraction of the float32 conv peak, counting each path's own
-work: the ring path's is the bench's ``macs`` (ring sums over each ring's cropped support plus the
-R x C_in x C_out mixing), far less than the dense kernel's. Where ``auto`` took one path in every
-layer it runs that path's very code, so its row names the path and prints its time's spread from that
-path's (a measure of the run's noise); it is flagged only when the path it took was the slower by
-more than 5%.
+GEMM (``torch.mm``, n^3; in float32 also oneDNN's, which the ring path mixes with). Every path
+prints its time (median of the repeats; dense, ring and auto are timed in turn within each repeat,
+so load on a shared machine falls on all three), its speed-up over dense, and its achieved FLOP/s
+as a fraction of the float32 conv peak, counting each path's own work: the ring path's is the
+bench's ``macs`` (ring sums over each ring's cropped support plus the R x C_in x C_out mixing), far
+less than the dense kernel's. Where ``auto`` took one path in every layer it runs that path's very
+code, so its row names the path and prints its time's spread from that path's (a measure of the
+run's noise); it is flagged only when the path it took was the slower by more than 5%. Two more
+baselines are timed in the same repeats where they apply: the ring path with torch's depthwise sums
+instead of the C kernel ("C kernel x torch sums") and, in float32, mixing with ``torch.mm`` instead
+of oneDNN ("oneDNN mix x torch.mm").
 
     python bench/sre_conv.py --quick                      # batch 1, 512 px, 2 repeats
     python bench/sre_conv.py --sizes 224 256 512 --batches 1 8 --threads 1 2
@@ -28,7 +31,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from equislide.models import SREConv2d, _ring_kernel, srenet18
+from equislide.models import SREConv2d, _mix_gemm, _ring_kernel, srenet18
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -79,6 +82,10 @@ def peaks(repeats: int, clock, gemm: int) -> dict[str, float]:
             lambda xd=xd, wd=wd: F.conv2d(xd, wd, None, 1, 1), repeats, clock
         )
         out[f"gemm {name}"] = 2 * gemm**3 / timed(lambda ad=ad, bd=bd: torch.mm(ad, bd), repeats, clock)
+    op = _mix_gemm._op()
+    if op is not None:  # the GEMM the ring path mixes float32 with (models/_mix_gemm.py)
+        bt = b.t()
+        out["gemm fp32 oneDNN"] = 2 * gemm**3 / timed(lambda: op(a, bt, None, "none", [], ""), repeats, clock)
     return out
 
 
@@ -161,22 +168,37 @@ HEADER = (
 )
 
 
-def with_torch_sums(convs: dict) -> None:
-    """Add ``"torch sums"``: the ring path with the C kernel switched off, the kernel's baseline."""
-    if _ring_kernel.load() is None:
-        return
+def _ring_without(convs: dict, name: str, switch: str) -> None:
+    """Add ``name``: a copy of the ring model with every SRE-Conv's ``switch`` turned off."""
     model = copy.deepcopy(convs["ring"])
     for conv in [model, *model.modules()]:
         if isinstance(conv, SREConv2d):
-            conv._use_kernel = False
-    convs["torch sums"] = model
+            setattr(conv, switch, False)
+    convs[name] = model
+
+
+def with_torch_sums(convs: dict) -> None:
+    """Add ``"torch sums"``: the ring path with the C kernel switched off, the kernel's baseline."""
+    if _ring_kernel.load() is not None:
+        _ring_without(convs, "torch sums", "_use_kernel")
+
+
+def with_torch_mm(convs: dict, precision: str) -> None:
+    """Add ``"torch mm"``: the ring path mixing with ``torch.mm`` (MKL's sgemm) instead of oneDNN,
+    the baseline of models/_mix_gemm.py (float32 only: bf16 takes torch.mm either way)."""
+    if precision == "fp32" and _mix_gemm._op() is not None:
+        _ring_without(convs, "torch mm", "_use_onednn")
 
 
 def kernel_note(times: dict[str, float]) -> str:
-    if "torch sums" not in times:
-        return ""
-    torch_ms = times["torch sums"] * 1e3
-    return f"  C kernel {times['torch sums'] / times['ring']:.2f}x torch sums ({torch_ms:.1f} ms)"
+    note = ""
+    if "torch sums" in times:
+        torch_ms = times["torch sums"] * 1e3
+        note += f"  C kernel {times['torch sums'] / times['ring']:.2f}x torch sums ({torch_ms:.1f} ms)"
+    if "torch mm" in times:
+        mm_ms = times["torch mm"] * 1e3
+        note += f"  oneDNN mix {times['torch mm'] / times['ring']:.2f}x torch.mm ({mm_ms:.1f} ms)"
+    return note
 
 
 def bench_layers(size: int, batch: int, precision: str, repeats: int, clock, peak: float) -> None:
@@ -187,6 +209,7 @@ def bench_layers(size: int, batch: int, precision: str, repeats: int, clock, pea
         for conv in convs.values():
             conv.load_state_dict(convs["dense"].state_dict())
         with_torch_sums(convs)
+        with_torch_mm(convs, precision)
         x = torch.randn(batch, cin, side, side).contiguous(memory_format=torch.channels_last)
         with autocast(precision):
             times = timed_together({i: lambda c=c, x=x: c(x) for i, c in convs.items()}, repeats, clock)
@@ -206,6 +229,7 @@ def bench_network(size: int, batch: int, precision: str, repeats: int, layer: in
     for m in models.values():
         m.load_state_dict(models["dense"].state_dict())
     with_torch_sums(models)
+    with_torch_mm(models, precision)
     with autocast(precision):
         work, chosen = network_macs(models["auto"], x, layer)
         times = timed_together(
@@ -248,6 +272,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, clock {args.clock}")
     print(f"ring sums: {'C kernel' if _ring_kernel.load() else 'torch depthwise convolutions'}")
+    print(f"float32 mixing GEMM: {'oneDNN matmul' if _mix_gemm._op() else 'torch.mm'}")
     summary = []
     with torch.no_grad():
         for threads in args.threads:

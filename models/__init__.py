@@ -5,6 +5,7 @@ Every backbone has ``features(x, layer)`` returning the stage-``layer`` map ``(N
 
 from __future__ import annotations
 
+from equislide.models._buffers import release as release_buffers
 from equislide.models._errors import CheckpointError, KMeansError, ModelConfigError, OptionalDependencyError
 from equislide.models._registry import create_model, list_models, register_model
 from equislide.models.calibration import recalibrate_batchnorm
@@ -75,6 +76,7 @@ __all__ = [
     "load_checkpoint",
     "num_rings",
     "recalibrate_batchnorm",
+    "release_buffers",
     "register_model",
     "resnet18",
     "ring_basis",

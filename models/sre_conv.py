@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from equislide.models import _ring_kernel
+from equislide.models import _buffers, _mix_gemm, _ring_kernel
 from equislide.models._errors import ModelConfigError
 
 __all__ = ["SREConv2d", "ring_basis", "ring_index", "num_rings", "Rings", "Impl"]
@@ -249,6 +249,9 @@ class SREConv2d(nn.Module):
         # reach the torch paths.
         self._use_kernel = not self._grouped_sums
         self._kernel_taps: tuple[Tensor, ...] | None = None
+        # float32 mixing GEMMs through oneDNN (models/_mix_gemm.py); the bench switches it off
+        # for its torch.mm baseline.
+        self._use_onednn = True
         self.reset_parameters()
 
     def _plan_ring_sums(self, basis: Tensor) -> list[tuple[Tensor, int, bool]]:
@@ -489,15 +492,13 @@ class SREConv2d(nn.Module):
         # one grouped convolution's channels_last output is the GEMM's input as it stands. Where the C
         # kernel (models/ring_sums.c) builds, float32 and bf16 layers other than the stem take
         # every ring's sums from it, written side by side into one buffer and mixed in one GEMM:
-        # the whole network 1.15-1.69x faster than with torch's depthwise sums (README, Measured).
+        # the whole network 1.35-2.37x faster than with torch's depthwise sums on Zen 5 (README,
+        # Measured). float32 GEMMs of a million multiply-adds and more go to oneDNN
+        # (models/_mix_gemm.py, fused bias, residual and ReLU; then one copy into place), and the
+        # output comes from a pool of buffers that need no page faults (models/_buffers.py).
         n, dtype = x.shape[0], weight.dtype
         out_dtype = dtype if out_dtype is None else out_dtype
-        out = torch.empty(
-            (n, self.out_channels, h_out, w_out),
-            dtype=out_dtype,
-            device=x.device,
-            memory_format=torch.channels_last,
-        )
+        out = _buffers.empty((n, self.out_channels, h_out, w_out), out_dtype, x.device)
         rows = max(1, min(h_out, self._strip_rows(w_out)))
         c, ring_count = self.in_channels, self.num_rings
         grouped = self._grouped_sums
@@ -541,6 +542,12 @@ class SREConv2d(nn.Module):
                             # copy_ also casts: under autocast the depthwise sums may be in another dtype.
                             by_ring[:, :, r].copy_(ring[0].permute(1, 2, 0))
                     # Every ring mixed in one GEMM of inner size R x C_in.
+                    if self._use_onednn and _mix_gemm.usable(sums, weight):
+                        res = None if res_hwc is None else first
+                        mixed = _mix_gemm.mix(sums, weight, bias, res, relu)
+                        if mixed is not None:
+                            target.copy_(mixed)  # casts to out_dtype too, in cache
+                            continue
                     if first is None:
                         torch.mm(sums, weight, out=strip)
                     else:
