@@ -11,7 +11,7 @@ features a caller keeps are never overwritten.
 
 The pool holds at most ``EQUISLIDE_BUFFER_POOL_MB`` (default 4096; 0 switches it off) of free and
 lent buffers together; beyond that outputs are plain allocations. :func:`release` frees what is not
-in use (a worker done with a model can call it; nothing else needs to).
+in use; the feature stage calls it when each of its tasks ends.
 """
 
 from __future__ import annotations

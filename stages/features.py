@@ -14,6 +14,7 @@ stores are the interiors' top-left corners in analysis px.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import time
@@ -115,6 +116,23 @@ def extract_feature_range(
     return _extract_ranges(store, backbone, spec, [(int(start), int(stop))])[0]
 
 
+def _releasing_buffers(fn):
+    """``fn``, after which the network's pooled layer outputs (models/_buffers.py) that served its
+    batches go back to the system: other tasks on the worker do not find them held."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            from equislide.models import release_buffers
+
+            release_buffers()
+
+    return wrapper
+
+
+@_releasing_buffers
 def _extract_ranges(
     store: str | Path, backbone: BackboneRef, spec: FeatureSpec | None, ranges: list[tuple[int, int]]
 ) -> list[dict[str, Any]]:

@@ -98,3 +98,23 @@ def test_cohort_fit_is_capped_at_cohort_vectors(featured_stores, tmp_path) -> No
     )
     with pytest.raises(ValueError, match="cohort_vectors"):
         ClusterSpec(k=3, cohort_vectors=2)
+
+
+def test_feature_extraction_hands_its_pooled_buffers_back(featured_stores, tmp_path, monkeypatch) -> None:
+    from equislide.models import _buffers
+
+    stores, root = featured_stores
+    fresh = stages.tile_slide(root / "tma.tiff", tmp_path / "tiles", mpp=5.0, tile=128, halo=16)[0].store
+    spec = FeatureSpec(layer=3, model_kwargs={"width": 8}, calibration_tiles=4, device="cpu")
+    backbone = stages.calibrated_backbone(stores, root / "models", spec)
+    held: list[int] = []
+
+    def release() -> None:
+        held.append(_buffers.held_bytes())
+        _buffers.release()
+
+    monkeypatch.setattr("equislide.models.release_buffers", release)
+    result = stages.extract_store_features(fresh, backbone, spec)
+    assert result["status"] == "written" and result["tiles_done"] > 0
+    assert held and held[0] > 0  # the forward passes took their outputs from the pool...
+    assert _buffers.held_bytes() == 0  # ...and handed them back at the end
