@@ -16,6 +16,7 @@ in use; the feature stage calls it when each of its tasks ends.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -49,18 +50,16 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> T
     global _held
     # Tensors made under inference_mode cannot be written outside it: each mode has its own buffers.
     key = (tuple(shape), dtype, device, torch.is_inference_mode_enabled())
-    size = dtype.itemsize
-    for n in shape:
-        size *= n
+    size = math.prod(shape) * dtype.itemsize
     with _lock:
         for buf in _pool.get(key, ()):
             if _free(buf):
                 return buf.detach()
         if _held + size > limit:
             _drop_free()
-        if _held + size > limit:
-            return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
         buf = torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+        if _held + size > limit:
+            return buf  # still beyond the limit: a plain allocation
         _pool.setdefault(key, []).append(buf)
         _held += size
         return buf.detach()
